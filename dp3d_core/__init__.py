@@ -1,0 +1,7 @@
+"""DiffPortrait3D core.
+
+Torch-free modules (numpy only, importable inside Blender): ``cameras``, ``job``, ``protocol``.
+Everything else needs torch and runs in the worker subprocess or in training.
+Inside this package use relative imports only: the extension zip bundles it as a sub-package.
+"""
+__version__ = "0.1.0"

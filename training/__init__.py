@@ -1,0 +1,1 @@
+"""Training of the three DiffPortrait3D stages (torch + accelerate, outside Blender)."""
