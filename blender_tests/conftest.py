@@ -1,0 +1,38 @@
+"""Shared set-up for tests that run inside Blender.
+
+The same files run two ways:
+- in-process with the ``bpy`` module from PyPI under plain pytest (``python3 dev.py test``, CI);
+- inside a real Blender binary with pytest-blender (see README, "Tests in a real Blender").
+Either way ``import bpy`` works, Blender is in background mode, and the repository root is on sys.path
+so the source-tree ``addon`` and ``dp3d_core`` packages import.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+SHARED = ROOT.parent / "shared"
+FIXTURES = SHARED / "fixtures"
+
+bpy = pytest.importorskip("bpy", reason="blender_tests need Blender's Python (the bpy module or pytest-blender)")
+
+
+@pytest.fixture
+def empty_scene():
+    """A fresh, empty Blender file for each test that asks for it."""
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    yield bpy.context.scene
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    if not FIXTURES.is_dir():
+        pytest.fail(f"shared fixtures not found at {FIXTURES} (the repository expects ../shared beside it)")
+    return FIXTURES
