@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:
 SHARED = ROOT.parent / "shared"
 FIXTURES = SHARED / "fixtures"
 
-bpy = pytest.importorskip("bpy", reason="blender_tests need Blender's Python (the bpy module or pytest-blender)")
+import bpy  # noqa: E402  (fails loudly, never skips: these tests are the Blender-side proof)
 
 
 @pytest.fixture
