@@ -1,0 +1,132 @@
+"""Reading and writing the images of a job (PIL + numpy, torch-free).
+
+Rules applied by :func:`load_rgb`, so every input reaches the model the same way:
+
+- EXIF orientation is applied (phone photos are often stored sideways).
+- Transparency is composited over WHITE: a portrait cut out of its background is almost
+  always shown on white (studio shots, matting tools, stock renders), and a black fill would
+  put a dark halo around the hair after VAE encoding.
+- Grayscale, palette, CMYK, 16-bit and float images are converted to RGB; 16-bit data keeps its
+  precision until the final float32 array.
+- A non-square image is centre-cropped to a square, then resized (never stretched): the
+  model was trained on square, face-centred crops.
+- Downscaling uses a Lanczos filter (JPEGs are first decoded at a reduced scale when far
+  bigger than needed). Pillow's decompression-bomb limit refuses absurd sizes with a clear error.
+"""
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .protocol import write_atomic
+
+MIN_SIDE = 64
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message names the file and the problem."""
+
+
+def _open(path: Path, size: int | None) -> Image.Image:
+    if not path.exists():
+        raise ImageError(f"image not found: {path}")
+    if not path.is_file():
+        raise ImageError(f"not a file: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+            w, h = im.size
+            if min(w, h) < MIN_SIDE:
+                raise ImageError(f"{path} is {w}x{h} px; it needs at least {MIN_SIDE} px on the shorter side")
+            if size is not None and im.format == "JPEG" and min(w, h) >= 2 * size:
+                # decode at 1/2, 1/4 or 1/8 scale, still at least `size` on the short side
+                im.draft("RGB", (size * w // min(w, h), size * h // min(w, h)))
+            ImageOps.exif_transpose(im, in_place=True)
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{path} is far too large to load safely ({exc}); downscale it first") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"not an image (or a format Pillow cannot read): {path}") from None
+    except OSError as exc:
+        raise ImageError(f"cannot read image {path}: {exc}") from None
+    return im
+
+
+def _centre_square(w: int, h: int) -> tuple[int, int, int, int]:
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return left, top, left + side, top + side
+
+
+def _resize_float(channel: np.ndarray, size: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(channel.astype(np.float32), "F").resize((size, size), Image.LANCZOS))
+
+
+def load_rgb(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
+    """An RGB image as float32 ``[size, size, 3]`` in [0, 1] (see the module notes for the rules).
+
+    ``size`` None keeps the centre square at its own resolution. Raises :class:`ImageError`.
+    """
+    path = Path(path)
+    im = _open(path, size)
+    w, h = im.size
+    try:
+        im = im.crop(_centre_square(w, h))
+        im.load()
+        out_size = size if size is not None else im.size[0]
+        if im.mode in _SIXTEEN_BIT or im.mode in ("I", "F"):
+            a = np.asarray(im).astype(np.float32)
+            if im.mode == "F":
+                a = np.clip(a, 0.0, 1.0)
+            else:
+                a = a / (255.0 if im.mode == "I" and a.max(initial=0) <= 255 else 65535.0)
+            if a.shape[0] != out_size:
+                a = _resize_float(a, out_size)
+            return np.repeat(np.clip(a, 0.0, 1.0)[..., None], 3, axis=2)
+        if im.mode == "P":
+            im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        elif im.mode in ("RGB", "L") and "transparency" in im.info:
+            im = im.convert("RGBA")
+        if im.mode in _ALPHA_MODES:
+            im = im.convert("RGBA")
+        elif im.mode != "RGB":
+            im = im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+        if im.size[0] != out_size:
+            im = im.resize((out_size, out_size), Image.LANCZOS, reducing_gap=3.0)
+        a = np.asarray(im).astype(np.float32) / 255.0
+    except OSError as exc:  # truncated or corrupt data shows up only on load
+        raise ImageError(f"cannot decode image {path}: {exc}") from None
+    if a.shape[2] == 4:
+        alpha = a[..., 3:4]
+        a = a[..., :3] * alpha + (1.0 - alpha)
+    return np.ascontiguousarray(a[..., :3], dtype=np.float32)
+
+
+def to_uint8(array: np.ndarray) -> np.ndarray:
+    """Float [0, 1] (or uint8) HxWx3 to uint8, rounding to nearest."""
+    a = np.asarray(array)
+    if a.dtype == np.uint8:
+        return a
+    return (np.clip(a.astype(np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """PNG bytes of an HxWx3 (or HxW) float [0, 1] or uint8 image."""
+    a = to_uint8(array)
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
+        raise ImageError(f"expected an HxWx3 image array, got shape {a.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG", compress_level=4)
+    return buf.getvalue()
+
+
+def save_png(array: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write a PNG atomically (temp file + rename): ``path`` is never seen half-written."""
+    return write_atomic(path, encode_png(array))
