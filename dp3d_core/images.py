@@ -66,7 +66,7 @@ def _centre_square(w: int, h: int) -> tuple[int, int, int, int]:
 
 
 def _resize_float(channel: np.ndarray, size: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(channel.astype(np.float32), "F").resize((size, size), Image.LANCZOS))
+    return np.asarray(Image.fromarray(channel.astype(np.float32)).resize((size, size), Image.LANCZOS))
 
 
 def load_rgb(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
