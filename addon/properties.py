@@ -1,0 +1,106 @@
+"""Scene settings: ``scene.portrait3d``."""
+from __future__ import annotations
+
+import math
+
+import bpy
+from bpy.props import (
+    BoolProperty,
+    EnumProperty,
+    FloatProperty,
+    IntProperty,
+    PointerProperty,
+    StringProperty,
+)
+
+SCHEDULERS = (
+    ("DDIM", "DDIM", "Denoising diffusion implicit models (the paper's sampler)"),
+    ("DPMPP_2M", "DPM++ 2M", "DPM-Solver++ second order multistep"),
+    ("UNIPC", "UniPC", "Unified predictor-corrector multistep"),
+)
+CONDITION_SOURCES = (
+    ("PROCEDURAL", "Procedural Head", "Render the view conditions from a built-in procedural head"),
+    ("MESH", "Custom Mesh", "Render the view conditions from a head mesh in the scene"),
+    ("IMAGE_FOLDER", "Image Folder", "Read one condition image per frame from a folder"),
+)
+DEVICES = (
+    ("AUTO", "Auto", "CUDA if available, then Apple MPS, else CPU"),
+    ("CUDA", "CUDA", "NVIDIA GPU"),
+    ("MPS", "MPS", "Apple Silicon GPU"),
+    ("CPU", "CPU", "Processor only (very slow)"),
+)
+
+
+def _poll_empty(_self, obj: bpy.types.Object) -> bool:
+    return obj.type == 'EMPTY'
+
+
+def _poll_camera(_self, obj: bpy.types.Object) -> bool:
+    return obj.type == 'CAMERA'
+
+
+def _poll_mesh(_self, obj: bpy.types.Object) -> bool:
+    return obj.type == 'MESH'
+
+
+class PORTRAIT3D_PG_settings(bpy.types.PropertyGroup):
+    reference_image: StringProperty(
+        name="Reference Image", subtype='FILE_PATH',
+        description="The portrait photo to turn into views")
+    head_anchor: PointerProperty(
+        name="Head Anchor", type=bpy.types.Object, poll=_poll_empty,
+        description="Empty at the head's centre; its -Y axis points out of the face, +Z up")
+    camera: PointerProperty(
+        name="Camera", type=bpy.types.Object, poll=_poll_camera,
+        description="Camera whose views are generated (empty: the scene camera)")
+
+    use_scene_range: BoolProperty(
+        name="Use Scene Frame Range", default=True,
+        description="Generate the scene's frame range; off: use the range below")
+    frame_start: IntProperty(name="Start", default=1, min=0)
+    frame_end: IntProperty(name="End", default=16, min=0)
+
+    output_size: IntProperty(name="Output Size", default=512, min=64, max=2048, step=64, subtype='PIXEL',
+                             description="Width and height of generated frames")
+    steps: IntProperty(name="Steps", default=50, min=1, max=1000, description="Denoising steps")
+    guidance: FloatProperty(name="Guidance", default=3.0, min=0.0, max=30.0,
+                            description="Classifier-free guidance scale")
+    eta: FloatProperty(name="Eta", default=0.0, min=0.0, max=1.0,
+                       description="DDIM stochasticity (0 = deterministic)")
+    seed: IntProperty(name="Seed", default=0, min=0)
+    scheduler: EnumProperty(name="Scheduler", items=SCHEDULERS, default="DDIM")
+
+    condition_source: EnumProperty(name="Condition Source", items=CONDITION_SOURCES, default="PROCEDURAL")
+    condition_mesh: PointerProperty(name="Condition Mesh", type=bpy.types.Object, poll=_poll_mesh,
+                                    description="Head mesh rendered as the view condition")
+    condition_folder: StringProperty(name="Condition Folder", subtype='DIR_PATH',
+                                     description="Folder with one condition image per frame")
+
+    model_folder: StringProperty(name="Model Folder", subtype='DIR_PATH',
+                                 description="Converted model folder (empty: the one in the add-on preferences)")
+    device: EnumProperty(name="Device", items=DEVICES, default="AUTO")
+    output_folder: StringProperty(name="Output Folder", subtype='DIR_PATH', default="//portrait3d/",
+                                  description="Where frames and dataset.json are written")
+
+    turntable_frames: IntProperty(name="Frames", default=16, min=1, max=1000,
+                                  description="Number of frames of the turntable")
+    turntable_yaw_range: FloatProperty(
+        name="Yaw Range", subtype='ANGLE', default=math.radians(45.0), min=0.0, max=math.pi,
+        description="The camera sweeps from -range to +range around the head "
+                    "(180 degrees: a full turn without repeating the first frame)")
+    turntable_pitch: FloatProperty(
+        name="Pitch", subtype='ANGLE', default=0.0, min=-math.radians(89.0), max=math.radians(89.0),
+        description="Camera elevation; positive looks down on the head from above")
+
+
+def frame_range(scene: bpy.types.Scene) -> tuple[int, int]:
+    """The (start, end) frames the settings select, inclusive."""
+    s = scene.portrait3d
+    if s.use_scene_range:
+        return scene.frame_start, scene.frame_end
+    return s.frame_start, s.frame_end
+
+
+def active_camera(scene: bpy.types.Scene) -> bpy.types.Object | None:
+    """The settings' camera, else the scene camera."""
+    return scene.portrait3d.camera or scene.camera
