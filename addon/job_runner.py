@@ -71,6 +71,7 @@ def run_turntable_job(out_dir: str | os.PathLike, *, frames: int = 16, reference
     except PoseError as exc:
         raise JobRunError(str(exc)) from exc
     blend = out / BLEND_FILE
+    blend.unlink(missing_ok=True)  # overwrite cleanly: no scene.blend1 backup next to it
     result = bpy.ops.wm.save_as_mainfile(filepath=str(blend), check_existing=False, copy=True)
     if 'FINISHED' not in result or not blend.is_file():
         raise JobRunError(f"Could not save {blend}.")
