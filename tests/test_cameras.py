@@ -267,6 +267,11 @@ def test_blender_intrinsics_hand_values():
     auto = BlenderCamera(eye, lens=50.0, sensor_fit="AUTO", resolution_x=480, resolution_y=640, shift_x=0.1)
     np.testing.assert_allclose(auto.intrinsics(), [[50 / 36 * 640 / 480, 0, 0.5 - 0.1 * 640 / 480],
                                                    [0, 50 / 36, 0.5], [0, 0, 1]], atol=1e-12)
+    # AUTO compares the displayed size: 640x480 with pixels 1.5 tall is 640x720 on screen, so it fits vertically.
+    flipped = BlenderCamera(eye, lens=50.0, sensor_fit="AUTO", resolution_x=640, resolution_y=480,
+                            pixel_aspect_y=1.5, shift_x=0.1)
+    np.testing.assert_allclose(flipped.intrinsics(), [[50 * 720 / (36 * 640), 0, 0.5 - 0.1 * 720 / 640],
+                                                      [0, 50 / 36, 0.5], [0, 0, 1]], atol=1e-12)
     # Tall pixels (aspect y > x): fewer pixels per unit angle vertically.
     tall = BlenderCamera(eye, lens=50.0, sensor_fit="HORIZONTAL", pixel_aspect_y=2.0)
     assert tall.intrinsics()[1, 1] == pytest.approx(tall.intrinsics()[0, 0] / 2)
