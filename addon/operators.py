@@ -1,11 +1,13 @@
 """Operators: add head anchor, add turntable, export poses."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import bpy
 from bpy.props import FloatProperty
 
 from . import rig
-from .poses import PoseError, check_writable_folder, scene_poses, write_dataset
+from .poses import FramePose, PoseError, check_writable_folder, scene_poses, write_dataset
 from .properties import active_camera, frame_range
 
 _MAX_LISTED_WARNINGS = 5
@@ -32,6 +34,22 @@ def export_blocker(scene: bpy.types.Scene) -> str | None:
     if end < start:
         return f"Frame range {start}-{end} is empty"
     return None
+
+
+def export_poses(scene: bpy.types.Scene) -> tuple[Path, list[FramePose]]:
+    """Write dataset.json for the settings' frame range; raise PoseError with the fix when impossible."""
+    s = scene.portrait3d
+    start, end = frame_range(scene)
+    if s.head_anchor is None:
+        raise PoseError("No head anchor: add one with 'Add Head Anchor' or pick an Empty as Head Anchor.")
+    camera = active_camera(scene)
+    if camera is None:
+        raise PoseError("No camera: add a turntable, set the scene camera, or pick a camera in the settings.")
+    if end < start:
+        raise PoseError(f"The frame range {start}-{end} is empty: make End greater than or equal to Start.")
+    folder = check_writable_folder(_output_folder(scene))
+    poses = scene_poses(scene, camera, s.head_anchor, range(start, end + 1))
+    return write_dataset(folder, poses), poses
 
 
 class PORTRAIT3D_OT_add_head_anchor(bpy.types.Operator):
@@ -102,19 +120,8 @@ class PORTRAIT3D_OT_export_poses(bpy.types.Operator):
         return True
 
     def execute(self, context):
-        scene = context.scene
-        s = scene.portrait3d
-        start, end = frame_range(scene)
         try:
-            if s.head_anchor is None:
-                raise PoseError("No head anchor: add one with 'Add Head Anchor' or pick an Empty as Head Anchor.")
-            if active_camera(scene) is None:
-                raise PoseError("No camera: add a turntable, set the scene camera, or pick a camera.")
-            if end < start:
-                raise PoseError(f"The frame range {start}-{end} is empty: make End greater than or equal to Start.")
-            folder = check_writable_folder(_output_folder(scene))
-            poses = scene_poses(scene, active_camera(scene), s.head_anchor, range(start, end + 1))
-            path = write_dataset(folder, poses)
+            path, poses = export_poses(context.scene)
         except PoseError as exc:
             self.report({'ERROR'}, str(exc))
             return {'CANCELLED'}

@@ -31,6 +31,10 @@ DEVICES = (
 )
 
 
+# Blender 4.5+ warns about "//" paths unless the property says it supports them.
+_PATH_OPTIONS = {'PATH_SUPPORTS_BLEND_RELATIVE'} if bpy.app.version >= (4, 5, 0) else set()
+
+
 def _poll_empty(_self, obj: bpy.types.Object) -> bool:
     return obj.type == 'EMPTY'
 
@@ -45,7 +49,7 @@ def _poll_mesh(_self, obj: bpy.types.Object) -> bool:
 
 class PORTRAIT3D_PG_settings(bpy.types.PropertyGroup):
     reference_image: StringProperty(
-        name="Reference Image", subtype='FILE_PATH',
+        name="Reference Image", subtype='FILE_PATH', options=_PATH_OPTIONS,
         description="The portrait photo to turn into views")
     head_anchor: PointerProperty(
         name="Head Anchor", type=bpy.types.Object, poll=_poll_empty,
@@ -74,12 +78,14 @@ class PORTRAIT3D_PG_settings(bpy.types.PropertyGroup):
     condition_mesh: PointerProperty(name="Condition Mesh", type=bpy.types.Object, poll=_poll_mesh,
                                     description="Head mesh rendered as the view condition")
     condition_folder: StringProperty(name="Condition Folder", subtype='DIR_PATH',
+                                     options=_PATH_OPTIONS,
                                      description="Folder with one condition image per frame")
 
-    model_folder: StringProperty(name="Model Folder", subtype='DIR_PATH',
+    model_folder: StringProperty(name="Model Folder", subtype='DIR_PATH', options=_PATH_OPTIONS,
                                  description="Converted model folder (empty: the one in the add-on preferences)")
     device: EnumProperty(name="Device", items=DEVICES, default="AUTO")
-    output_folder: StringProperty(name="Output Folder", subtype='DIR_PATH', default="//portrait3d/",
+    output_folder: StringProperty(name="Output Folder", subtype='DIR_PATH', options=_PATH_OPTIONS,
+                                  default="//portrait3d/",
                                   description="Where frames and dataset.json are written")
 
     turntable_frames: IntProperty(name="Frames", default=16, min=1, max=1000,
