@@ -1,0 +1,524 @@
+"""Official DiffPortrait3D single-file checkpoint -> the project's diffusers-style model folder.
+
+    python -m dp3d_core.convert <checkpoint> <out folder> [--config params.json] [--context-from FILE]
+
+Key names are translated by diffusers' own single-file converters (``convert_ldm_unet_checkpoint`` for F and F_ref,
+``convert_controlnet_checkpoint`` for F_cam, ``convert_animatediff_checkpoint_to_diffusers`` for the view modules,
+``convert_ldm_vae_checkpoint``, ``convert_ldm_clip_checkpoint``). Every source key is accounted for: a key counts
+as converted when its tensor (or a view of it) ends up in a converted state dict, which is checked by tensor
+identity; everything else must be on the commented ``IGNORED`` list below or is reported as unused. Every target
+parameter without a source is reported as missing, except the few listed in ``RECOMPUTED_TARGETS``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from .models.config import ModelConfigError, network_configs, official_params, params_from_parity_config
+
+UNET = "model.diffusion_model."
+REFERENCE = "control_model."
+POSE = "pose_control_model."
+VAE = "first_stage_model."
+CLIP = "cond_stage_model.transformer."
+MOTION_MARK = "_motion_module."
+
+# LatentDiffusion's noise-schedule buffers: the scheduler recomputes them from its config.
+SCHEDULE_BUFFERS = (
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+    "logvar", "lvlb_weights",
+)
+
+# Source keys the official network never reads, each with the reason (README quirks 8, 13, 25).
+IGNORED: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"^(%s)$" % "|".join(SCHEDULE_BUFFERS)), "noise-schedule buffer (recomputed by the scheduler)"),
+    # ControlNetReferenceOnly builds a hint encoder but its forward never calls it (hint=None).
+    (re.compile(r"^control_model\.input_hint_block\."), "reference net's hint encoder, never called"),
+    # Sinusoidal tables (sin on even, cos on odd channels); recomputed and checked equal in convert_state_dict.
+    (re.compile(r"^model\.diffusion_model\..*_motion_module\..*\.pos_encoder\.pe$"), "positional table (recomputed)"),
+    # Saved by transformers < 4.31 only; a constant arange(77).
+    (re.compile(r"^cond_stage_model\.transformer\.text_model\.embeddings\.position_ids$"), "constant CLIP buffer"),
+    # EMA copies, if a training checkpoint carries them (the released model uses the plain weights).
+    (re.compile(r"^model_ema\."), "EMA weights (not used by the official inference)"),
+]
+# Note: the reference net's last transformer after norm1 (control_model.output_blocks.11.1.{attn1, attn2, ff,
+# norm2, norm3, proj_out}) and its whole decoder output never influence the bank either; they ARE converted
+# (F_ref is a complete diffusers UNet) and are skipped at run time because F_ref stops after the last bank write.
+
+# Target parameters with no source in the official checkpoint; filled as described.
+RECOMPUTED_TARGETS: list[tuple[str, re.Pattern[str], str]] = [
+    ("view_modules", re.compile(r"\.pos_embed\.pe$"), "sinusoidal table computed at construction"),
+    # ControlNetReferenceOnly has no `out` layer; diffusers' UNet has one. F_ref stops before reaching it.
+    ("reference_unet", re.compile(r"^conv_norm_out\.|^conv_out\."), "zeros (the reference net has no output layer)"),
+]
+
+CLIP_EMPTY_PROMPT_IDS = [49406] + [49407] * 76  # "" with BOS, EOS and EOS padding to 77 tokens
+CLIP_VIT_L14 = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                    num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                    layer_norm_eps=1e-5, projection_dim=768)
+SD_VAE_DDCONFIG = dict(ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, z_channels=4, in_channels=3, out_ch=3)
+SCALE_FACTOR = 0.18215
+
+
+class ConversionError(ValueError):
+    """A checkpoint that cannot be converted into a DiffPortrait3D model folder."""
+
+
+@dataclass
+class ConversionReport:
+    """What happened to every key."""
+
+    converted: dict[str, int] = field(default_factory=dict)   # component -> number of tensors
+    ignored: dict[str, str] = field(default_factory=dict)     # source key -> why it is not needed
+    unused: list[str] = field(default_factory=list)           # source keys neither converted nor ignored
+    missing: list[str] = field(default_factory=list)          # "component.key" targets without a source
+    unexpected: list[str] = field(default_factory=list)       # converted keys the target model does not have
+    recomputed: dict[str, str] = field(default_factory=dict)  # "component.key" -> how it was filled
+    skipped: dict[str, str] = field(default_factory=dict)     # component -> why it was not converted
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.unused or self.missing or self.unexpected)
+
+    def __str__(self) -> str:
+        lines = ["conversion report:"]
+        lines += [f"  {name}: {count} tensors" for name, count in self.converted.items()]
+        by_reason: dict[str, int] = {}
+        for reason in self.ignored.values():
+            by_reason[reason] = by_reason.get(reason, 0) + 1
+        lines += [f"  ignored {count} key(s): {reason}" for reason, count in by_reason.items()]
+        by_fill: dict[str, int] = {}
+        for how in self.recomputed.values():
+            by_fill[how] = by_fill.get(how, 0) + 1
+        lines += [f"  filled {count} target(s): {how}" for how, count in by_fill.items()]
+        lines += [f"  skipped {name}: {why}" for name, why in self.skipped.items()]
+        lines += [f"  note: {note}" for note in self.notes]
+        for title, keys in (("UNUSED source keys", self.unused), ("MISSING target keys", self.missing),
+                            ("UNEXPECTED converted keys", self.unexpected)):
+            if keys:
+                lines.append(f"  {title} ({len(keys)}):")
+                lines += [f"    {k}" for k in keys]
+        lines.append("  result: " + ("every key accounted for" if self.ok else "INCOMPLETE"))
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a .th/.ckpt/.pt/.pth (weights only, never executing pickled code) or .safetensors state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"checkpoint {path} does not exist (or is not a file)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
+            state = load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types
+            raise ConversionError(f"{path} is not a readable safetensors file: {exc}") from None
+    else:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise ConversionError(
+                f"refusing to load {path}: it is not a plain weights file (it contains pickled objects or code that "
+                f"would run on load). Only weights-only PyTorch checkpoints or .safetensors are accepted. ({exc})"
+            ) from None
+        except (RuntimeError, EOFError, OSError, ValueError) as exc:
+            raise ConversionError(f"{path} is not a readable PyTorch checkpoint: {exc}") from None
+    return unwrap_state_dict(state, str(path))
+
+
+def unwrap_state_dict(state: Any, origin: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Accept ``{"state_dict": {...}}`` wrappers and strip a DDP ``module.`` prefix."""
+    for wrapper in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not state:
+        raise ConversionError(f"{origin} does not hold a state dict (a mapping of names to tensors)")
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ConversionError(f"{origin} holds no tensors")
+    if all(k.startswith("module.") for k in tensors):
+        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    return tensors
+
+
+# ------------------------------------------------------------------------------------------------ config
+def infer_params(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Official UNet parameters read from tensor shapes (num_heads cannot be seen in shapes: 8 as in the yaml)."""
+    conv_in = sd[UNET + "input_blocks.0.0.weight"]
+    model_channels = int(conv_in.shape[0])
+    blocks = {int(m.group(1)) for k in sd if (m := re.match(re.escape(UNET) + r"input_blocks\.(\d+)\.", k))}
+    n_blocks = max(blocks) + 1
+    downsamples = sorted(i for i in blocks if UNET + f"input_blocks.{i}.0.op.weight" in sd)
+    num_res = downsamples[0] - 1 if downsamples else n_blocks - 1
+    levels = n_blocks // (num_res + 1)
+    mult, attention, context_dim, depth, linear = [], [], None, 1, False
+    for level in range(levels):
+        first = 1 + level * (num_res + 1)
+        mult.append(int(sd[UNET + f"input_blocks.{first}.0.out_layers.3.weight"].shape[0]) // model_channels)
+        if UNET + f"input_blocks.{first}.1.proj_in.weight" in sd:
+            attention.append(2**level)
+            context_dim = int(sd[UNET + f"input_blocks.{first}.1.transformer_blocks.0.attn2.to_k.weight"].shape[1])
+            linear = sd[UNET + f"input_blocks.{first}.1.proj_in.weight"].ndim == 2
+    depth = len({k.split(".")[4] for k in sd if k.startswith(UNET + "middle_block.1.transformer_blocks.")})
+    motion: dict[str, Any] = dict(official_params()["unet_additional_kwargs"]["motion_module_kwargs"])
+    pe = [v for k, v in sd.items() if k.endswith("pos_encoder.pe")]
+    if pe:
+        motion["temporal_position_encoding_max_len"] = int(pe[0].shape[1])
+    params = official_params({
+        "in_channels": int(conv_in.shape[1]), "out_channels": int(sd[UNET + "out.2.weight"].shape[0]),
+        "model_channels": model_channels, "channel_mult": mult, "num_res_blocks": num_res,
+        "attention_resolutions": attention, "context_dim": context_dim, "transformer_depth": max(depth, 1),
+        "use_linear_in_transformer": linear,
+    })
+    params["unet_additional_kwargs"]["motion_module_kwargs"] = motion
+    if POSE + "input_hint_block.0.weight" in sd:
+        params["hint_channels"] = int(sd[POSE + "input_hint_block.0.weight"].shape[1])
+    return params
+
+
+def read_params_file(path: str | Path) -> dict[str, Any]:
+    """``--config``: a JSON of the yaml's unet_config params, or a parity fixture's parity_config.json."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConversionError(f"cannot read the config {path}: {exc}") from None
+    if "unet_config" in data and "resolved_constructor_args" in data.get("unet_config", {}):
+        return params_from_parity_config(data)
+    if "params" in data:
+        data = data["params"]
+    return official_params(data)
+
+
+# ------------------------------------------------------------------------------------------------ conversion
+def check_is_diffportrait3d(sd: dict[str, torch.Tensor]) -> None:
+    has = {p: any(k.startswith(p) for k in sd) for p in (UNET, REFERENCE, POSE, VAE, CLIP)}
+    motion = any(MOTION_MARK in k for k in sd)
+    if has[UNET] and has[REFERENCE] and has[POSE] and motion:
+        return
+    expected = ("a DiffPortrait3D checkpoint (e.g. the released model_state-540000-001.th) with the UNet and its "
+                "view modules under 'model.diffusion_model.' (incl. '*_motion_module.*'), the appearance/reference "
+                "net under 'control_model.' and the camera ControlNet under 'pose_control_model.'")
+    if has[UNET] and not (has[REFERENCE] or has[POSE] or motion):
+        raise ConversionError(f"this looks like a plain Stable Diffusion checkpoint (only 'model.diffusion_model.' "
+                              f"UNet weights, no reference net, camera ControlNet or view modules); expected {expected}")
+    if has[REFERENCE] and not has[UNET]:
+        raise ConversionError(f"this looks like a stand-alone ControlNet checkpoint; expected {expected}")
+    missing = [name for name, ok in (("model.diffusion_model.", has[UNET]), ("control_model.", has[REFERENCE]),
+                                     ("pose_control_model.", has[POSE]), ("*_motion_module.*", motion)) if not ok]
+    sample = ", ".join(list(sd)[:3])
+    raise ConversionError(f"not a DiffPortrait3D checkpoint: no {', '.join(missing)} keys (first keys: {sample}); "
+                          f"expected {expected}")
+
+
+def _motion_name(key: str) -> str | None:
+    """Official motion-module key (without the UNet prefix) -> ViewModules key, diffusers-converter ready."""
+    m = re.match(r"input_blocks_motion_module\.(\d+)\.0\.(.*)$", key)
+    if m:
+        return f"down.{m.group(1)}.{m.group(2)}"
+    m = re.match(r"middle_block_motion_module\.0\.(.*)$", key)
+    if m:
+        return f"mid.{m.group(1)}"
+    m = re.match(r"output_blocks_motion_module\.(\d+)\.(\d+)\.(.*)$", key)
+    if m:
+        return f"up.{m.group(1)}.{m.group(2)}.{m.group(3)}"
+    return None
+
+
+def vae_config(ddconfig: dict[str, Any] | None = None) -> dict[str, Any]:
+    dd = {**SD_VAE_DDCONFIG, **(ddconfig or {})}
+    channels = tuple(int(dd["ch"]) * int(m) for m in dd["ch_mult"])
+    return {
+        "in_channels": int(dd["in_channels"]), "out_channels": int(dd["out_ch"]),
+        "down_block_types": ("DownEncoderBlock2D",) * len(channels),
+        "up_block_types": ("UpDecoderBlock2D",) * len(channels),
+        "block_out_channels": channels, "layers_per_block": int(dd["num_res_blocks"]),
+        "latent_channels": int(dd["z_channels"]), "norm_num_groups": 32, "sample_size": 512,
+        "scaling_factor": SCALE_FACTOR,
+    }
+
+
+@dataclass
+class ConvertedCheckpoint:
+    params: dict[str, Any]
+    state_dicts: dict[str, dict[str, torch.Tensor]]
+    report: ConversionReport
+    pe_tables: list[torch.Tensor]
+
+
+def convert_state_dict(sd: dict[str, torch.Tensor], params: dict[str, Any] | None = None) -> ConvertedCheckpoint:
+    """Translate official key names into one diffusers state dict per component; account for every key."""
+    from diffusers.loaders.single_file_utils import (
+        convert_animatediff_checkpoint_to_diffusers, convert_controlnet_checkpoint, convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint)
+
+    sd = unwrap_state_dict(sd)
+    check_is_diffportrait3d(sd)
+    params = params if params is not None else infer_params(sd)
+    try:
+        configs = network_configs(params)
+    except ModelConfigError as exc:
+        raise ConversionError(str(exc)) from None
+    report = ConversionReport()
+    out: dict[str, dict[str, torch.Tensor]] = {}
+
+    unet_src = {k: v for k, v in sd.items() if k.startswith(UNET) and MOTION_MARK not in k}
+    out["unet"] = convert_ldm_unet_checkpoint(unet_src, configs["unet"])
+    # The reference net has the UNet's layout; diffusers' UNet converter reads the 'model.diffusion_model.' prefix.
+    ref_src = {UNET + k[len(REFERENCE):]: v for k, v in sd.items() if k.startswith(REFERENCE)}
+    out["reference_unet"] = convert_ldm_unet_checkpoint(ref_src, configs["reference_unet"])
+    # ...and the camera ControlNet is a standard ControlNet, whose converter reads 'control_model.'.
+    pose_src = {REFERENCE + k[len(POSE):]: v for k, v in sd.items() if k.startswith(POSE)}
+    out["view_controlnet"] = convert_controlnet_checkpoint(pose_src, configs["view_controlnet"])
+    motion_src = {}
+    for k, v in sd.items():
+        if k.startswith(UNET) and MOTION_MARK in k:
+            name = _motion_name(k[len(UNET):])
+            if name is not None:
+                motion_src[name] = v
+    out["view_modules"] = convert_animatediff_checkpoint_to_diffusers(motion_src)
+    pe_tables = [v for k, v in sd.items() if k.startswith(UNET) and k.endswith(".pos_encoder.pe")]
+
+    if any(k.startswith(VAE) for k in sd):
+        out["vae"] = convert_ldm_vae_checkpoint({k: v for k, v in sd.items() if k.startswith(VAE)}, vae_config())
+    else:
+        report.skipped["vae"] = ("the checkpoint has no 'first_stage_model.' (VAE) weights; copy a diffusers "
+                                 "SD-1.5 VAE folder into <model folder>/vae")
+    if any(k.startswith(CLIP) for k in sd):
+        clip = convert_ldm_clip_checkpoint({k: v for k, v in sd.items() if k.startswith(CLIP)})
+        clip.pop("text_model.embeddings.position_ids", None)
+        out["text_encoder"] = clip
+    else:
+        report.skipped["text_encoder"] = ("the checkpoint has no 'cond_stage_model.' (CLIP text) weights; the "
+                                          "empty-prompt embedding must come from --context-from")
+
+    for name in list(out):
+        out[name] = {k: v for k, v in out[name].items() if v is not None}
+
+    # Usage by tensor identity: a converted tensor is a source tensor or a view of one.
+    owners: dict[int, list[str]] = {}
+    for k, v in sd.items():
+        owners.setdefault(id(v), []).append(k)
+    used: set[str] = set()
+    for name, state in out.items():
+        report.converted[name] = len(state)
+        for v in state.values():
+            for obj in (v, v._base):
+                if obj is not None and id(obj) in owners:
+                    used.update(owners[id(obj)])
+    for k in sd:
+        if k in used:
+            continue
+        reason = next((why for pattern, why in IGNORED if pattern.search(k)), None)
+        if reason is None:
+            report.unused.append(k)
+        else:
+            report.ignored[k] = reason
+    if not pe_tables:
+        report.notes.append("no 'pos_encoder.pe' tables in the checkpoint; they are recomputed")
+    return ConvertedCheckpoint(params=params, state_dicts=out, report=report, pe_tables=pe_tables)
+
+
+# ------------------------------------------------------------------------------------------------ building
+def _fit(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1x1-conv attention weights (ldm VAE) -> linear weights (diffusers)."""
+    if value.shape != target.shape and value.ndim == 4 and target.ndim == 2 and value.shape[2:] == (1, 1):
+        return value[:, :, 0, 0]
+    return value
+
+
+def load_component(name: str, module: torch.nn.Module, state: dict[str, torch.Tensor],
+                   report: ConversionReport) -> None:
+    """Load ``state`` into ``module``, recording missing/unexpected keys; wrong shapes are an error."""
+    own = module.state_dict()
+    fitted, bad = {}, []
+    for key, value in state.items():
+        if key not in own:
+            report.unexpected.append(f"{name}.{key}")
+            continue
+        value = _fit(value, own[key])
+        if tuple(value.shape) != tuple(own[key].shape):
+            bad.append(f"{name}.{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}")
+        fitted[key] = value
+    if bad:
+        raise ConversionError("tensor shapes do not match the model configuration (wrong --config?):\n  "
+                              + "\n  ".join(bad[:20]))
+    for key in own:
+        if key in fitted:
+            continue
+        how = next((h for comp, pattern, h in RECOMPUTED_TARGETS if comp == name and pattern.search(key)), None)
+        if how is None:
+            report.missing.append(f"{name}.{key}")
+        else:
+            report.recomputed[f"{name}.{key}"] = how
+            if name == "reference_unet" and own[key].device.type != "meta":
+                fitted[key] = torch.zeros_like(own[key])
+    meta = any(t.device.type == "meta" for t in fitted.values())
+    module.load_state_dict(fitted, strict=False, assign=meta)
+
+
+def build_networks(converted: ConvertedCheckpoint, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32) -> dict[str, torch.nn.Module]:
+    """Construct F, F_ref, F_cam, view modules (and VAE when present) and load the converted weights.
+
+    On ``device='meta'`` nothing is allocated: shapes and key coverage are checked only.
+    """
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+
+    from .models.view_modules import ViewModules
+
+    configs = network_configs(converted.params)
+    classes: dict[str, tuple[Callable[..., torch.nn.Module], dict[str, Any]]] = {
+        "unet": (UNet2DConditionModel, configs["unet"]),
+        "reference_unet": (UNet2DConditionModel, configs["reference_unet"]),
+        "view_controlnet": (ControlNetModel, configs["view_controlnet"]),
+        "view_modules": (ViewModules, configs["view_modules"]),
+    }
+    if "vae" in converted.state_dicts:
+        classes["vae"] = (AutoencoderKL, vae_config())
+    meta = torch.device(device).type == "meta"
+    modules: dict[str, torch.nn.Module] = {}
+    for name, (cls, config) in classes.items():
+        # Views/positional tables must be real even on meta (they are compared), so build on CPU unless meta.
+        with torch.device("meta" if meta else "cpu"):
+            module = cls(**config)
+        load_component(name, module, converted.state_dicts[name], converted.report)
+        if not meta:
+            module = module.to(device=device, dtype=dtype)
+        module.eval()
+        modules[name] = module
+    if not meta:
+        check_positional_tables(converted, modules["view_modules"])
+    return modules
+
+
+def check_positional_tables(converted: ConvertedCheckpoint, view_modules: torch.nn.Module) -> float:
+    """The official 'pe' tables must equal the recomputed ones (same formula); returns the max difference."""
+    ours = {tuple(b.shape): b for n, b in view_modules.named_buffers() if n.endswith("pos_embed.pe")}
+    worst = 0.0
+    for table in converted.pe_tables:
+        if table.device.type == "meta":
+            continue
+        mine = ours.get(tuple(table.shape))
+        if mine is None:
+            raise ConversionError(f"checkpoint positional table of shape {tuple(table.shape)} matches no view module")
+        worst = max(worst, float((mine.float().cpu() - table.float()).abs().max()))
+    if worst > 1e-5:
+        raise ConversionError(f"the checkpoint's positional-encoding tables differ from the recomputed ones by "
+                              f"{worst:.3g}; this is not the official motion-module formula")
+    if converted.pe_tables:
+        converted.report.notes.append(f"{len(converted.pe_tables)} positional tables match the recomputed ones "
+                                      f"(max diff {worst:.2g})")
+    return worst
+
+
+def empty_prompt_embedding(text_state: dict[str, torch.Tensor], report: ConversionReport | None = None,
+                           device: str | torch.device = "cpu") -> torch.Tensor:
+    """CLIP ViT-L/14 last hidden state (after the final LayerNorm) of the prompt "" -> [1, 77, 768]."""
+    try:
+        from transformers import CLIPTextConfig, CLIPTextModel
+    except ImportError:
+        raise ConversionError("computing the empty-prompt embedding needs the 'transformers' package "
+                              "(pip install -r requirements.txt), or pass --context-from") from None
+    meta = any(v.device.type == "meta" for v in text_state.values())
+    with torch.device("meta" if meta else "cpu"):
+        model = CLIPTextModel(CLIPTextConfig(**CLIP_VIT_L14))
+    local = ConversionReport()
+    load_component("text_encoder", model, text_state, local)
+    if report is not None:
+        report.missing += local.missing
+        report.unexpected += local.unexpected
+    if meta:
+        return torch.empty(1, 77, CLIP_VIT_L14["hidden_size"], device="meta")
+    model = model.to(device).eval()
+    ids = torch.tensor([CLIP_EMPTY_PROMPT_IDS], device=device)
+    with torch.no_grad():
+        return model(input_ids=ids).last_hidden_state.float().cpu()
+
+
+def read_embedding(path: str | Path) -> torch.Tensor:
+    """``--context-from``: a model folder, a .safetensors file or a weights-only .pt holding one [1,77,D] tensor."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "prompt_embedding" / "diffusion_pytorch_model.safetensors"
+    if not path.is_file():
+        raise ConversionError(f"--context-from {path}: no such file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        tensors = list(load_file(str(path)).values())
+    else:
+        loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+        tensors = [loaded] if isinstance(loaded, torch.Tensor) else [v for v in loaded.values()
+                                                                     if isinstance(v, torch.Tensor)]
+    if len(tensors) != 1 or tensors[0].ndim not in (2, 3):
+        raise ConversionError(f"--context-from {path} must hold exactly one [1, 77, D] tensor")
+    emb = tensors[0].float()
+    return emb[None] if emb.ndim == 2 else emb
+
+
+def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path, config: str | Path | None = None,
+                       context_from: str | Path | None = None, strict: bool = True) -> ConversionReport:
+    """Convert an official checkpoint file and write the model folder; returns the report."""
+    from .model_folder import save_model_folder
+    from .models.prompt_embedding import PromptEmbedding
+
+    sd = load_checkpoint(checkpoint)
+    check_is_diffportrait3d(sd)
+    params = read_params_file(config) if config else infer_params(sd)
+    converted = convert_state_dict(sd, params)
+    modules = build_networks(converted)
+    report = converted.report
+    if context_from is not None:
+        embedding = read_embedding(context_from)
+        report.notes.append(f"empty-prompt embedding read from {context_from}")
+    elif "text_encoder" in converted.state_dicts:
+        embedding = empty_prompt_embedding(converted.state_dicts["text_encoder"], report)
+        report.notes.append("empty-prompt embedding computed with the checkpoint's CLIP text weights")
+    else:
+        embedding = None
+        report.skipped["prompt_embedding"] = report.skipped.pop("text_encoder", "no CLIP weights")
+    if embedding is not None:
+        if embedding.shape[-1] != converted.params["context_dim"]:
+            raise ConversionError(f"the prompt embedding has width {embedding.shape[-1]} but the model's context_dim "
+                                  f"is {converted.params['context_dim']}")
+        modules["prompt_embedding"] = PromptEmbedding.from_tensor(embedding)
+    modules.pop("text_encoder", None)
+    if strict and not report.ok:
+        raise ConversionError(f"the checkpoint does not match the expected model; nothing written.\n{report}")
+    save_model_folder(modules, out_dir)
+    return report
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dp3d_core.convert", description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint", help="official checkpoint (.th/.ckpt/.pt/.pth/.safetensors)")
+    parser.add_argument("out", help="model folder to write")
+    parser.add_argument("--config", help="JSON of the official yaml unet_config params (default: read from shapes)")
+    parser.add_argument("--context-from", help="empty-prompt embedding source when the checkpoint has no CLIP "
+                                               "weights: a model folder, .safetensors or .pt file")
+    parser.add_argument("--allow-incomplete", action="store_true", help="write even if keys are unaccounted for")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    try:
+        report = convert_checkpoint(args.checkpoint, args.out, args.config, args.context_from,
+                                    strict=not args.allow_incomplete)
+    except ConversionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

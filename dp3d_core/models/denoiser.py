@@ -1,0 +1,142 @@
+"""The DiffPortrait3D denoiser: locked F + reference net F_ref + pose/view ControlNet F_cam + view modules."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from diffusers import ControlNetModel, UNet2DConditionModel
+from torch import nn
+
+from .reference_attention import ReferenceBank, ReferencePassComplete, install_bank_processors, self_attention_names
+from .view_modules import ViewModules, ViewState
+
+
+class ModelInputError(ValueError):
+    """Inputs the denoiser cannot use (wrong batch size, shapes or channel counts)."""
+
+
+class DiffPortrait3DDenoiser(nn.Module):
+    """eps prediction exactly as the official ``ControlLDMReferenceOnlyPose.apply_model``.
+
+    ``eps_cond``: F_ref runs on the clean reference latent(s) at the current timestep and fills the attention bank;
+    F_cam turns the camera-condition image into 13 residuals; F reads the bank in every spatial self-attention,
+    adds the residuals, and runs the view modules (not the middle one). ``eps_uncond``: F alone with plain
+    self-attention, no residuals, all view modules including the middle one.
+    """
+
+    def __init__(self, unet: UNet2DConditionModel, reference_unet: UNet2DConditionModel,
+                 view_controlnet: ControlNetModel, view_modules: ViewModules, clip_length: int = 8) -> None:
+        super().__init__()
+        self.unet = unet
+        self.reference_unet = reference_unet
+        self.view_controlnet = view_controlnet
+        self.view_modules = view_modules
+        self.clip_length = int(clip_length)
+        self.unet.requires_grad_(False)  # F is the locked SD UNet
+        size = len(self_attention_names(unet))
+        if len(self_attention_names(reference_unet)) != size:
+            raise ValueError("the reference net and the UNet must have the same transformer layout")
+        self.bank = ReferenceBank(size)
+        install_bank_processors(reference_unet, self.bank, "write")
+        install_bank_processors(unet, self.bank, "read")
+        self.view_state = ViewState(clip_length=self.clip_length)
+        self._hooks = view_modules.attach(unet, self.view_state)
+
+    # ----------------------------------------------------------------------------------------- input checks
+    def _check_latent(self, x: torch.Tensor, name: str = "x") -> None:
+        channels = self.unet.config.in_channels
+        if not isinstance(x, torch.Tensor) or x.ndim != 4:
+            raise ModelInputError(f"{name} must be a latent tensor [B, {channels}, h, w], got "
+                                  f"{getattr(x, 'shape', type(x).__name__)}")
+        if x.shape[1] != channels:
+            raise ModelInputError(f"{name} has {x.shape[1]} channels; the model's latents have {channels}")
+        if x.shape[0] == 0 or x.shape[0] % self.clip_length:
+            raise ModelInputError(f"{name} has batch {x.shape[0]}: the batch must be whole clips of "
+                                  f"{self.clip_length} views (a multiple of {self.clip_length})")
+
+    def _timesteps(self, t: int | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+        t = torch.as_tensor(t, device=device)
+        if t.is_floating_point():
+            raise ModelInputError("timesteps must be integers (0..999)")
+        if t.ndim == 0:
+            t = t.expand(batch)
+        if t.ndim != 1 or t.shape[0] != batch:
+            raise ModelInputError(f"timesteps must be one int or a LongTensor [{batch}], got shape {tuple(t.shape)}")
+        return t.long()
+
+    def _context(self, context: torch.Tensor, batch: int) -> torch.Tensor:
+        dim = self.unet.config.cross_attention_dim
+        if not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[-1] != dim:
+            raise ModelInputError(f"context must be [B or 1, 77, {dim}], got {getattr(context, 'shape', None)}")
+        if context.shape[0] == 1:
+            return context.expand(batch, -1, -1)
+        if context.shape[0] != batch:
+            raise ModelInputError(f"context has batch {context.shape[0]}; expected 1 or {batch}")
+        return context
+
+    # ----------------------------------------------------------------------------------------- passes
+    def write_reference_bank(self, reference_latents: Sequence[torch.Tensor], t: torch.Tensor,
+                             context: torch.Tensor) -> None:
+        """Run F_ref on the clean reference latent(s) at timestep ``t`` and fill the bank."""
+        refs = list(reference_latents)
+        count = len(refs)
+        self.bank.start_writing(count)
+        x = refs[0] if count == 1 else torch.cat(refs, dim=0)
+        try:
+            self.reference_unet(x, t.repeat(count), encoder_hidden_states=context.repeat(count, 1, 1),
+                                return_dict=False)
+        except ReferencePassComplete:
+            pass
+        if not self.bank.complete():
+            raise RuntimeError("the reference net did not fill every attention-bank entry")
+
+    def eps_cond(self, x: torch.Tensor, t: int | torch.Tensor, context: torch.Tensor,
+                 reference_latents: torch.Tensor | Sequence[torch.Tensor], condition: torch.Tensor) -> torch.Tensor:
+        """Conditional eps: x [B,4,h,w] (B = clips x 8, rows = views), condition [B,3,8h,8w] in [-1, 1]."""
+        self._check_latent(x)
+        batch, _, h, w = x.shape
+        refs = [reference_latents] if isinstance(reference_latents, torch.Tensor) else list(reference_latents)
+        if not refs:
+            raise ModelInputError("at least one reference latent is needed for the conditional pass")
+        for i, ref in enumerate(refs):
+            if not isinstance(ref, torch.Tensor) or ref.ndim != 4 or ref.shape[1:] != x.shape[1:]:
+                raise ModelInputError(f"reference latent {i} must be [{batch}, {x.shape[1]}, {h}, {w}] like x, got "
+                                      f"{getattr(ref, 'shape', None)}")
+            if ref.shape[0] == 1:
+                refs[i] = ref.expand(batch, -1, -1, -1)
+            elif ref.shape[0] != batch:
+                raise ModelInputError(f"reference latent {i} has batch {ref.shape[0]}; expected 1 or {batch}")
+        cond_ch = self.view_controlnet.config.conditioning_channels
+        if not isinstance(condition, torch.Tensor) or condition.ndim != 4 or condition.shape[1] != cond_ch:
+            raise ModelInputError(f"condition must be an image tensor [B, {cond_ch}, 8h, 8w], got "
+                                  f"{getattr(condition, 'shape', None)}")
+        if condition.shape[0] != batch:
+            raise ModelInputError(f"condition has batch {condition.shape[0]}; expected {batch} (one per view)")
+        if tuple(condition.shape[2:]) != (8 * h, 8 * w):
+            raise ModelInputError(f"condition images are {condition.shape[2]}x{condition.shape[3]} but must be 8x the "
+                                  f"latent size, {8 * h}x{8 * w}")
+        t = self._timesteps(t, batch, x.device)
+        context = self._context(context, batch)
+        try:
+            self.write_reference_bank(refs, t, context)
+            down, mid = self.view_controlnet(x, t, encoder_hidden_states=context, controlnet_cond=condition,
+                                             return_dict=False)
+            self.bank.reading = True
+            self.view_state.middle_enabled = False
+            return self.unet(x, t, encoder_hidden_states=context, down_block_additional_residuals=down,
+                             mid_block_additional_residual=mid, return_dict=False)[0]
+        finally:
+            self.bank.clear()
+
+    def eps_uncond(self, x: torch.Tensor, t: int | torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The official "unconditional" eps: F only, no reference, no camera control, middle view module on."""
+        self._check_latent(x)
+        batch = x.shape[0]
+        t = self._timesteps(t, batch, x.device)
+        context = self._context(context, batch)
+        self.bank.clear()
+        self.view_state.middle_enabled = True
+        try:
+            return self.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
+        finally:
+            self.view_state.middle_enabled = False

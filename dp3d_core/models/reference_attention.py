@@ -1,0 +1,138 @@
+"""Reference attention: F_ref writes its self-attention inputs into a bank, F reads them as extra keys/values.
+
+Official behaviour (quirks 5-7): each of F_ref's spatial self-attentions records ``norm1(x)`` (exactly what enters
+attn1) and runs normal attention; the F self-attention with the same forward index uses its own tokens as queries
+and its OWN to_k/to_v applied to ``[own tokens, bank tokens]`` (token axis) as keys/values, per batch row.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+
+
+class ReferencePassComplete(Exception):
+    """Raised inside F_ref once the last bank entry is written: the rest of F_ref cannot change the bank."""
+
+
+class ReferenceBank:
+    """The hand-over between F_ref and F: one entry per spatial self-attention, in forward order."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.entries: list[torch.Tensor | None] = [None] * size
+        self.num_references = 1
+        self.reading = False
+
+    def start_writing(self, num_references: int) -> None:
+        self.entries = [None] * self.size
+        self.num_references = num_references
+        self.reading = False
+
+    def complete(self) -> bool:
+        return all(e is not None for e in self.entries)
+
+    def clear(self) -> None:
+        self.entries = [None] * self.size
+        self.reading = False
+
+    def tokens_for(self, index: int, batch: int) -> torch.Tensor | None:
+        """Bank tokens for F's batch rows: ``[batch, R * N, C]``, the R references of each row side by side."""
+        if not self.reading:
+            return None
+        entry = self.entries[index]
+        if entry is None:
+            raise RuntimeError(f"reference bank entry {index} was never written; run the reference net first")
+        r = self.num_references
+        if entry.shape[0] != r * batch:
+            raise RuntimeError(f"reference bank entry {index} has {entry.shape[0]} rows, expected {r} x {batch}")
+        if r == 1:
+            return entry
+        n, c = entry.shape[1:]
+        return entry.view(r, batch, n, c).permute(1, 0, 2, 3).reshape(batch, r * n, c)
+
+
+def attention(attn: Attention, hidden_states: torch.Tensor, kv_states: torch.Tensor) -> torch.Tensor:
+    """Multi-head attention of ``attn`` with queries from ``hidden_states``, keys/values from ``kv_states``."""
+    batch = hidden_states.shape[0]
+    query = attn.to_q(hidden_states)
+    key = attn.to_k(kv_states)
+    value = attn.to_v(kv_states)
+    head_dim = key.shape[-1] // attn.heads
+    query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False, scale=attn.scale)
+    out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+    out = attn.to_out[0](out)
+    return attn.to_out[1](out)
+
+
+def _check_plain(attn: Attention, hidden_states: torch.Tensor) -> None:
+    if hidden_states.ndim != 3 or attn.group_norm is not None or attn.spatial_norm is not None \
+            or attn.norm_q is not None or attn.residual_connection or attn.rescale_output_factor != 1.0:
+        raise RuntimeError("reference attention expects a plain transformer self-attention (attn1)")
+
+
+class BankWriteProcessor:
+    """F_ref's attn1: record the input tokens, then ordinary self-attention."""
+
+    def __init__(self, bank: ReferenceBank, index: int, stop_when_done: bool = True) -> None:
+        self.bank = bank
+        self.index = index
+        self.stop_when_done = stop_when_done
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
+                 attention_mask=None, temb=None, *args, **kwargs) -> torch.Tensor:
+        _check_plain(attn, hidden_states)
+        self.bank.entries[self.index] = hidden_states
+        if self.stop_when_done and self.index == self.bank.size - 1:
+            raise ReferencePassComplete
+        return attention(attn, hidden_states, hidden_states)
+
+
+class BankReadProcessor:
+    """F's attn1: keys/values from own tokens plus the bank tokens of the same row (plain when not reading)."""
+
+    def __init__(self, bank: ReferenceBank, index: int) -> None:
+        self.bank = bank
+        self.index = index
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
+                 attention_mask=None, temb=None, *args, **kwargs) -> torch.Tensor:
+        _check_plain(attn, hidden_states)
+        bank_tokens = self.bank.tokens_for(self.index, hidden_states.shape[0])
+        if bank_tokens is None:
+            return attention(attn, hidden_states, hidden_states)
+        kv = torch.cat([hidden_states, bank_tokens.to(hidden_states.dtype)], dim=1)
+        return attention(attn, hidden_states, kv)
+
+
+def self_attention_names(unet: torch.nn.Module) -> list[str]:
+    """Processor names of the spatial self-attentions (attn1) of a diffusers UNet, in forward order."""
+    names: list[str] = []
+
+    def transformers(prefix: str, block: torch.nn.Module) -> None:
+        for i, transformer in enumerate(getattr(block, "attentions", None) or []):
+            for j, _ in enumerate(transformer.transformer_blocks):
+                names.append(f"{prefix}.attentions.{i}.transformer_blocks.{j}.attn1.processor")
+
+    for b, block in enumerate(unet.down_blocks):
+        transformers(f"down_blocks.{b}", block)
+    transformers("mid_block", unet.mid_block)
+    for b, block in enumerate(unet.up_blocks):
+        transformers(f"up_blocks.{b}", block)
+    return names
+
+
+def install_bank_processors(unet: torch.nn.Module, bank: ReferenceBank, mode: str) -> None:
+    """Set write (``mode='write'``, on F_ref) or read (``'read'``, on F) processors on every attn1."""
+    names = self_attention_names(unet)
+    if len(names) != bank.size:
+        raise ValueError(f"the UNet has {len(names)} self-attentions but the bank has {bank.size} entries")
+    processors = dict(unet.attn_processors)
+    for index, name in enumerate(names):
+        if name not in processors:
+            raise ValueError(f"UNet has no attention processor {name}")
+        processors[name] = BankWriteProcessor(bank, index) if mode == "write" else BankReadProcessor(bank, index)
+    unet.set_attn_processor(processors)
