@@ -1,0 +1,99 @@
+"""The extension zip: built and validated by Blender's own tool, installed, enabled, removed cleanly."""
+from __future__ import annotations
+
+import sys
+import zipfile
+from pathlib import Path
+
+import bpy
+import pytest
+
+import build
+
+PACKAGE_ID = "portrait3d"
+
+
+@pytest.fixture(scope="module")
+def extension_zip(tmp_path_factory) -> Path:
+    return build.build(tmp_path_factory.mktemp("dist"))
+
+
+@pytest.fixture
+def temp_repo(tmp_path):
+    """A local extension repository in a temporary folder, removed afterwards."""
+    prefs = bpy.context.preferences
+    prefs.use_preferences_save = False  # never write the user's real preferences
+    directory = tmp_path / "repo"
+    directory.mkdir()
+    assert bpy.ops.preferences.extension_repo_add(
+        name="portrait3d_test", type='LOCAL', use_custom_directory=True,
+        custom_directory=str(directory)) == {'FINISHED'}
+    repo = next(r for r in prefs.extensions.repos if Path(r.directory).resolve() == directory.resolve())
+    yield repo
+    for index, r in enumerate(prefs.extensions.repos):
+        if Path(r.directory).resolve() == directory.resolve():
+            bpy.ops.preferences.extension_repo_remove(index=index)
+            break
+
+
+def test_zip_has_core_and_no_dev_files(extension_zip):
+    assert extension_zip.name == f"{PACKAGE_ID}-{build.manifest()['version']}.zip"
+    names = zipfile.ZipFile(extension_zip).namelist()
+    for required in ("blender_manifest.toml", "__init__.py", "core.py", "poses.py", "rig.py",
+                     "dp3d_core/__init__.py", "dp3d_core/cameras.py"):
+        assert required in names
+    for name in names:
+        parts = name.split("/")
+        assert "__pycache__" not in parts and not name.endswith(".pyc"), name
+        assert "tests" not in parts and "training" not in parts, name
+
+
+def test_zip_passes_blender_validation(extension_zip):
+    build.validate(extension_zip)  # raises BuildError otherwise
+
+
+def test_invalid_package_fails_with_clear_message(tmp_path):
+    bad = tmp_path / "bad.zip"
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr("blender_manifest.toml", 'schema_version = "1.0.0"\nid = "portrait3d"\n')
+        z.writestr("__init__.py", "")
+    with pytest.raises(build.BuildError, match="validate"):
+        build.validate(bad)
+
+
+def test_missing_blender_binary_fails_with_clear_message(tmp_path):
+    with pytest.raises(build.BuildError, match="--blender"):
+        build.validate(tmp_path / "x.zip", blender=str(tmp_path / "no-such-blender"))
+
+
+def test_install_enable_uninstall(extension_zip, temp_repo):
+    repo_dir = Path(temp_repo.directory)
+    result = bpy.ops.extensions.package_install_files(filepath=str(extension_zip), repo=temp_repo.module,
+                                                      enable_on_install=True)
+    assert result == {'FINISHED'}
+    module_name = f"bl_ext.{temp_repo.module}.{PACKAGE_ID}"
+    try:
+        assert module_name in sys.modules
+        assert module_name in bpy.context.preferences.addons
+        mod = sys.modules[module_name]
+        # The bundled dp3d_core is used, not the source tree's.
+        assert Path(mod.core.CORE_PARENT).resolve() == (repo_dir / PACKAGE_ID).resolve()
+        assert mod.core.cameras.__name__ == f"{module_name}.dp3d_core.cameras"
+        classes = mod.classes
+        assert classes and all(cls.is_registered for cls in classes)
+        panels = [cls for cls in classes if issubclass(cls, bpy.types.Panel)]
+        assert panels and all(p.bl_category == "Portrait 3D" and p.bl_space_type == 'VIEW_3D' for p in panels)
+        assert hasattr(bpy.types.Scene, "portrait3d")
+        assert bpy.context.scene.portrait3d.output_size == 512
+        assert mod.cli.is_registered()
+        assert bpy.context.preferences.addons[module_name].preferences.bl_rna.identifier == \
+            "PORTRAIT3D_AP_preferences"
+        assert "torch" not in sys.modules
+    finally:
+        assert bpy.ops.extensions.package_uninstall(repo_directory=str(repo_dir), pkg_id=PACKAGE_ID) == {'FINISHED'}
+    assert module_name not in bpy.context.preferences.addons
+    assert module_name not in sys.modules
+    assert not any(cls.is_registered for cls in classes)
+    assert not hasattr(bpy.types.Scene, "portrait3d")
+    assert not mod.cli.is_registered()
+    assert not (repo_dir / PACKAGE_ID).exists()
