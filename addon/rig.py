@@ -106,7 +106,6 @@ def build_turntable(scene: bpy.types.Scene, anchor: bpy.types.Object, *, frames:
         raise PoseError("No head anchor: add one with 'Add Head Anchor' or pick an Empty as Head Anchor.")
     yaws = turntable_yaws(frames, yaw_range)
     settings = scene.portrait3d
-    replaced_camera = settings.camera is not None and RIG_KEY in settings.camera
     remove_turntable(scene)
 
     size = head_anchor(anchor).size
@@ -155,8 +154,7 @@ def build_turntable(scene: bpy.types.Scene, anchor: bpy.types.Object, *, frames:
         key.interpolation = 'LINEAR'
 
     scene.camera = camera
-    if replaced_camera or settings.camera is None:
-        settings.camera = None  # follow the scene camera
+    settings.camera = None  # follow the scene camera, i.e. this turntable
     scene.frame_start = start
     scene.frame_end = start + len(yaws) - 1
     scene.frame_set(start)

@@ -308,3 +308,42 @@ def test_cli_job_rejects_bad_input(scene, tmp_path, capsys):
     assert job_runner.cli_main(["--frames", "0", "--out", str(tmp_path)]) == 1
     assert "--frames must be at least 1" in capsys.readouterr().out
     assert job_runner.cli_main(["--frames", "3"]) != 0  # --out missing: argparse usage error, no traceback
+
+
+class _FakeLayout:
+    """Records what a panel draws; every sub-layout is itself."""
+
+    def __init__(self):
+        self.props: list[tuple[object, str]] = []
+        self.operators: list[str] = []
+
+    def prop(self, data, name, **_kw):
+        self.props.append((data, name))
+
+    def operator(self, idname, **_kw):
+        self.operators.append(idname)
+
+    def __getattr__(self, name):
+        return lambda *a, **k: self
+
+    def __setattr__(self, name, value):
+        object.__setattr__(self, name, value)
+
+
+@pytest.mark.parametrize("source", ['PROCEDURAL', 'MESH', 'IMAGE_FOLDER'])
+def test_panels_draw_existing_settings_and_operators(scene, source):
+    from addon import panel
+
+    scene.portrait3d.condition_source = source
+    scene.portrait3d.use_scene_range = False
+    layout = _FakeLayout()
+    for cls in panel.classes:
+        cls.draw(type("P", (), {"layout": layout})(), bpy.context)
+    assert layout.props and layout.operators
+    for data, name in layout.props:
+        assert name in data.bl_rna.properties, name
+    for idname in layout.operators:
+        category, op = idname.split(".")
+        assert hasattr(bpy.types, f"{category.upper()}_OT_{op}"), idname
+    wanted = {"portrait3d.add_head_anchor", "portrait3d.add_turntable", "portrait3d.export_poses"}
+    assert wanted <= set(layout.operators)
