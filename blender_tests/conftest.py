@@ -8,7 +8,9 @@ so the source-tree ``addon`` and ``dp3d_core`` packages import.
 """
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,10 @@ if str(ROOT) not in sys.path:
 
 SHARED = ROOT.parent / "shared"
 FIXTURES = SHARED / "fixtures"
+
+# Keep the user's real Blender configuration out of reach: extensions installed by the tests land in a
+# throw-away user folder. Must be set before bpy starts (pytest-blender sets its own before Blender starts).
+os.environ.setdefault("BLENDER_USER_RESOURCES", tempfile.mkdtemp(prefix="p3d-blender-user-"))
 
 import bpy  # noqa: E402  (fails loudly, never skips: these tests are the Blender-side proof)
 
