@@ -112,8 +112,8 @@ def _sphere_grid(n_lat: int, n_lon: int, lat_max: float = math.pi) -> tuple[np.n
         last = 1 + (rings - 1) * n_lon
         for j in range(n_lon):
             faces.append((last + j, bottom, last + (j + 1) % n_lon))
-    # Quads wind counter-clockwise seen from outside.
-    return np.concatenate(verts), [tuple(reversed(f)) for f in faces]
+    # Faces wind counter-clockwise seen from outside (normals point out).
+    return np.concatenate(verts), faces
 
 
 def _ellipsoid(centre, radii, n_lat=16, n_lon=24, lat_max=math.pi, rotate=None):
@@ -339,7 +339,8 @@ def _material(name: str, colour: tuple[float, float, float], roughness: float = 
     mat = bpy.data.materials.new(name)
     mat.diffuse_color = (*colour, 1.0)
     mat.roughness = roughness
-    mat.use_nodes = True
+    if mat.node_tree is None:  # Blender < 5.0 creates materials without nodes
+        mat.use_nodes = True
     bsdf = mat.node_tree.nodes.get("Principled BSDF")
     if bsdf is not None:
         bsdf.inputs["Base Color"].default_value = (*colour, 1.0)

@@ -1,0 +1,434 @@
+"""Per-frame condition images and 3D-aware proxy views, rendered from the scene camera.
+
+Condition images: the proxy head alone, seen from the output camera on a plain neutral background
+(Workbench, studio light, material colours; see docs/CONDITIONS.md for the engine choice).
+Proxy views: the reference portrait projected onto the proxy head from the reference camera
+(EG3D frontal by default), rendered unlit from each output camera; surfaces the reference camera
+cannot see get a neutral fill.
+
+Every render runs inside :class:`SceneState`, which records each setting it changes (engine,
+resolution, colour management, shading, world, camera, frame, visibility, ...) and puts it back,
+and deletes the temporary data it created, so the user's file is unchanged afterwards.
+"""
+from __future__ import annotations
+
+import math
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import bpy
+import numpy as np
+from mathutils import Matrix, Vector
+from mathutils.bvhtree import BVHTree
+
+from .proxy_head import PROXY_TAG
+
+try:
+    from .core import cameras
+except ImportError:  # the add-on's core shim is not there (e.g. a partial checkout)
+    from dp3d_core import cameras  # type: ignore[no-redef]
+
+# sRGB 0-255: the mean corner colour of the official 3D-aware proxy views (a warm mid grey).
+BACKGROUND_SRGB = (104, 100, 96)
+# Surfaces the reference camera cannot see: a slightly lighter neutral grey.
+FILL_SRGB = (128, 128, 128)
+ENGINES = {"WORKBENCH": ("BLENDER_WORKBENCH",), "EEVEE": ("BLENDER_EEVEE", "BLENDER_EEVEE_NEXT"),
+           "CYCLES": ("CYCLES",)}
+_TMP_PREFIX = "DP3D tmp"
+
+
+class ConditionRenderError(ValueError):
+    """Condition or proxy renders cannot be made from the given inputs."""
+
+
+def srgb_to_linear(c: float) -> float:
+    c = c / 255.0
+    return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+
+class SceneState:
+    """Records every attribute it changes and restores them (in reverse order) on ``restore``."""
+
+    def __init__(self) -> None:
+        self._saved: list[tuple[Any, str, Any]] = []
+        self._seen: set[tuple[int, str]] = set()
+        self._undo: list[Any] = []
+
+    def set(self, owner: Any, attr: str, value: Any) -> None:
+        if not hasattr(owner, attr):
+            return  # a setting this Blender version does not have
+        key = (owner.as_pointer() if hasattr(owner, "as_pointer") else id(owner), attr)
+        if key not in self._seen:
+            self._seen.add(key)
+            old = getattr(owner, attr)
+            if hasattr(old, "copy") and not isinstance(old, bpy.types.ID):
+                old = old.copy()  # mathutils values / bpy_prop_array snapshots
+            elif not isinstance(old, (str, int, float, bool, type(None), bpy.types.ID)):
+                old = tuple(old)
+            self._saved.append((owner, attr, old))
+        setattr(owner, attr, value)
+
+    def on_restore(self, fn) -> None:
+        """Run ``fn()`` on restore, after the attributes are back (cleanup of temporary data)."""
+        self._undo.append(fn)
+
+    def restore(self) -> None:
+        errors = []
+        for owner, attr, old in reversed(self._saved):
+            try:
+                setattr(owner, attr, old)
+            except Exception as exc:  # keep restoring the rest
+                errors.append(f"{attr}: {exc}")
+        for fn in reversed(self._undo):
+            try:
+                fn()
+            except Exception as exc:
+                errors.append(str(exc))
+        self._saved.clear()
+        self._seen.clear()
+        self._undo.clear()
+        if errors:
+            raise ConditionRenderError("could not restore all scene settings: " + "; ".join(errors))
+
+
+def _engine_id(engine: str) -> str:
+    key = engine.upper().replace("BLENDER_", "").replace("_NEXT", "")
+    if key not in ENGINES:
+        raise ConditionRenderError(f"engine must be one of {sorted(ENGINES)}, got {engine!r}")
+    available = {e.identifier for e in bpy.types.RenderSettings.bl_rna.properties["engine"].enum_items}
+    for ident in ENGINES[key]:
+        if ident in available or ident in ("BLENDER_WORKBENCH", "CYCLES"):
+            return ident
+    return ENGINES[key][0]
+
+
+def _check_inputs(scene, camera, frames, out_dir, size) -> tuple[list[int], Path]:
+    if scene is None or not isinstance(scene, bpy.types.Scene):
+        raise ConditionRenderError("a scene is needed")
+    if camera is None or getattr(camera, "type", None) != "CAMERA":
+        raise ConditionRenderError("a camera object is needed: set the scene camera or pick one in the panel")
+    frames = list(frames)
+    if not frames or not all(isinstance(f, (int, np.integer)) and not isinstance(f, bool) for f in frames):
+        raise ConditionRenderError(f"frames must be a non-empty list of whole frame numbers, got {frames!r}")
+    if not isinstance(size, (int, np.integer)) or not 16 <= int(size) <= 8192:
+        raise ConditionRenderError(f"size must be a whole number of pixels between 16 and 8192, got {size!r}")
+    out = Path(bpy.path.abspath(str(out_dir)))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConditionRenderError(f"cannot create the output folder {out}: {exc.strerror}") from exc
+    if not os.access(out, os.W_OK):
+        raise ConditionRenderError(f"the output folder {out} is not writable; choose another one")
+    return [int(f) for f in frames], out
+
+
+def _temp_world(state: SceneState, scene: bpy.types.Scene) -> None:
+    world = bpy.data.worlds.new(f"{_TMP_PREFIX} background")
+    lin = tuple(srgb_to_linear(c) for c in BACKGROUND_SRGB)
+    world.color = lin
+    if world.node_tree is None:
+        world.use_nodes = True
+    bg = next((n for n in world.node_tree.nodes if n.type == "BACKGROUND"), None)
+    if bg is not None:
+        bg.inputs["Color"].default_value = (*lin, 1.0)
+        bg.inputs["Strength"].default_value = 1.0
+    state.set(scene, "world", world)
+    state.on_restore(lambda: bpy.data.worlds.remove(world))
+
+
+def _render_settings(state: SceneState, scene: bpy.types.Scene, engine_id: str, size: int, *, flat: bool) -> None:
+    r = scene.render
+    state.set(r, "engine", engine_id)
+    for attr, value in (("resolution_x", size), ("resolution_y", size), ("resolution_percentage", 100),
+                        ("pixel_aspect_x", 1.0), ("pixel_aspect_y", 1.0), ("use_border", False),
+                        ("film_transparent", False), ("use_compositing", False), ("use_sequencer", False),
+                        ("use_stamp", False), ("dither_intensity", 0.0), ("use_single_layer", True),
+                        ("use_motion_blur", False), ("use_simplify", False)):
+        state.set(r, attr, value)
+    im = r.image_settings
+    state.set(im, "media_type", "IMAGE")
+    state.set(im, "file_format", "PNG")
+    state.set(im, "color_mode", "RGB")
+    state.set(im, "color_depth", "8")
+    state.set(im, "compression", 15)
+    state.set(im, "color_management", "FOLLOW_SCENE")
+    v = scene.view_settings
+    state.set(scene.display_settings, "display_device", "sRGB")
+    state.set(v, "view_transform", "Standard")
+    state.set(v, "look", "None")
+    state.set(v, "exposure", 0.0)
+    state.set(v, "gamma", 1.0)
+    state.set(v, "use_curve_mapping", False)
+    state.set(v, "use_white_balance", False)
+    if engine_id == "BLENDER_WORKBENCH":
+        state.set(scene.display, "render_aa", "8")
+        sh = scene.display.shading
+        state.set(sh, "light", "FLAT" if flat else "STUDIO")
+        if not flat:
+            state.set(sh, "studio_light", "Default")
+            state.set(sh, "use_world_space_lighting", False)
+        state.set(sh, "color_type", "TEXTURE" if flat else "MATERIAL")
+        state.set(sh, "show_cavity", not flat)
+        state.set(sh, "cavity_type", "WORLD")
+        state.set(sh, "cavity_ridge_factor", 1.0)
+        state.set(sh, "cavity_valley_factor", 1.0)
+        for attr in ("show_shadows", "show_xray", "show_object_outline", "use_dof", "show_backface_culling",
+                     "show_specular_highlight"):
+            state.set(sh, attr, False if (flat or attr != "show_specular_highlight") else True)
+    elif engine_id == "CYCLES":
+        state.set(scene.cycles, "samples", 16)
+        state.set(scene.cycles, "use_denoising", False)
+        state.set(scene.cycles, "device", "CPU")
+    else:
+        state.set(scene.eevee, "taa_render_samples", 16)
+
+
+def _key_light(state: SceneState, scene: bpy.types.Scene, camera: bpy.types.Object) -> None:
+    """A sun from the camera's upper left for the non-Workbench engines (the user's lights are hidden)."""
+    data = bpy.data.lights.new(f"{_TMP_PREFIX} key", "SUN")
+    data.energy = 3.0
+    light = bpy.data.objects.new(f"{_TMP_PREFIX} key", data)
+    scene.collection.objects.link(light)
+    light.parent = camera
+    light.rotation_euler = (math.radians(-25), math.radians(-25), 0.0)
+
+    def remove() -> None:
+        bpy.data.objects.remove(light, do_unlink=True)
+        bpy.data.lights.remove(data)
+    state.on_restore(remove)
+
+
+def _show_only(state: SceneState, scene: bpy.types.Scene, visible: Sequence[bpy.types.Object]) -> None:
+    keep = {o.as_pointer() for o in visible}
+    for obj in scene.objects:
+        if obj.as_pointer() not in keep:
+            state.set(obj, "hide_render", True)
+    for obj in visible:
+        state.set(obj, "hide_render", False)
+        if scene.collection.objects.get(obj.name) is None:
+            # Linked to the scene's own collection, the object renders whatever its collections say.
+            scene.collection.objects.link(obj)
+            state.on_restore(lambda o=obj: scene.collection.objects.unlink(o))
+
+
+def _render_frames(state: SceneState, scene, camera, frames: list[int], out: Path, prefix: str) -> list[Path]:
+    state.set(scene, "camera", camera)
+    view_layer = bpy.context.view_layer if bpy.context.scene == scene else scene.view_layers[0]
+    frame, subframe = scene.frame_current, scene.frame_subframe
+    state.on_restore(lambda: scene.frame_set(frame, subframe=subframe))
+    paths = []
+    for f in frames:
+        scene.frame_set(f)
+        final = out / f"{prefix}_{f:04d}.png"
+        tmp = out / f".{prefix}_{f:04d}.tmp.png"
+        bpy.ops.render.render(write_still=False, scene=scene.name, layer=view_layer.name)
+        result = bpy.data.images.get("Render Result")
+        if result is None:
+            raise ConditionRenderError(f"Blender produced no render result for frame {f}")
+        result.save_render(str(tmp), scene=scene)
+        os.replace(tmp, final)
+        paths.append(final)
+    return paths
+
+
+@contextmanager
+def _restoring() -> Iterator[SceneState]:
+    state = SceneState()
+    try:
+        yield state
+    finally:
+        state.restore()
+
+
+def find_proxy_heads(scene: bpy.types.Scene) -> list[bpy.types.Object]:
+    """Objects in ``scene`` made by ``build_proxy_head``."""
+    return [o for o in scene.objects if o.get(PROXY_TAG)]
+
+
+def render_condition_images(scene: bpy.types.Scene, camera: bpy.types.Object, frames: Iterable[int],
+                            out_dir, *, size: int = 512, engine: str = "WORKBENCH",
+                            objects: Sequence[bpy.types.Object] | None = None) -> list[Path]:
+    """Render ``cond_{frame:04d}.png`` for each frame: only ``objects`` (default: the scene's proxy
+    heads) visible, from ``camera``, ``size`` x ``size`` pixels, on the neutral background."""
+    frames, out = _check_inputs(scene, camera, frames, out_dir, size)
+    objects = list(objects) if objects is not None else find_proxy_heads(scene)
+    if not objects:
+        raise ConditionRenderError("no proxy head in the scene: build one first (Add Proxy Head)")
+    engine_id = _engine_id(engine)
+    with _restoring() as state:
+        _render_settings(state, scene, engine_id, int(size), flat=False)
+        _temp_world(state, scene)
+        _show_only(state, scene, objects)
+        if engine_id != "BLENDER_WORKBENCH":
+            _key_light(state, scene, camera)
+        return _render_frames(state, scene, camera, frames, out, "cond")
+
+
+# ---------------------------------------------------------------------------------------------
+# 3D-aware proxy views.
+
+def frontal_label() -> np.ndarray:
+    """EG3D label of the frontal camera (radius 2.7, pivot (0, 0, 0.2), focal 4.2647)."""
+    c2w = cameras.sample_lookat(math.pi / 2, math.pi / 2, cameras.EG3D_PIVOT, cameras.EG3D_RADIUS)
+    return cameras.to_label(c2w, cameras.intrinsics_from_focal())
+
+
+def _unscaled(m: Matrix) -> np.ndarray:
+    loc, rot, _ = m.decompose()
+    return np.array(Matrix.LocRotScale(loc, rot, None))
+
+
+def _reference_projection(reference, anchor, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """(world-space OpenCV cam2world 4x4, normalized intrinsics 3x3) of the reference camera."""
+    if isinstance(reference, bpy.types.Object):
+        if reference.type != "CAMERA":
+            raise ConditionRenderError(f"reference camera {reference.name!r} is not a camera object")
+        cam = reference.data
+        if cam.type != "PERSP":
+            raise ConditionRenderError("the reference camera must be a perspective camera")
+        bc = cameras.BlenderCamera(matrix_world=np.array(reference.matrix_world), lens=cam.lens,
+                                   sensor_width=cam.sensor_width, sensor_height=cam.sensor_height,
+                                   sensor_fit=cam.sensor_fit, shift_x=cam.shift_x, shift_y=cam.shift_y,
+                                   resolution_x=width, resolution_y=height)
+        return _unscaled(reference.matrix_world) @ cameras.BLENDER_CAM_TO_OPENCV, bc.intrinsics()
+    if anchor is None:
+        raise ConditionRenderError("a reference label needs the head anchor: parent the proxy head to it "
+                                   "or pass anchor=")
+    try:
+        c2w_eg3d, k = cameras.from_label(np.asarray(reference, float).ravel())
+    except (ValueError, TypeError) as exc:
+        raise ConditionRenderError(f"the reference camera label is not a valid EG3D label: {exc}") from exc
+    size = cameras.anchor_size_from_matrix(np.array(anchor.matrix_world),
+                                           anchor.empty_display_size if anchor.type == "EMPTY" else 1.0)
+    pose = c2w_eg3d.copy()
+    pose[:3, 3] *= size
+    world = _unscaled(anchor.matrix_world) @ cameras.BLENDER_TO_EG3D.T @ pose
+    return world, k
+
+
+def _project_uvs(mesh: bpy.types.Mesh, matrix_world: Matrix, c2w: np.ndarray, k: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-vertex image UVs (Blender convention, v up) and a per-face 'seen by the camera' flag."""
+    n = len(mesh.vertices)
+    co = np.empty(n * 3)
+    mesh.vertices.foreach_get("co", co)
+    mw = np.array(matrix_world)
+    world = co.reshape(-1, 3) @ mw[:3, :3].T + mw[:3, 3]
+    origin = c2w[:3, 3]
+    cam = (world - origin) @ c2w[:3, :3]  # rows: OpenCV camera coordinates
+    z = cam[:, 2]
+    safe = np.where(z > 1e-9, z, 1e-9)
+    u = k[0, 0] * cam[:, 0] / safe + k[0, 1] * cam[:, 1] / safe + k[0, 2]
+    v = k[1, 1] * cam[:, 1] / safe + k[1, 2]
+    uv = np.stack([u, 1.0 - v], axis=1)
+
+    nf = len(mesh.polygons)
+    centres = np.empty(nf * 3)
+    normals = np.empty(nf * 3)
+    mesh.polygons.foreach_get("center", centres)
+    mesh.polygons.foreach_get("normal", normals)
+    centres = centres.reshape(-1, 3) @ mw[:3, :3].T + mw[:3, 3]
+    normals = normals.reshape(-1, 3) @ np.linalg.inv(mw[:3, :3])
+    normals /= np.linalg.norm(normals, axis=1, keepdims=True) + 1e-12
+    to_cam = origin - centres
+    dist = np.linalg.norm(to_cam, axis=1)
+    facing = np.sum(normals * to_cam, axis=1) > 0.05 * dist
+
+    # A face is seen when its centre is the first surface hit from the camera (faces cut by an
+    # occluder's outline keep the texture; the occluder covers them in views near the reference).
+    polys = [tuple(p.vertices) for p in mesh.polygons]
+    tree = BVHTree.FromPolygons([tuple(p) for p in world], polys)
+    o = Vector(origin)
+    seen_f = np.zeros(nf, bool)
+    for i in np.flatnonzero(facing):
+        hit = tree.ray_cast(o, Vector(-to_cam[i] / dist[i]), dist[i] * 1.01)
+        seen_f[i] = hit[0] is None or hit[3] >= dist[i] * (1.0 - 2e-3)
+    inside = (uv[:, 0] >= 0) & (uv[:, 0] <= 1) & (uv[:, 1] >= 0) & (uv[:, 1] <= 1) & (z > 1e-6)
+    seen_f &= np.array([inside[list(p)].all() for p in polys], bool)
+    return uv, seen_f
+
+
+def _texture_material(name: str, image: bpy.types.Image) -> bpy.types.Material:
+    mat = bpy.data.materials.new(name)
+    if mat.node_tree is None:
+        mat.use_nodes = True
+    nodes = mat.node_tree.nodes
+    nodes.clear()
+    tex = nodes.new("ShaderNodeTexImage")
+    tex.image = image
+    tex.extension = "EXTEND"
+    emit = nodes.new("ShaderNodeEmission")
+    out = nodes.new("ShaderNodeOutputMaterial")
+    mat.node_tree.links.new(tex.outputs["Color"], emit.inputs["Color"])
+    mat.node_tree.links.new(emit.outputs["Emission"], out.inputs["Surface"])
+    nodes.active = tex
+    return mat
+
+
+def render_proxy_views(scene: bpy.types.Scene, camera: bpy.types.Object, frames: Iterable[int], out_dir, *,
+                       reference_image_path, proxy_object: bpy.types.Object,
+                       reference_label_or_camera=None, anchor: bpy.types.Object | None = None,
+                       size: int = 512) -> list[Path]:
+    """Render ``proxy_{frame:04d}.png``: the reference portrait projected onto ``proxy_object`` from the
+    reference camera (an EG3D label in the anchor frame, a camera object, or None = EG3D frontal),
+    seen from ``camera`` at each frame. ``anchor`` defaults to the proxy's parent."""
+    frames, out = _check_inputs(scene, camera, frames, out_dir, size)
+    if proxy_object is None or proxy_object.type != "MESH":
+        raise ConditionRenderError("proxy_object must be a mesh object (the proxy head)")
+    path = Path(bpy.path.abspath(str(reference_image_path)))
+    if not path.is_file():
+        raise ConditionRenderError(f"reference image not found: {path}")
+    anchor = anchor if anchor is not None else proxy_object.parent
+    reference = frontal_label() if reference_label_or_camera is None else reference_label_or_camera
+
+    with _restoring() as state:
+        try:
+            image = bpy.data.images.load(str(path), check_existing=False)
+        except RuntimeError as exc:
+            raise ConditionRenderError(f"cannot read the reference image {path}: {exc}") from exc
+        state.on_restore(lambda: bpy.data.images.remove(image))
+        image.colorspace_settings.name = "sRGB"
+        width, height = image.size
+        if width == 0 or height == 0:
+            raise ConditionRenderError(f"the reference image {path} is empty or unreadable")
+        fill = bpy.data.images.new(f"{_TMP_PREFIX} fill", 4, 4)
+        state.on_restore(lambda: bpy.data.images.remove(fill))
+        fill.colorspace_settings.name = "sRGB"
+        fill.pixels.foreach_set(np.tile([c / 255.0 for c in FILL_SRGB] + [1.0], 16).astype(np.float32))
+
+        depsgraph = bpy.context.evaluated_depsgraph_get()
+        mesh = bpy.data.meshes.new_from_object(proxy_object.evaluated_get(depsgraph))
+        view_obj = bpy.data.objects.new(f"{_TMP_PREFIX} proxy view", mesh)
+        mats = [_texture_material(f"{_TMP_PREFIX} projected", image), _texture_material(f"{_TMP_PREFIX} fill", fill)]
+
+        def cleanup() -> None:
+            bpy.data.objects.remove(view_obj, do_unlink=True)
+            bpy.data.meshes.remove(mesh)
+            for m in mats:
+                bpy.data.materials.remove(m)
+        state.on_restore(cleanup)
+        scene.collection.objects.link(view_obj)
+        view_obj.parent = proxy_object.parent
+        view_obj.matrix_parent_inverse = proxy_object.matrix_parent_inverse
+        view_obj.matrix_basis = proxy_object.matrix_basis
+
+        c2w, k = _reference_projection(reference, anchor, width, height)
+        uv, seen = _project_uvs(mesh, proxy_object.matrix_world, c2w, k)
+        mesh.materials.clear()
+        for m in mats:
+            mesh.materials.append(m)
+        mesh.polygons.foreach_set("material_index", np.where(seen, 0, 1).astype(np.int32))
+        for layer in list(mesh.uv_layers):
+            mesh.uv_layers.remove(layer)
+        layer = mesh.uv_layers.new(name="Reference Projection")
+        loop_vi = np.empty(len(mesh.loops), np.int32)
+        mesh.loops.foreach_get("vertex_index", loop_vi)
+        layer.data.foreach_set("uv", uv[loop_vi].astype(np.float32).ravel())
+        mesh.update()
+
+        _render_settings(state, scene, "BLENDER_WORKBENCH", int(size), flat=True)
+        _temp_world(state, scene)
+        _show_only(state, scene, [view_obj])
+        return _render_frames(state, scene, camera, frames, out, "proxy")
