@@ -1,0 +1,373 @@
+"""DiffPortrait3D as a diffusers pipeline: one portrait + camera condition images -> novel views.
+
+Sequences of any length. The model denoises clips of ``window`` views (8, its motion modules'
+clip length). Longer sequences are covered by overlapping windows; at EVERY denoising step all
+windows are evaluated and their noise predictions blended per view (triangular weights, so a
+window's edge views count less than its centre) before one scheduler step on the whole
+sequence. The sequence thus follows one denoising trajectory, with no seams between chunks.
+A sequence shorter than the window is padded by repeating its last view; padded slots only
+serve as context (weight 0) and are dropped from the output.
+
+Random draws, all from one generator (``generator`` or ``seed``, CPU, so a seed gives the same
+result on every device), in this order: the initial noise ``[N, 4, h, w]`` (``[1, ...]``
+repeated when ``share_noise``), then the VAE posterior samples of the references, then of the
+proxies, then the scheduler's own noise (eta > 0).
+
+Cancelling: ``callback_on_step_end`` (called after every step) and ``callback_on_window``
+(called after every window evaluation) may return ``{"cancel": True}``; the pipeline then
+raises :class:`Cancelled`. Raising :class:`Cancelled` from a callback has the same effect.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import DiffusionPipeline
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+
+from .models.config import CLIP_LENGTH
+from .models.denoiser import DiffPortrait3DDenoiser
+from .schedulers import AWARE_NOISE_TIMESTEP, aware_initial_latent, make_scheduler
+
+ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor
+
+
+class PipelineError(ValueError):
+    """Inputs the pipeline cannot use; the message says what to change."""
+
+
+class Cancelled(Exception):
+    """Raised when a callback asked to stop; no output is produced."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"cancelled at denoising step {step}")
+        self.step = step
+
+
+@dataclass
+class DiffPortrait3DPipelineOutput(BaseOutput):
+    """``images``: list of PIL images, ``[N, H, W, 3]`` float array in [0, 1], or latents ``[N, 4, h, w]``."""
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+
+
+def plan_windows(num_views: int, window: int, overlap: int) -> list[list[int]]:
+    """View indices of each window. Short sequences are padded with their last view."""
+    if num_views < 1:
+        raise PipelineError("at least one condition image is needed (one per output view)")
+    if not 0 <= overlap < window:
+        raise PipelineError(f"overlap must be in 0..{window - 1} (window {window}), got {overlap}")
+    if num_views <= window:
+        return [list(range(num_views)) + [num_views - 1] * (window - num_views)]
+    stride = window - overlap
+    starts = list(range(0, num_views - window, stride)) + [num_views - window]
+    return [list(range(s, s + window)) for s in starts]
+
+
+def window_weights(windows: list[list[int]], num_views: int, window: int) -> torch.Tensor:
+    """Blend weights ``[num_windows, window]``: triangular, 0 on padding slots, summing to 1 per view."""
+    tri = torch.tensor([min(k + 1, window - k) for k in range(window)], dtype=torch.float64)
+    w = torch.zeros(len(windows), window, dtype=torch.float64)
+    for i, views in enumerate(windows):
+        seen: set[int] = set()
+        for k, v in enumerate(views):
+            if v not in seen:
+                w[i, k] = tri[k]
+                seen.add(v)
+    total = torch.zeros(num_views, dtype=torch.float64)
+    for i, views in enumerate(windows):
+        total.index_add_(0, torch.tensor(views), w[i])
+    for i, views in enumerate(windows):
+        w[i] = w[i] / total[torch.tensor(views)]
+    return w.float()
+
+
+class DiffPortrait3DPipeline(DiffusionPipeline):
+    """Reference portrait + per-view camera conditions -> 3D-consistent views (DiffPortrait3D)."""
+
+    model_cpu_offload_seq = "reference_unet->view_controlnet->unet->vae"
+    _optional_components: list[str] = []
+
+    def __init__(self, unet: Any, reference_unet: Any, view_controlnet: Any, view_modules: Any, vae: Any,
+                 scheduler: SchedulerMixin, prompt_embedding: Any) -> None:
+        super().__init__()
+        self.register_modules(unet=unet, reference_unet=reference_unet, view_controlnet=view_controlnet,
+                              view_modules=view_modules, vae=vae, scheduler=scheduler,
+                              prompt_embedding=prompt_embedding)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+
+    @classmethod
+    def from_model_folder(cls, path: Any, device: str | torch.device = "cpu",
+                          dtype: torch.dtype = torch.float32) -> "DiffPortrait3DPipeline":
+        """Load a model folder (see :mod:`dp3d_core.model_folder`); raises ``ModelFolderError``."""
+        from .model_folder import load_model_folder
+
+        return cls(**load_model_folder(path, device=device, dtype=dtype))
+
+    # ------------------------------------------------------------ parts
+
+    @property
+    def clip_length(self) -> int:
+        cfg = getattr(self.view_modules, "config", None)
+        return int(getattr(cfg, "clip_length", None) or CLIP_LENGTH) if cfg is not None else CLIP_LENGTH
+
+    @property
+    def denoiser(self) -> DiffPortrait3DDenoiser:
+        """The networks wired together (built once: it installs attention processors and hooks)."""
+        d = self.__dict__.get("_denoiser")
+        if d is None or d.unet is not self.unet or d.view_modules is not self.view_modules:
+            d = DiffPortrait3DDenoiser(self.unet, self.reference_unet, self.view_controlnet, self.view_modules,
+                                       clip_length=self.clip_length)
+            self.__dict__["_denoiser"] = d
+        return d
+
+    def empty_prompt(self) -> torch.Tensor:
+        """The precomputed empty-prompt context ``[1, 77, D]`` on the pipeline's device."""
+        pe = self.prompt_embedding
+        emb = pe() if callable(pe) else pe.embedding
+        return emb.to(self.device, self.unet.dtype)
+
+    def size_multiple(self) -> int:
+        """Image sizes must be a multiple of this (VAE factor x the UNet's total downsampling)."""
+        levels = len(getattr(self.unet.config, "block_out_channels", (0, 0, 0, 0)))
+        return self.vae_scale_factor * 2 ** max(levels - 1, 0)
+
+    def to_image_tensor(self, images: ImageInput | Sequence[ImageInput], size: tuple[int, int],
+                        what: str) -> torch.Tensor:
+        """Images -> float32 ``[N, 3, H, W]`` in [-1, 1] at ``size`` (H, W), on the CPU.
+
+        Accepts PIL images, float arrays ``HxWx3`` / ``NxHxWx3`` in [0, 1] (uint8 arrays in 0..255),
+        and tensors ``[3, H, W]`` / ``[N, 3, H, W]`` in [0, 1].
+        """
+        if isinstance(images, (PIL.Image.Image, np.ndarray, torch.Tensor)):
+            items: list[Any] = [images]
+            if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+                items = list(images)
+        else:
+            items = list(images)
+        out = []
+        for i, im in enumerate(items):
+            if isinstance(im, PIL.Image.Image):
+                t = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+            elif isinstance(im, np.ndarray):
+                a = im.astype(np.float32) / 255.0 if im.dtype == np.uint8 else im.astype(np.float32)
+                if a.ndim != 3 or a.shape[2] != 3:
+                    raise PipelineError(f"{what} {i}: expected an HxWx3 array, got shape {im.shape}")
+                t = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)
+            elif isinstance(im, torch.Tensor):
+                if im.ndim != 3 or im.shape[0] != 3:
+                    raise PipelineError(f"{what} {i}: expected a [3, H, W] tensor, got {tuple(im.shape)}")
+                t = im.detach().float().cpu()
+            else:
+                raise PipelineError(f"{what} {i}: unsupported image type {type(im).__name__}")
+            if tuple(t.shape[1:]) != tuple(size):
+                t = F.interpolate(t[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+            out.append(t.clamp(0, 1) * 2 - 1)
+        if not out:
+            raise PipelineError(f"no {what} given")
+        return torch.stack(out)
+
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None,
+                      sample_posterior: bool = True) -> torch.Tensor:
+        """VAE latents x scaling factor of ``[N, 3, H, W]`` images in [-1, 1] (posterior sample or mean)."""
+        vae = self.vae
+        latents = []
+        for img in images:
+            dist = vae.encode(img[None].to(self.device, vae.dtype)).latent_dist
+            z = dist.sample(generator) if sample_posterior else dist.mean
+            latents.append(z)
+        return torch.cat(latents).float() * vae.config.scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
+        """``[N, 4, h, w]`` latents -> ``[N, H, W, 3]`` float32 in [0, 1] (one view at a time)."""
+        out = []
+        for z in latents:
+            img = self.vae.decode((z[None] / self.vae.config.scaling_factor).to(self.vae.dtype)).sample
+            out.append(((img.float().clamp(-1, 1) + 1) / 2)[0].permute(1, 2, 0).cpu().numpy())
+        return np.stack(out)
+
+    def initial_latents(self, noise: torch.Tensor, proxy_latents: torch.Tensor | None,
+                        has_proxy: Sequence[bool], scheduler: SchedulerMixin) -> torch.Tensor:
+        """x_T: ``sqrt(acp[999]) * E(proxy) + sqrt(1 - acp[999]) * noise`` for views with a proxy, plain noise
+        for the rest; both scaled by ``scheduler.init_noise_sigma`` (1 for DDIM, DPM++ and UniPC)."""
+        x = noise.clone()
+        if proxy_latents is not None and any(has_proxy):
+            idx = torch.tensor([i for i, h in enumerate(has_proxy) if h])
+            acp = getattr(scheduler, "alphas_cumprod", None)
+            if acp is None:
+                acp = self.scheduler.alphas_cumprod
+            x[idx] = aware_initial_latent(proxy_latents.to(noise.device, noise.dtype), noise[idx], acp,
+                                          AWARE_NOISE_TIMESTEP)
+        return x * float(scheduler.init_noise_sigma)
+
+    def _scheduler(self, scheduler: SchedulerMixin | str | None) -> SchedulerMixin:
+        if scheduler is None:
+            return self.scheduler
+        if isinstance(scheduler, str):
+            return make_scheduler(scheduler, dict(self.scheduler.config))
+        return scheduler
+
+    # ------------------------------------------------------------ call
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        reference_images: ImageInput | Sequence[ImageInput],
+        condition_images: Sequence[ImageInput] | np.ndarray | torch.Tensor,
+        proxy_images: Sequence[ImageInput | None] | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 3.0,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        scheduler: SchedulerMixin | str | None = None,
+        window: int | None = None,
+        overlap: int = 4,
+        share_noise: bool = False,
+        latents: torch.Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        sample_posterior: bool = True,
+        callback_on_step_end: Callable[..., dict | None] | None = None,
+        callback_on_window: Callable[[int, int, int, int], dict | None] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> DiffPortrait3DPipelineOutput | tuple:
+        """Generate one view per condition image.
+
+        Args:
+            reference_images: the portrait (or a list of portraits of the same person).
+            condition_images: one camera-condition image per output view, in view order.
+            proxy_images: optional, one per view (entries may be None): renders of a proxy head at each
+                view; their latents seed the initial noise (3D-aware noise, official ``q_sample(., 999)``).
+            guidance_scale: official CFG, ``eps_u + g (eps_c - eps_u)``; at 1 the unconditional pass is skipped.
+            window, overlap: views per model call (default: the model's clip length) and shared views.
+            share_noise: one initial noise for all views (before the proxies are mixed in).
+            latents: the initial noise ``[N, 4, h, w]`` instead of drawing it (then nothing is drawn for it).
+            height, width: output size (default: the first condition image's size).
+            sample_posterior: encode with VAE posterior samples (official) instead of the mean.
+            callback_on_step_end: ``f(pipe, step, timestep, callback_kwargs) -> dict | None`` after each step;
+                callback_kwargs holds ``latents`` (may be replaced via the returned dict) and ``num_windows``.
+            callback_on_window: ``f(step, num_steps, window_index, num_windows) -> dict | None`` after each
+                window evaluation (steps and windows count from 0; num_steps is the real number of steps).
+            output_type: "pil", "np" or "latent".
+        """
+        if output_type not in ("pil", "np", "latent"):
+            raise PipelineError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+        if condition_images is None or (not isinstance(condition_images, (np.ndarray, torch.Tensor))
+                                        and len(condition_images) == 0):
+            raise PipelineError("no condition images: give one camera-condition image per output view")
+        if num_inference_steps < 1:
+            raise PipelineError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+        clip = self.clip_length
+        window = clip if window is None else window
+        if window != clip:
+            raise PipelineError(f"this model denoises windows of exactly {clip} views, got window={window}")
+
+        if generator is None:
+            generator = torch.Generator("cpu").manual_seed(0 if seed is None else int(seed))
+        device = self.device
+        dtype = self.unet.dtype
+
+        # sizes
+        first = condition_images[0] if not isinstance(condition_images, PIL.Image.Image) else condition_images
+        if height is None or width is None:
+            if isinstance(first, PIL.Image.Image):
+                w0, h0 = first.size
+            elif isinstance(first, np.ndarray):
+                h0, w0 = first.shape[:2]
+            else:
+                h0, w0 = first.shape[-2:]
+            height, width = height or h0, width or w0
+        m = self.size_multiple()
+        if height % m or width % m:
+            raise PipelineError(f"image size {width}x{height} must be a multiple of {m}")
+        lat_h, lat_w = height // self.vae_scale_factor, width // self.vae_scale_factor
+
+        conditions = self.to_image_tensor(condition_images, (lat_h * 8, lat_w * 8), "condition image")
+        n = conditions.shape[0]
+        windows = plan_windows(n, window, overlap)
+        weights = window_weights(windows, n, window).to(device)
+        if proxy_images is not None and len(proxy_images) != n:
+            raise PipelineError(f"{len(proxy_images)} proxy images for {n} views; give one per view (or None)")
+
+        # random draws, in the documented order
+        lat_ch = self.unet.config.in_channels
+        if latents is None:
+            noise_shape = (1 if share_noise else n, lat_ch, lat_h, lat_w)
+            noise = torch.randn(noise_shape, generator=generator, dtype=torch.float32).expand(n, -1, -1, -1)
+        else:
+            if tuple(latents.shape) != (n, lat_ch, lat_h, lat_w):
+                raise PipelineError(f"latents must be [{n}, {lat_ch}, {lat_h}, {lat_w}], got {tuple(latents.shape)}")
+            noise = latents.float()
+        noise = noise.to(device).contiguous()
+        refs = self.to_image_tensor(reference_images, (height, width), "reference image")
+        ref_latents = self.encode_images(refs, generator, sample_posterior).to(device, dtype)
+        sched = self._scheduler(scheduler)
+        has_proxy = [p is not None for p in (proxy_images or [None] * n)]
+        proxy_latents = None
+        if any(has_proxy):
+            proxies = self.to_image_tensor([p for p in proxy_images if p is not None], (height, width), "proxy image")
+            proxy_latents = self.encode_images(proxies, generator, sample_posterior)
+        latents = self.initial_latents(noise, proxy_latents, has_proxy, sched)
+
+        sched.set_timesteps(num_inference_steps, device=device)
+        timesteps = sched.timesteps
+        step_kwargs: dict[str, Any] = {}
+        step_params = set(inspect.signature(sched.step).parameters)
+        if "eta" in step_params:
+            step_kwargs["eta"] = eta
+        if "generator" in step_params:
+            step_kwargs["generator"] = generator
+
+        denoiser = self.denoiser
+        context = self.empty_prompt()
+        conditions = conditions.to(device, dtype)
+        ref_per_window = [ref_latents[i:i + 1].expand(window, -1, -1, -1) for i in range(ref_latents.shape[0])]
+        reference = ref_per_window[0] if len(ref_per_window) == 1 else ref_per_window
+
+        for step, t in enumerate(timesteps):
+            model_in = sched.scale_model_input(latents, t)
+            t_model = (t.round() if t.is_floating_point() else t).long().to(device)
+            eps = torch.zeros_like(latents, dtype=torch.float32)
+            for wi, views in enumerate(windows):
+                idx = torch.tensor(views, device=device)
+                x = model_in[idx].to(dtype)
+                t_batch = t_model.reshape(1).expand(window)
+                e = denoiser.eps_cond(x, t_batch, context, reference, conditions[idx]).float()
+                if guidance_scale != 1.0:
+                    e_u = denoiser.eps_uncond(x, t_batch, context).float()
+                    e = e_u + guidance_scale * (e - e_u)
+                eps.index_add_(0, idx, e * weights[wi].view(-1, 1, 1, 1))
+                if callback_on_window is not None and _wants_cancel(
+                        callback_on_window(step, len(timesteps), wi, len(windows))):
+                    raise Cancelled(step)
+            latents = sched.step(eps, t, latents, **step_kwargs).prev_sample
+            if callback_on_step_end is not None:
+                result = callback_on_step_end(self, step, t, {"latents": latents, "num_windows": len(windows),
+                                                                    "num_steps": len(timesteps)})
+                if _wants_cancel(result):
+                    raise Cancelled(step)
+                if result and "latents" in result:
+                    latents = result["latents"]
+
+        if output_type == "latent":
+            images: Any = latents
+        else:
+            images = self.decode_latents(latents)
+            if output_type == "pil":
+                images = [PIL.Image.fromarray((np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)) for a in images]
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return DiffPortrait3DPipelineOutput(images=images)
+
+
+def _wants_cancel(result: Any) -> bool:
+    return isinstance(result, dict) and bool(result.get("cancel"))
