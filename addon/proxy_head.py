@@ -242,13 +242,12 @@ def _build_parts(p: dict) -> list[tuple[str, np.ndarray, list[tuple[int, ...]]]]
         v, f = _ellipsoid((0.0, 0.0, 0.0), (0.030, 0.006, 0.0065), 6, 16)
         x = side * (eye_x + 0.004) + v[:, 0] * side
         t = v[:, 0] / 0.030
-        z = brow_z + v[:, 2] - 0.006 * t ** 2 + 0.004 * p["brow_raise"] * (1 - t ** 2) - 0.003 * t * side
+        z = brow_z + v[:, 2] - 0.006 * t ** 2 + 0.004 * p["brow_raise"] * (1 - t ** 2) - 0.003 * t
         y = np.array([front_y(float(xi), float(zi)) for xi, zi in zip(x, z)]) + v[:, 1] + 0.002
         return np.stack([x, y, z], axis=1), f
 
-    for side in (1.0, -1.0):
-        v, f = brow(side)
-        parts.append(("Brow", v, f if side > 0 else [tuple(reversed(face)) for face in f]))
+    for v, f in _mirror_pair(brow):  # mirrored, not re-built: ray hits differ with the triangulation
+        parts.append(("Brow", v, f))
 
     # Nose: bridge-to-tip wedge plus nostril wings.
     nl, nwid, npro = p["nose_length"], p["nose_width"], p["nose_protrusion"]
