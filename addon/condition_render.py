@@ -36,6 +36,7 @@ BACKGROUND_SRGB = (104, 100, 96)
 FILL_SRGB = (128, 128, 128)
 ENGINES = {"WORKBENCH": ("BLENDER_WORKBENCH",), "EEVEE": ("BLENDER_EEVEE", "BLENDER_EEVEE_NEXT"),
            "CYCLES": ("CYCLES",)}
+STUDIO_LIGHT = "basic.sl"
 _TMP_PREFIX = "DP3D tmp"
 
 
@@ -76,11 +77,16 @@ class SceneState:
 
     def restore(self) -> None:
         errors = []
-        for owner, attr, old in reversed(self._saved):
-            try:
-                setattr(owner, attr, old)
-            except Exception as exc:  # keep restoring the rest
-                errors.append(f"{attr}: {exc}")
+        pending = list(reversed(self._saved))
+        for _ in range(2):  # a second pass for enums whose choices depend on another setting
+            failed = []
+            for owner, attr, old in pending:
+                try:
+                    setattr(owner, attr, old)
+                except Exception as exc:  # keep restoring the rest
+                    failed.append((owner, attr, old, exc))
+            pending = [f[:3] for f in failed]
+        errors.extend(f"{attr}: {exc}" for _, attr, _, exc in failed)
         for fn in reversed(self._undo):
             try:
                 fn()
@@ -167,7 +173,10 @@ def _render_settings(state: SceneState, scene: bpy.types.Scene, engine_id: str, 
         sh = scene.display.shading
         state.set(sh, "light", "FLAT" if flat else "STUDIO")
         if not flat:
-            state.set(sh, "studio_light", "Default")
+            try:  # basic.sl lights a frontal face evenly from both sides; Default comes from one side
+                state.set(sh, "studio_light", STUDIO_LIGHT)
+            except TypeError:
+                state.set(sh, "studio_light", "Default")
             state.set(sh, "use_world_space_lighting", False)
         state.set(sh, "color_type", "TEXTURE" if flat else "MATERIAL")
         state.set(sh, "show_cavity", not flat)
@@ -218,6 +227,12 @@ def _render_frames(state: SceneState, scene, camera, frames: list[int], out: Pat
     view_layer = bpy.context.view_layer if bpy.context.scene == scene else scene.view_layers[0]
     frame, subframe = scene.frame_current, scene.frame_subframe
     state.on_restore(lambda: scene.frame_set(frame, subframe=subframe))
+    if bpy.data.images.get("Render Result") is None:
+        def drop_result() -> None:
+            result = bpy.data.images.get("Render Result")
+            if result is not None:
+                bpy.data.images.remove(result)
+        state.on_restore(drop_result)
     paths = []
     for f in frames:
         scene.frame_set(f)
