@@ -356,10 +356,27 @@ def _project_uvs(mesh: bpy.types.Mesh, matrix_world: Matrix, c2w: np.ndarray, k:
     polys = [tuple(p.vertices) for p in mesh.polygons]
     tree = BVHTree.FromPolygons([tuple(p) for p in world], polys)
     o = Vector(origin)
+
+    def visible(point: np.ndarray) -> bool:
+        ray = point - origin
+        length = float(np.linalg.norm(ray))
+        hit = tree.ray_cast(o, Vector(ray / length), length * 1.01)
+        return hit[0] is None or hit[3] >= length * (1.0 - 2e-3)
+
     seen_f = np.zeros(nf, bool)
+    vertex_seen: dict[int, bool] = {}
     for i in np.flatnonzero(facing):
-        hit = tree.ray_cast(o, Vector(-to_cam[i] / dist[i]), dist[i] * 1.01)
-        seen_f[i] = hit[0] is None or hit[3] >= dist[i] * (1.0 - 2e-3)
+        if visible(centres[i]):
+            seen_f[i] = True
+            continue
+        # A face whose centre is just behind a neighbouring part (lids, nose wings) still shows at its
+        # corners: keep the texture when any corner is visible.
+        for vi in polys[i]:
+            if vi not in vertex_seen:
+                vertex_seen[vi] = visible(world[vi])
+            if vertex_seen[vi]:
+                seen_f[i] = True
+                break
     inside = (uv[:, 0] >= 0) & (uv[:, 0] <= 1) & (uv[:, 1] >= 0) & (uv[:, 1] <= 1) & (z > 1e-6)
     seen_f &= np.array([inside[list(p)].all() for p in polys], bool)
     return uv, seen_f
