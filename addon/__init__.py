@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import bpy
 
-from . import cli, operators, panel, preferences, properties
+from . import cli, job_runner, operators, panel, preferences, properties
 
 classes = (
     properties.PORTRAIT3D_PG_settings,
+    properties.PORTRAIT3D_PG_progress,
     *operators.classes,
     *preferences.classes,
     *panel.classes,
@@ -20,11 +21,14 @@ def register() -> None:
     for cls in classes:
         bpy.utils.register_class(cls)
     bpy.types.Scene.portrait3d = bpy.props.PointerProperty(type=properties.PORTRAIT3D_PG_settings)
+    bpy.types.WindowManager.portrait3d_progress = bpy.props.PointerProperty(type=properties.PORTRAIT3D_PG_progress)
     cli.register()
 
 
 def unregister() -> None:
+    job_runner.stop_all()
     cli.unregister()
+    del bpy.types.WindowManager.portrait3d_progress
     del bpy.types.Scene.portrait3d
     for cls in reversed(classes):
         bpy.utils.unregister_class(cls)

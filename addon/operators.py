@@ -1,12 +1,14 @@
-"""Operators: add head anchor, add turntable, export poses."""
+"""Operators: head anchor, turntable, pose export, generate/cancel, import, worker check, converter."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import bpy
-from bpy.props import FloatProperty
+from bpy.props import FloatProperty, StringProperty
 
-from . import rig
+from . import frame_import, job_runner, preferences, rig
+from .worker_process import BackgroundCommand, WorkerStartError, check_worker_python
 from .poses import FramePose, PoseError, check_writable_folder, scene_poses, write_dataset
 from .properties import active_camera, frame_range
 
@@ -134,8 +136,282 @@ class PORTRAIT3D_OT_export_poses(bpy.types.Operator):
         return {'FINISHED'}
 
 
+def _report_list(op, kind: str, messages: list[str]) -> None:
+    for m in messages[:_MAX_LISTED_WARNINGS]:
+        op.report({kind}, m)
+    if len(messages) > _MAX_LISTED_WARNINGS:
+        op.report({kind}, f"... and {len(messages) - _MAX_LISTED_WARNINGS} more")
+
+
+def _redraw_ui(context) -> None:
+    wm = context.window_manager if context else bpy.context.window_manager
+    for window in wm.windows:
+        for area in window.screen.areas:
+            if area.type in {'VIEW_3D', 'PREFERENCES'}:
+                area.tag_redraw()
+
+
+def _report_end(op, run: job_runner.GenerationRun) -> set[str]:
+    s = run.status
+    if s.state == "done":
+        if run.import_error:
+            op.report({'WARNING'}, run.import_error)
+        op.report({'INFO'}, f"{s.message}; frames in {run.prepared.out_dir}")
+        return {'FINISHED'}
+    if s.state == "cancelled":
+        op.report({'WARNING'}, s.message)
+        return {'CANCELLED'}
+    op.report({'ERROR'}, f"{s.message} {('Hint: ' + s.hint) if s.hint else ''}".strip())
+    return {'CANCELLED'}
+
+
+def _poll_run_timer(run: job_runner.GenerationRun) -> float | None:
+    """bpy.app.timers callback for runs started from scripts in the UI (no modal operator)."""
+    try:
+        finished = run.update(bpy.context)
+        _redraw_ui(bpy.context)
+    except ReferenceError:  # the file was reloaded under us
+        run.worker.kill()
+        return None
+    return None if finished else 0.25
+
+
+class PORTRAIT3D_OT_generate(bpy.types.Operator):
+    """Render the condition images, start the generator and import the frames when it is done"""
+
+    bl_idname = "portrait3d.generate"
+    bl_label = "Generate"
+    bl_options = {'REGISTER'}
+
+    @classmethod
+    def poll(cls, context):
+        if context.scene is None:
+            cls.poll_message_set("Needs a scene")
+            return False
+        if job_runner.is_running():
+            cls.poll_message_set("A generation is already running: wait for it or press Cancel")
+            return False
+        return True
+
+    def _start(self, context) -> job_runner.GenerationRun | None:
+        try:
+            run = job_runner.start_generation(context)
+        except job_runner.JobRunError as exc:
+            self.report({'ERROR'}, str(exc))
+            return None
+        _report_list(self, 'INFO', run.prepared.notes)
+        _report_list(self, 'WARNING', run.prepared.warnings)
+        return run
+
+    def execute(self, context):
+        run = self._start(context)
+        if run is None:
+            return {'CANCELLED'}
+        if bpy.app.background:  # no event loop: block until the worker ends
+            job_runner.wait(run, context)
+            return _report_end(self, run)
+        bpy.app.timers.register(functools.partial(_poll_run_timer, run), first_interval=0.25)
+        return {'FINISHED'}
+
+    def invoke(self, context, event):
+        if bpy.app.background:
+            return self.execute(context)
+        run = self._start(context)
+        if run is None:
+            return {'CANCELLED'}
+        self._run = run
+        wm = context.window_manager
+        self._timer = wm.event_timer_add(0.25, window=context.window)
+        wm.modal_handler_add(self)
+        return {'RUNNING_MODAL'}
+
+    def modal(self, context, event):
+        if event.type != 'TIMER' or event.timer is not self._timer:
+            return {'PASS_THROUGH'}
+        finished = self._run.update(context)
+        _redraw_ui(context)
+        if not finished:
+            return {'PASS_THROUGH'}
+        context.window_manager.event_timer_remove(self._timer)
+        return _report_end(self, self._run)
+
+
+class PORTRAIT3D_OT_cancel(bpy.types.Operator):
+    """Stop the running generation after its current denoising step (finished frames are kept)"""
+
+    bl_idname = "portrait3d.cancel"
+    bl_label = "Cancel"
+    bl_options = {'REGISTER'}
+
+    @classmethod
+    def poll(cls, context):
+        if not job_runner.is_running():
+            cls.poll_message_set("Nothing is running")
+            return False
+        return True
+
+    def execute(self, context):
+        run = job_runner.active_run()
+        if run is None:
+            self.report({'WARNING'}, "Nothing is running")
+            return {'CANCELLED'}
+        run.cancel()
+        self.report({'INFO'}, "Cancelling after the current denoising step")
+        return {'FINISHED'}
+
+
+def frames_on_disk(scene: bpy.types.Scene) -> frame_import.FrameSequence:
+    """The output folder's frames for the settings' frame range (FrameImportError when missing)."""
+    from .job_writer import JobSetupError, output_folder
+    from .poses import frame_filename
+
+    try:
+        out = output_folder(scene)
+    except JobSetupError as exc:
+        raise frame_import.FrameImportError(str(exc)) from None
+    start, end = frame_range(scene)
+    if end < start:
+        raise frame_import.FrameImportError(f"The frame range {start}-{end} is empty.")
+    return frame_import.frame_sequence([out / frame_filename(f) for f in range(start, end + 1)], start)
+
+
+class PORTRAIT3D_OT_import_frames(bpy.types.Operator):
+    """Bring the generated frames into the scene as a card, camera background and/or sequencer strip (replaces an earlier import)"""
+
+    bl_idname = "portrait3d.import_frames"
+    bl_label = "Import Frames"
+    bl_options = {'REGISTER', 'UNDO'}
+
+    def execute(self, context):
+        scene = context.scene
+        modes = tuple(scene.portrait3d.import_as)
+        if not modes:
+            self.report({'ERROR'}, "Choose at least one Import As option (Card, Camera Background, Sequencer)")
+            return {'CANCELLED'}
+        try:
+            seq = frames_on_disk(scene)
+            frame_import.import_frames(scene, active_camera(scene), seq, modes)
+        except frame_import.FrameImportError as exc:
+            self.report({'ERROR'}, str(exc))
+            return {'CANCELLED'}
+        self.report({'INFO'}, f"Imported {seq.count} frames as {', '.join(m.lower() for m in modes)}")
+        return {'FINISHED'}
+
+
+class PORTRAIT3D_OT_check_worker(bpy.types.Operator):
+    """Run the worker Python: import torch and diffusers, show their versions and the GPU"""
+
+    bl_idname = "portrait3d.check_worker"
+    bl_label = "Check Worker"
+    bl_options = {'REGISTER'}
+
+    python: StringProperty(name="Python", default="", options={'SKIP_SAVE'},
+                           description="Python to check (empty: the Worker Python preference)")
+
+    def execute(self, context):
+        python = self.python or preferences.worker_python(context)
+        result = check_worker_python(python)
+        prefs = preferences.get_preferences(context)
+        if prefs is not None:
+            prefs.check_result = "\n".join([result.summary] + [f"  {line}" for line in result.lines[:8]])
+        self.report({'INFO'} if result.ok else {'ERROR'}, result.summary)
+        return {'FINISHED'} if result.ok else {'CANCELLED'}
+
+
+class PORTRAIT3D_OT_convert_checkpoint(bpy.types.Operator):
+    """Pick the downloaded official DiffPortrait3D checkpoint and convert it into a model folder (runs in the worker Python)"""
+
+    bl_idname = "portrait3d.convert_checkpoint"
+    bl_label = "Convert Official Checkpoint..."
+    bl_options = {'REGISTER'}
+
+    filepath: StringProperty(subtype='FILE_PATH', options={'SKIP_SAVE'})
+    filter_glob: StringProperty(default="*.th;*.ckpt;*.pt;*.pth;*.safetensors", options={'HIDDEN'})
+    model_name: StringProperty(name="Model Name", default="diffportrait3d",
+                               description="Folder name of the converted model inside the models folder")
+    python: StringProperty(name="Python", default="", options={'SKIP_SAVE', 'HIDDEN'})
+
+    def _start(self, context) -> BackgroundCommand | None:
+        ckpt = Path(bpy.path.abspath(self.filepath))
+        if not ckpt.is_file():
+            self.report({'ERROR'}, f"Checkpoint not found: {ckpt}. Pick the downloaded official file.")
+            return None
+        name = self.model_name.strip()
+        if not name or any(c in name for c in "/\\:"):
+            self.report({'ERROR'}, "Model Name must be a plain folder name")
+            return None
+        self._out = preferences.models_dir(context) / name
+        if self._out.exists() and any(self._out.iterdir()):
+            self.report({'ERROR'}, f"{self._out} already exists; choose another Model Name")
+            return None
+        try:
+            self._out.parent.mkdir(parents=True, exist_ok=True)
+            return BackgroundCommand(self.python or preferences.worker_python(context),
+                                     ["-m", "dp3d_core.convert", str(ckpt), str(self._out)])
+        except (WorkerStartError, OSError) as exc:
+            self.report({'ERROR'}, str(exc))
+            return None
+
+    def _set_status(self, context, text: str) -> None:
+        prefs = preferences.get_preferences(context)
+        if prefs is not None:
+            prefs.convert_status = text
+
+    def _finish(self, context, cmd: BackgroundCommand) -> set[str]:
+        rc = cmd.poll()
+        if rc == 0:
+            prefs = preferences.get_preferences(context)
+            if prefs is not None:
+                prefs.default_model = str(self._out)
+            self._set_status(context, f"Converted into {self._out} ({cmd.elapsed:.0f} s)")
+            self.report({'INFO'}, f"Converted into {self._out}; it is now the default model")
+            return {'FINISHED'}
+        tail = " | ".join(cmd.tail(3))
+        self._set_status(context, f"Conversion failed: {tail}")
+        self.report({'ERROR'}, f"Conversion failed (exit code {rc}): {tail}")
+        return {'CANCELLED'}
+
+    def invoke(self, context, event):
+        if bpy.app.background:
+            return self.execute(context)
+        context.window_manager.fileselect_add(self)
+        return {'RUNNING_MODAL'}
+
+    def execute(self, context):
+        cmd = self._start(context)
+        if cmd is None:
+            return {'CANCELLED'}
+        self._cmd = cmd
+        if bpy.app.background:
+            cmd.wait()
+            return self._finish(context, cmd)
+        wm = context.window_manager
+        self._timer = wm.event_timer_add(0.5, window=context.window)
+        wm.modal_handler_add(self)
+        return {'RUNNING_MODAL'}
+
+    def modal(self, context, event):
+        if event.type != 'TIMER' or event.timer is not self._timer:
+            return {'PASS_THROUGH'}
+        cmd = self._cmd
+        if cmd.poll() is None:
+            last = cmd.tail(1)
+            self._set_status(context, f"Converting... {cmd.elapsed:.0f} s" + (f": {last[0][:80]}" if last else ""))
+            _redraw_ui(context)
+            return {'PASS_THROUGH'}
+        context.window_manager.event_timer_remove(self._timer)
+        result = self._finish(context, cmd)
+        _redraw_ui(context)
+        return result
+
+
 classes = (
     PORTRAIT3D_OT_add_head_anchor,
     PORTRAIT3D_OT_add_turntable,
     PORTRAIT3D_OT_export_poses,
+    PORTRAIT3D_OT_generate,
+    PORTRAIT3D_OT_cancel,
+    PORTRAIT3D_OT_import_frames,
+    PORTRAIT3D_OT_check_worker,
+    PORTRAIT3D_OT_convert_checkpoint,
 )

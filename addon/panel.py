@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import bpy
 
+from . import job_runner
+from .job_runner import format_eta
 from .operators import export_blocker
 
 CATEGORY = "Portrait 3D"
@@ -23,6 +25,7 @@ class PORTRAIT3D_PT_main(_Portrait3DPanel, bpy.types.Panel):
         layout.use_property_decorate = False
         s = context.scene.portrait3d
         layout.prop(s, "reference_image")
+        _draw_reference_thumbnail(layout, s.reference_image)
         layout.prop(s, "head_anchor")
         layout.prop(s, "camera")
         layout.operator("portrait3d.add_head_anchor", icon='EMPTY_DATA')
@@ -66,6 +69,10 @@ class PORTRAIT3D_PT_generation(_Portrait3DPanel, bpy.types.Panel):
             layout.prop(s, "condition_mesh")
         elif s.condition_source == 'IMAGE_FOLDER':
             layout.prop(s, "condition_folder")
+        else:
+            layout.prop(s, "proxy_seed")
+        if s.condition_source != 'IMAGE_FOLDER':
+            layout.prop(s, "use_proxy_views")
 
 
 class PORTRAIT3D_PT_output(_Portrait3DPanel, bpy.types.Panel):
@@ -92,9 +99,64 @@ class PORTRAIT3D_PT_output(_Portrait3DPanel, bpy.types.Panel):
             layout.label(text=blocker, icon='INFO')
 
 
+def _draw_reference_thumbnail(layout, path: str) -> None:
+    """A small preview of the reference portrait (Blender's own file preview, loaded lazily)."""
+    if not path:
+        return
+    image = next((im for im in bpy.data.images if im.filepath == path), None)
+    if image is not None and image.preview is not None:
+        layout.template_icon(icon_value=image.preview.icon_id, scale=5.0)
+
+
+def draw_progress(layout, progress) -> None:
+    """Progress bar (Blender 4.0+ ``layout.progress``; a label before), last error and hint."""
+    if progress.running:
+        text = f"{progress.frames_done}/{progress.frames_total} frames"
+        if progress.total_steps:
+            text += f"  step {progress.step}/{progress.total_steps}  ETA {format_eta(progress.eta_seconds)}"
+        if hasattr(layout, "progress"):
+            layout.progress(factor=progress.fraction, type='BAR', text=text)
+        else:
+            layout.label(text=f"{progress.fraction * 100:.0f}%  {text}")
+        layout.label(text=progress.status)
+    elif progress.status:
+        layout.label(text=progress.status, icon='INFO')
+    if progress.last_error:
+        box = layout.box()
+        box.label(text=progress.last_error, icon='ERROR')
+        if progress.last_hint:
+            box.label(text=f"Hint: {progress.last_hint}")
+        for line in progress.last_log.splitlines()[-4:]:
+            box.label(text=line)
+
+
+class PORTRAIT3D_PT_generate(_Portrait3DPanel, bpy.types.Panel):
+    bl_label = "Generate"
+    bl_parent_id = "PORTRAIT3D_PT_main"
+
+    def draw(self, context):
+        layout = self.layout
+        layout.use_property_split = True
+        layout.use_property_decorate = False
+        s = context.scene.portrait3d
+        progress = context.window_manager.portrait3d_progress
+        row = layout.row(align=True)
+        running = job_runner.is_running()
+        sub = row.row(align=True)
+        sub.enabled = not running
+        sub.operator("portrait3d.generate", icon='RENDER_ANIMATION')
+        sub = row.row(align=True)
+        sub.enabled = running
+        sub.operator("portrait3d.cancel", icon='CANCEL')
+        draw_progress(layout, progress)
+        layout.prop(s, "import_as")
+        layout.operator("portrait3d.import_frames", icon='IMAGE_DATA')
+
+
 classes = (
     PORTRAIT3D_PT_main,
     PORTRAIT3D_PT_turntable,
     PORTRAIT3D_PT_generation,
     PORTRAIT3D_PT_output,
+    PORTRAIT3D_PT_generate,
 )

@@ -29,6 +29,11 @@ DEVICES = (
     ("MPS", "MPS", "Apple Silicon GPU"),
     ("CPU", "CPU", "Processor only (very slow)"),
 )
+IMPORT_MODES = (
+    ("CARD", "Card", "A plane in front of the camera showing the frames (emission image sequence)"),
+    ("BACKGROUND", "Camera Background", "The camera's background image sequence (viewport only)"),
+    ("SEQUENCER", "Sequencer Strip", "An image strip in the Video Sequencer"),
+)
 
 
 # Blender 4.5+ warns about "//" paths unless the property says it supports them.
@@ -83,7 +88,15 @@ class PORTRAIT3D_PG_settings(bpy.types.PropertyGroup):
 
     model_folder: StringProperty(name="Model Folder", subtype='DIR_PATH', options=_PATH_OPTIONS,
                                  description="Converted model folder (empty: the one in the add-on preferences)")
+    proxy_seed: IntProperty(name="Proxy Head Seed", default=0, min=0,
+                            description="Identity and expression of the procedural proxy head")
+    use_proxy_views: BoolProperty(
+        name="3D-Aware Noise", default=False,
+        description="Project the reference onto the proxy head and start from its views "
+                    "(more 3D-consistent, less faithful to fine detail)")
     device: EnumProperty(name="Device", items=DEVICES, default="AUTO")
+    import_as: EnumProperty(name="Import As", items=IMPORT_MODES, options={'ENUM_FLAG'}, default={'CARD'},
+                            description="How finished frames come into the scene")
     output_folder: StringProperty(name="Output Folder", subtype='DIR_PATH', options=_PATH_OPTIONS,
                                   default="//portrait3d/",
                                   description="Where frames and dataset.json are written")
@@ -97,6 +110,23 @@ class PORTRAIT3D_PG_settings(bpy.types.PropertyGroup):
     turntable_pitch: FloatProperty(
         name="Pitch", subtype='ANGLE', default=0.0, min=-math.radians(89.0), max=math.radians(89.0),
         description="Camera elevation; positive looks down on the head from above")
+
+
+class PORTRAIT3D_PG_progress(bpy.types.PropertyGroup):
+    """Run-time state of the current or last generation (on the window manager, not saved)."""
+
+    running: BoolProperty(name="Running", default=False)
+    status: StringProperty(name="Status", default="")
+    fraction: FloatProperty(name="Progress", default=0.0, min=0.0, max=1.0, subtype='FACTOR')
+    frames_done: IntProperty(name="Frames Done", default=0)
+    frames_total: IntProperty(name="Frames Total", default=0)
+    step: IntProperty(name="Step", default=0)
+    total_steps: IntProperty(name="Steps", default=0)
+    eta_seconds: FloatProperty(name="ETA", default=-1.0)
+    last_error: StringProperty(name="Last Error", default="")
+    last_hint: StringProperty(name="Hint", default="")
+    last_log: StringProperty(name="Worker Log", default="")
+    output_folder: StringProperty(name="Output", default="", subtype='DIR_PATH')
 
 
 def frame_range(scene: bpy.types.Scene) -> tuple[int, int]:

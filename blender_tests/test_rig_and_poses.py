@@ -286,7 +286,8 @@ def test_add_turntable_without_anchor_explains_why(scene):
 def test_cli_job_writes_dataset_and_blend(scene, tmp_path, fixtures_dir):
     portrait = fixtures_dir / "official_samples" / "portraits" / "0000028.png"
     out = tmp_path / "job"
-    argv = ["--frames", "3", "--out", str(out), "--reference", str(portrait), "--yaw-range", "30", "--size", "256"]
+    argv = ["--frames", "3", "--out", str(out), "--reference", str(portrait), "--yaw-range", "30", "--size", "256",
+            "--poses-only"]
     assert job_runner.cli_main(argv) == 0
     data = json.loads((out / "dataset.json").read_text())
     assert len(data["labels"]) == 3
@@ -305,7 +306,7 @@ def test_cli_job_rejects_bad_input(scene, tmp_path, capsys):
     missing = str(tmp_path / "nope.png")
     assert job_runner.cli_main(["--frames", "3", "--out", str(tmp_path), "--reference", missing]) == 1
     assert "Reference image not found" in capsys.readouterr().out
-    assert job_runner.cli_main(["--frames", "0", "--out", str(tmp_path)]) == 1
+    assert job_runner.cli_main(["--frames", "0", "--out", str(tmp_path), "--poses-only"]) == 1
     assert "--frames must be at least 1" in capsys.readouterr().out
     assert job_runner.cli_main(["--frames", "3"]) != 0  # --out missing: argparse usage error, no traceback
 
@@ -345,5 +346,6 @@ def test_panels_draw_existing_settings_and_operators(scene, source):
     for idname in layout.operators:
         category, op = idname.split(".")
         assert hasattr(bpy.types, f"{category.upper()}_OT_{op}"), idname
-    wanted = {"portrait3d.add_head_anchor", "portrait3d.add_turntable", "portrait3d.export_poses"}
+    wanted = {"portrait3d.add_head_anchor", "portrait3d.add_turntable", "portrait3d.export_poses",
+              "portrait3d.generate", "portrait3d.cancel", "portrait3d.import_frames"}
     assert wanted <= set(layout.operators)

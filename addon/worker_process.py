@@ -1,0 +1,414 @@
+"""The worker subprocess: start, read its events, cancel, and explain a death in plain words.
+
+Never touches bpy (the reader threads must not), so it can be polled from a Blender timer or a
+modal operator on the main thread, or waited on in background mode.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from .core import CORE_PARENT, protocol
+
+CANCEL_GRACE_S = 10.0
+KILL_GRACE_S = 5.0
+STDERR_KEEP = 200
+PACKAGES_HINT = ("install torch, diffusers, safetensors, pillow and numpy into that Python "
+                 "(e.g. `<python> -m pip install torch diffusers safetensors pillow`), or pick another "
+                 "Python in Preferences > Add-ons > Portrait 3D > Worker Python")
+
+
+class WorkerStartError(RuntimeError):
+    """The worker could not be started; the message says what to fix."""
+
+
+def resolve_worker_python(path: str | os.PathLike | None) -> Path:
+    """The worker Python as an existing executable file, or WorkerStartError with the fix."""
+    raw = "" if path is None else str(path).strip()
+    if not raw:
+        raise WorkerStartError(
+            "No worker Python set: in Preferences > Add-ons > Portrait 3D, set Worker Python to the python "
+            "executable of an environment with torch and diffusers (or set PORTRAIT3D_WORKER_PYTHON).")
+    p = Path(os.path.expanduser(raw))
+    if p.is_dir():
+        for candidate in (p / "bin" / "python", p / "python.exe", p / "Scripts" / "python.exe", p / "python"):
+            if candidate.is_file():
+                p = candidate
+                break
+        else:
+            raise WorkerStartError(f"Worker Python {p} is a folder without a python executable in it; "
+                                   "point Worker Python at the python executable itself.")
+    if not p.exists():
+        raise WorkerStartError(f"Worker Python not found: {p}. Set Worker Python in the add-on preferences to an "
+                               "existing python executable with torch and diffusers.")
+    if not os.access(p, os.X_OK):
+        raise WorkerStartError(f"Worker Python {p} is not executable; point it at a python executable.")
+    return p
+
+
+def worker_env(core_parent: str | os.PathLike = CORE_PARENT) -> dict[str, str]:
+    """The environment of a worker: the bundled dp3d_core first on PYTHONPATH, UTF-8 pipes, unbuffered."""
+    env = dict(os.environ)
+    parts = [str(core_parent)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(parts)
+    env["PYTHONIOENCODING"] = "utf-8"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("PYTHONHOME", None)  # Blender's own Python home must not leak into another Python
+    return env
+
+
+def popen_kwargs() -> dict:
+    kwargs: dict = {"stdin": subprocess.DEVNULL, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    if os.name == "nt":
+        kwargs["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0)
+    return kwargs
+
+
+@dataclass
+class WorkerStatus:
+    """What the UI shows. ``state``: running, done, cancelled or failed."""
+
+    state: str = "running"
+    frames_total: int = 0
+    frames_done: int = 0
+    frames_done_at_start: int = 0
+    step: int = 0
+    total_steps: int = 0
+    window: int = 0
+    windows: int = 1
+    eta_seconds: float = -1.0
+    message: str = "Starting the worker..."
+    hint: str = ""
+    log_tail: list[str] = field(default_factory=list)
+    frames_written: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    job_hash: str = ""
+    returncode: int | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state != "running"
+
+    @property
+    def fraction(self) -> float:
+        """0..1: denoising work done, then 1 when all frames are written."""
+        if self.state == "done":
+            return 1.0
+        if self.frames_total and self.frames_done >= self.frames_total:
+            return 1.0
+        units = max(1, self.total_steps * max(1, self.windows))
+        done = max(0, (self.step - 1) * max(1, self.windows) + self.window) if self.step else 0
+        return min(0.99, done / units) if self.total_steps else 0.0
+
+
+def diagnose(returncode: int | None, stderr: Sequence[str]) -> tuple[str, str]:
+    """(message, hint) for a worker that ended without an ``error`` event."""
+    text = "\n".join(stderr)
+    missing = re.findall(r"No module named '([^']+)'", text)
+    if missing:
+        name = missing[-1].split(".")[0]
+        if name == "dp3d_core":
+            return ("The worker could not find the bundled dp3d_core package.",
+                    "reinstall the extension; the worker is started with its folder on PYTHONPATH")
+        return (f"The worker Python lacks the package '{name}'.", PACKAGES_HINT)
+    if "SyntaxError" in text or "requires Python" in text:
+        return ("The worker Python is too old or not a CPython 3 interpreter.",
+                "pick a Python 3.10 or newer with torch and diffusers as Worker Python")
+    if "out of memory" in text.lower() or "OutOfMemoryError" in text:
+        return ("The worker ran out of GPU memory.", "lower the Output Size, or set Device to CPU")
+    if returncode is not None and returncode < 0:
+        try:
+            sig = signal.Signals(-returncode).name
+        except ValueError:
+            sig = f"signal {-returncode}"
+        return (f"The worker was stopped from outside ({sig}), or the system ran out of memory.",
+                "Generate again: frames that were finished are kept and not recomputed")
+    return (f"The worker stopped unexpectedly (exit code {returncode}).",
+            "read the worker log lines below; check that Worker Python has torch and diffusers (Check Worker)")
+
+
+class WorkerProcess:
+    """One run of ``<python> -m dp3d_core.worker <job dir>``."""
+
+    def __init__(self, job_dir: str | os.PathLike, worker_python: str | os.PathLike, *,
+                 core_parent: str | os.PathLike = CORE_PARENT, cancel_grace: float = CANCEL_GRACE_S) -> None:
+        self.job_dir = Path(job_dir)
+        self.python = resolve_worker_python(worker_python)
+        self.core_parent = Path(core_parent)
+        self.cancel_grace = cancel_grace
+        self.status = WorkerStatus()
+        self.events: list[protocol.Event] = []
+        self._stderr: collections.deque[str] = collections.deque(maxlen=STDERR_KEEP)
+        self._cancel_at: float | None = None
+        self._terminated = False
+        self._error_event: protocol.Event | None = None
+        self._first_progress: tuple[float, int] | None = None
+        self.started_at = time.monotonic()
+        protocol.clear_cancel(self.job_dir)
+        cmd = [str(self.python), "-m", "dp3d_core.worker", str(self.job_dir.resolve())]
+        try:
+            self.proc = subprocess.Popen(cmd, cwd=str(self.core_parent), env=worker_env(self.core_parent),
+                                         **popen_kwargs())
+        except OSError as exc:
+            raise WorkerStartError(f"Cannot start the worker Python {self.python}: {exc.strerror or exc}. "
+                                   "Pick a working python executable as Worker Python.") from None
+        self.reader = protocol.EventReader(self.proc.stdout)
+        self._stderr_thread = threading.Thread(target=self._read_stderr, name="dp3d-worker-stderr", daemon=True)
+        self._stderr_thread.start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _read_stderr(self) -> None:
+        try:
+            for raw in self.proc.stderr:
+                self._stderr.append(raw.decode("utf-8", "replace").rstrip())
+        except (OSError, ValueError):
+            pass
+
+    def stderr_tail(self, n: int = 8) -> list[str]:
+        lines = [line for line in list(self._stderr) if line.strip()]
+        return lines[-n:]
+
+    # ------------------------------------------------------------ events
+
+    def _apply(self, ev: protocol.Event) -> None:
+        s = self.status
+        self.events.append(ev)
+        if ev.kind == "started":
+            s.job_hash = ev["job_hash"]
+            s.frames_total = int(ev["frames_total"])
+            s.frames_done = s.frames_done_at_start = int(ev["frames_done"])
+            s.message = (f"Resuming: {s.frames_done} of {s.frames_total} frames already done" if s.frames_done
+                         else "Loading the model...")
+        elif ev.kind == "progress":
+            s.step, s.total_steps = int(ev["step"]), int(ev["total_steps"])
+            s.window, s.windows = int(ev["window"]), int(ev.get("windows", 1) or 1)
+            s.frames_done, s.frames_total = int(ev["frames_done"]), int(ev["frames_total"])
+            units_done = (s.step - 1) * s.windows + s.window
+            now = time.monotonic()
+            if self._first_progress is None:
+                self._first_progress = (now, units_done)
+            t0, u0 = self._first_progress
+            if units_done > u0:
+                rate = (now - t0) / (units_done - u0)
+                s.eta_seconds = rate * (s.total_steps * s.windows - units_done)
+            s.message = f"Denoising step {s.step}/{s.total_steps}"
+        elif ev.kind == "frame":
+            s.frames_written.append(str(ev["path"]))
+            s.frames_done = min(s.frames_total or 10**9, s.frames_done + 1)
+            s.message = f"Wrote frame {ev['scene_frame']}"
+        elif ev.kind == "warning":
+            s.warnings.append(str(ev["message"]))
+        elif ev.kind == "error":
+            self._error_event = ev
+        elif ev.kind == "done":
+            if ev["cancelled"]:
+                s.message = "Cancelled"
+            else:
+                s.eta_seconds = 0.0
+                s.message = f"Done: {s.frames_done} frames ({ev['frames_written']} new) in {ev['seconds']:.0f} s"
+
+    def poll(self) -> list[protocol.Event]:
+        """Apply the events that arrived; settle the final state once the process ended. Never blocks long."""
+        new = self.reader.poll()
+        for ev in new:
+            self._apply(ev)
+        if self._cancel_at is not None and self.proc.poll() is None:
+            waited = time.monotonic() - self._cancel_at
+            if waited > self.cancel_grace + KILL_GRACE_S:
+                self.proc.kill()
+            elif waited > self.cancel_grace and not self._terminated:
+                self._terminated = True
+                self.proc.terminate()
+        if self.status.state == "running" and self.proc.poll() is not None:
+            # The stream ends shortly after the exit; take the last events before judging.
+            self.reader.join(timeout=2.0)
+            self._stderr_thread.join(timeout=2.0)
+            for ev in self.reader.poll():
+                self._apply(ev)
+                new.append(ev)
+            self._settle(self.proc.returncode)
+        return new
+
+    def _settle(self, rc: int) -> None:
+        s = self.status
+        s.returncode = rc
+        s.log_tail = self.stderr_tail()
+        done = next((e for e in reversed(self.events) if e.kind == "done"), None)
+        if done is not None and done["cancelled"] or rc == protocol.EXIT_CANCELLED:
+            s.state, s.message = "cancelled", "Cancelled; finished frames are kept"
+        elif self._cancel_at is not None and self._error_event is None:
+            s.state, s.message = "cancelled", "Cancelled (the worker had to be stopped)"
+        elif rc == protocol.EXIT_OK and done is not None:
+            s.state = "done"
+        elif self._error_event is not None:
+            s.state = "failed"
+            s.message, s.hint = str(self._error_event["message"]), str(self._error_event["hint"])
+        else:
+            s.state = "failed"
+            s.message, s.hint = diagnose(rc, list(self._stderr))
+
+    # ------------------------------------------------------------ control
+
+    def cancel(self) -> None:
+        """Ask for a stop after the current denoising step; terminate after the grace period."""
+        if self.proc.poll() is None and self._cancel_at is None:
+            protocol.request_cancel(self.job_dir)
+            self._cancel_at = time.monotonic()
+            self.status.message = "Cancelling after the current step..."
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel_at is not None
+
+    def wait(self, timeout: float | None = None, interval: float = 0.05, on_update=None) -> WorkerStatus:
+        """Block until the worker ended (or ``timeout``); ``on_update(self)`` after each poll with news."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while not self.status.finished:
+            if self.poll() and on_update is not None:
+                on_update(self)
+            if self.status.finished:
+                break
+            if end is not None and time.monotonic() > end:
+                break
+            time.sleep(interval)
+        if on_update is not None:
+            on_update(self)
+        return self.status
+
+    def kill(self) -> None:
+        """Stop the process now (Blender quitting, file reload)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def run_python(python: str | os.PathLike, args: Sequence[str], *, timeout: float = 120.0,
+               core_parent: str | os.PathLike = CORE_PARENT) -> subprocess.CompletedProcess:
+    """Run ``<python> args...`` to completion with the worker's environment (text output)."""
+    exe = resolve_worker_python(python)
+    try:
+        return subprocess.run([str(exe), *args], cwd=str(core_parent), env=worker_env(core_parent),
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, encoding="utf-8",
+                              errors="replace", timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise WorkerStartError(f"{exe} did not finish within {timeout:.0f} s.") from None
+    except OSError as exc:
+        raise WorkerStartError(f"Cannot run {exe}: {exc.strerror or exc}.") from None
+
+
+CHECK_SCRIPT = r"""
+import sys
+print("python", sys.version.split()[0], sys.executable)
+missing = []
+try:
+    import torch
+    print("torch", torch.__version__)
+    if torch.cuda.is_available():
+        print("cuda", torch.cuda.get_device_name(0))
+    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        print("cuda", "none (Apple MPS available)")
+    else:
+        print("cuda", "none (CPU only)")
+except Exception as exc:
+    missing.append("torch")
+    print("error torch", type(exc).__name__, exc)
+for name in ("diffusers", "safetensors", "PIL", "numpy"):
+    try:
+        mod = __import__(name)
+        print(name, getattr(mod, "__version__", "?"))
+    except Exception as exc:
+        missing.append(name)
+        print("error", name, type(exc).__name__, exc)
+print("missing", " ".join(missing) or "-")
+"""
+
+
+@dataclass
+class WorkerCheck:
+    ok: bool
+    summary: str
+    lines: list[str]
+
+
+def check_worker_python(python: str | os.PathLike, timeout: float = 180.0) -> WorkerCheck:
+    """Import torch and diffusers in ``python``; versions and CUDA device in plain words."""
+    try:
+        result = run_python(python, ["-c", CHECK_SCRIPT], timeout=timeout)
+    except WorkerStartError as exc:
+        return WorkerCheck(False, str(exc), [])
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    info = dict(line.split(" ", 1) for line in lines if " " in line)
+    missing = info.get("missing", "").split() if info.get("missing", "-") != "-" else []
+    if result.returncode != 0 or "missing" not in info:
+        tail = [line for line in result.stderr.splitlines() if line.strip()][-3:]
+        return WorkerCheck(False, f"{python} could not run the check (exit code {result.returncode}). "
+                           "Is it a Python 3 interpreter?", lines + tail)
+    if missing:
+        return WorkerCheck(False, f"Missing in {python}: {', '.join(missing)}; {PACKAGES_HINT}.", lines)
+    summary = (f"OK: Python {info.get('python', '?').split()[0]}, torch {info.get('torch')}, "
+               f"diffusers {info.get('diffusers')}, GPU: {info.get('cuda')}")
+    return WorkerCheck(True, summary, lines)
+
+
+class BackgroundCommand:
+    """``<python> args...`` running in the background with the worker's environment; output lines kept."""
+
+    def __init__(self, python: str | os.PathLike, args: Sequence[str], *,
+                 core_parent: str | os.PathLike = CORE_PARENT) -> None:
+        self.python = resolve_worker_python(python)
+        self.lines: collections.deque[str] = collections.deque(maxlen=STDERR_KEEP)
+        self.started_at = time.monotonic()
+        kwargs = popen_kwargs()
+        kwargs["stderr"] = subprocess.STDOUT
+        try:
+            self.proc = subprocess.Popen([str(self.python), *args], cwd=str(core_parent),
+                                         env=worker_env(core_parent), **kwargs)
+        except OSError as exc:
+            raise WorkerStartError(f"Cannot run {self.python}: {exc.strerror or exc}.") from None
+        self._thread = threading.Thread(target=self._read, name="dp3d-command-output", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for raw in self.proc.stdout:
+                self.lines.append(raw.decode("utf-8", "replace").rstrip())
+        except (OSError, ValueError):
+            pass
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started_at
+
+    def poll(self) -> int | None:
+        rc = self.proc.poll()
+        if rc is not None:
+            self._thread.join(timeout=2.0)
+        return rc
+
+    def tail(self, n: int = 5) -> list[str]:
+        return [line for line in list(self.lines) if line.strip()][-n:]
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        return self.poll()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
