@@ -188,7 +188,16 @@ class DiffPortrait3DPipeline(DiffusionPipeline):
         """``[N, 4, h, w]`` latents -> ``[N, H, W, 3]`` float32 in [0, 1] (one view at a time)."""
         out = []
         for z in latents:
-            img = self.vae.decode((z[None] / self.vae.config.scaling_factor).to(self.vae.dtype)).sample
+            z = z[None] / self.vae.config.scaling_factor
+            img = self.vae.decode(z.to(self.vae.dtype)).sample
+            if not torch.isfinite(img).all() and self.vae.dtype != torch.float32:
+                # half-precision VAEs can overflow on some latents; redo that view in float32
+                half = self.vae.dtype
+                self.vae.float()
+                try:
+                    img = self.vae.decode(z.float()).sample
+                finally:
+                    self.vae.to(half)
             out.append(((img.float().clamp(-1, 1) + 1) / 2)[0].permute(1, 2, 0).cpu().numpy())
         return np.stack(out)
 

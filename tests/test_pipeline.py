@@ -122,14 +122,14 @@ def test_window_blending_is_one_trajectory(pipe: DiffPortrait3DPipeline, size: i
     assert (chunk0[3:8] - chunk1[0:5]).abs().max() > 1e-3   # the windows really disagree before blending
 
     # Over several steps the blended sequence differs from stitching independently denoised chunks.
-    kw["num_inference_steps"] = 3
-    blended3 = pipe(ref, conds, latents=noise, **kw).images
+    kw["num_inference_steps"] = 2
+    blended2 = pipe(ref, conds, latents=noise, **kw).images
     alone0 = pipe(ref, conds[0:8], latents=noise[0:8], **kw).images
     alone1 = pipe(ref, conds[3:11], latents=noise[3:11], **kw).images
     stitched = torch.cat([alone0, alone1[5:]])
-    assert blended3.shape == stitched.shape == (11, *noise.shape[1:])
-    assert (blended3[:8] - alone0).abs().max() > 1e-3
-    assert (blended3 - stitched).abs().max() > 1e-3
+    assert blended2.shape == stitched.shape == (11, *noise.shape[1:])
+    assert (blended2[:8] - alone0).abs().max() > 1e-3
+    assert (blended2 - stitched).abs().max() > 1e-3
 
 
 def test_short_sequence_padding_is_dropped(pipe: DiffPortrait3DPipeline, size: int, monkeypatch) -> None:
