@@ -423,6 +423,24 @@ def check_positional_tables(converted: ConvertedCheckpoint, view_modules: torch.
     return worst
 
 
+def clip_config(text_state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """CLIP text config: the ViT-L/14 numbers, with the sizes checked against (read from) the weights."""
+    config = dict(CLIP_VIT_L14)
+    try:
+        vocab, hidden = text_state["text_model.embeddings.token_embedding.weight"].shape
+        positions = text_state["text_model.embeddings.position_embedding.weight"].shape[0]
+        inter = text_state["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0]
+    except KeyError as exc:
+        raise ConversionError(f"the CLIP text weights lack {exc}; is 'cond_stage_model.' a CLIP ViT-L/14 text tower?")
+    layers = len({k.split(".")[3] for k in text_state if k.startswith("text_model.encoder.layers.")})
+    config.update(vocab_size=int(vocab), hidden_size=int(hidden), intermediate_size=int(inter),
+                  max_position_embeddings=int(positions), num_hidden_layers=layers,
+                  num_attention_heads=max(1, int(hidden) // 64), projection_dim=int(hidden))
+    if positions < len(CLIP_EMPTY_PROMPT_IDS) or vocab <= max(CLIP_EMPTY_PROMPT_IDS):
+        raise ConversionError(f"the CLIP text weights ({vocab} tokens, {positions} positions) are not CLIP ViT-L/14's")
+    return config
+
+
 def empty_prompt_embedding(text_state: dict[str, torch.Tensor], report: ConversionReport | None = None,
                            device: str | torch.device = "cpu") -> torch.Tensor:
     """CLIP ViT-L/14 last hidden state (after the final LayerNorm) of the prompt "" -> [1, 77, 768]."""
@@ -433,14 +451,14 @@ def empty_prompt_embedding(text_state: dict[str, torch.Tensor], report: Conversi
                               "(pip install -r requirements.txt), or pass --context-from") from None
     meta = any(v.device.type == "meta" for v in text_state.values())
     with torch.device("meta" if meta else "cpu"):
-        model = CLIPTextModel(CLIPTextConfig(**CLIP_VIT_L14))
+        model = CLIPTextModel(CLIPTextConfig(**clip_config(text_state)))
     local = ConversionReport()
     load_component("text_encoder", model, text_state, local)
     if report is not None:
         report.missing += local.missing
         report.unexpected += local.unexpected
     if meta:
-        return torch.empty(1, 77, CLIP_VIT_L14["hidden_size"], device="meta")
+        return torch.empty(1, len(CLIP_EMPTY_PROMPT_IDS), model.config.hidden_size, device="meta")
     model = model.to(device).eval()
     ids = torch.tensor([CLIP_EMPTY_PROMPT_IDS], device=device)
     with torch.no_grad():
@@ -468,10 +486,15 @@ def read_embedding(path: str | Path) -> torch.Tensor:
 
 
 def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path, config: str | Path | None = None,
-                       context_from: str | Path | None = None, strict: bool = True) -> ConversionReport:
+                       context_from: str | Path | None = None, strict: bool = True,
+                       overwrite: bool = False) -> ConversionReport:
     """Convert an official checkpoint file and write the model folder; returns the report."""
     from .model_folder import save_model_folder
     from .models.prompt_embedding import PromptEmbedding
+
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ConversionError(f"{out} already exists and is not empty; choose an empty folder or pass --overwrite")
 
     sd = load_checkpoint(checkpoint)
     check_is_diffportrait3d(sd)
@@ -496,7 +519,7 @@ def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path, config: str 
     modules.pop("text_encoder", None)
     if strict and not report.ok:
         raise ConversionError(f"the checkpoint does not match the expected model; nothing written.\n{report}")
-    save_model_folder(modules, out_dir)
+    save_model_folder(modules, out, overwrite=overwrite)
     return report
 
 
@@ -508,11 +531,13 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--context-from", help="empty-prompt embedding source when the checkpoint has no CLIP "
                                                "weights: a model folder, .safetensors or .pt file")
     parser.add_argument("--allow-incomplete", action="store_true", help="write even if keys are unaccounted for")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
     args = parser.parse_args(list(argv) if argv is not None else None)
+    from .model_folder import ModelFolderError
     try:
         report = convert_checkpoint(args.checkpoint, args.out, args.config, args.context_from,
-                                    strict=not args.allow_incomplete)
-    except ConversionError as exc:
+                                    strict=not args.allow_incomplete, overwrite=args.overwrite)
+    except (ConversionError, ModelConfigError, ModelFolderError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(report)

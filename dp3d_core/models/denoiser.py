@@ -1,6 +1,7 @@
 """The DiffPortrait3D denoiser: locked F + reference net F_ref + pose/view ControlNet F_cam + view modules."""
 from __future__ import annotations
 
+import weakref
 from typing import Sequence
 
 import torch
@@ -37,10 +38,26 @@ class DiffPortrait3DDenoiser(nn.Module):
         if len(self_attention_names(reference_unet)) != size:
             raise ValueError("the reference net and the UNet must have the same transformer layout")
         self.bank = ReferenceBank(size)
-        install_bank_processors(reference_unet, self.bank, "write")
-        install_bank_processors(unet, self.bank, "read")
         self.view_state = ViewState(clip_length=self.clip_length)
-        self._hooks = view_modules.attach(unet, self.view_state)
+        self._bind()
+
+    def _bind(self) -> None:
+        """Make the networks' processors and view hooks this denoiser's.
+
+        Several denoisers may be built over the same networks (e.g. a pipeline rebuilt from cached components);
+        the last one to run owns them, and any earlier hooks are removed so view modules never run twice.
+        """
+        owner = getattr(self.unet, "_dp3d_owner", None)
+        ref_owner = getattr(self.reference_unet, "_dp3d_owner", None)
+        if owner is not None and owner() is self and ref_owner is not None and ref_owner() is self:
+            return
+        for handle in getattr(self.unet, "_dp3d_hooks", []):
+            handle.remove()
+        install_bank_processors(self.reference_unet, self.bank, "write")
+        install_bank_processors(self.unet, self.bank, "read")
+        self.unet._dp3d_hooks = self.view_modules.attach(self.unet, self.view_state)
+        self.unet._dp3d_owner = weakref.ref(self)
+        self.reference_unet._dp3d_owner = weakref.ref(self)
 
     # ----------------------------------------------------------------------------------------- input checks
     def _check_latent(self, x: torch.Tensor, name: str = "x") -> None:
@@ -117,6 +134,7 @@ class DiffPortrait3DDenoiser(nn.Module):
                                   f"latent size, {8 * h}x{8 * w}")
         t = self._timesteps(t, batch, x.device)
         context = self._context(context, batch)
+        self._bind()
         try:
             self.write_reference_bank(refs, t, context)
             down, mid = self.view_controlnet(x, t, encoder_hidden_states=context, controlnet_cond=condition,
@@ -134,6 +152,7 @@ class DiffPortrait3DDenoiser(nn.Module):
         batch = x.shape[0]
         t = self._timesteps(t, batch, x.device)
         context = self._context(context, batch)
+        self._bind()
         self.bank.clear()
         self.view_state.middle_enabled = True
         try:

@@ -1,0 +1,153 @@
+"""The diffusers-style model folder: ``model_index.json`` plus one subfolder per component.
+
+    unet/ (locked F)  reference_unet/ (F_ref)  view_controlnet/ (F_cam)  view_modules/  vae/  scheduler/
+    prompt_embedding/ (the empty-prompt CLIP embedding; no text encoder is needed at run time)
+
+``model_index.json`` follows diffusers' pipeline format (``[library, class]`` per component, our own classes under
+the library ``dp3d_core.models``), so ``DiffusionPipeline``-style loaders can read it too.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+PIPELINE_CLASS = "DiffPortrait3DPipeline"
+COMPONENTS: dict[str, tuple[str, str]] = {
+    "unet": ("diffusers", "UNet2DConditionModel"),
+    "reference_unet": ("diffusers", "UNet2DConditionModel"),
+    "view_controlnet": ("diffusers", "ControlNetModel"),
+    "view_modules": ("dp3d_core.models", "ViewModules"),
+    "vae": ("diffusers", "AutoencoderKL"),
+    "scheduler": ("diffusers", "DDIMScheduler"),
+    "prompt_embedding": ("dp3d_core.models", "PromptEmbedding"),
+}
+NETWORKS = ("unet", "reference_unet", "view_controlnet", "view_modules")
+
+_HINTS = {
+    "vae": "copy a diffusers SD-1.5 VAE folder (config.json + diffusion_pytorch_model.safetensors) into it, or "
+           "convert a checkpoint that contains 'first_stage_model.' weights",
+    "prompt_embedding": "re-run `python -m dp3d_core.convert` on a checkpoint with CLIP weights, or with "
+                        "--context-from pointing at an embedding",
+    "scheduler": "re-run the converter, or save a DDIMScheduler config there",
+}
+
+
+class ModelFolderError(ValueError):
+    """A model folder that is missing, incomplete or unreadable."""
+
+
+def _classes() -> dict[str, Any]:
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+
+    from .models.prompt_embedding import PromptEmbedding
+    from .models.view_modules import ViewModules
+    return {"UNet2DConditionModel": UNet2DConditionModel, "ControlNetModel": ControlNetModel,
+            "AutoencoderKL": AutoencoderKL, "ViewModules": ViewModules, "PromptEmbedding": PromptEmbedding}
+
+
+def default_scheduler_config() -> dict[str, Any]:
+    from .schedulers import DEFAULT_SCHEDULER_CONFIG
+    return dict(DEFAULT_SCHEDULER_CONFIG)
+
+
+def save_model_folder(components: dict[str, Any], path: str | Path, overwrite: bool = False) -> Path:
+    """Write ``components`` (name -> module / scheduler) as a model folder; a missing scheduler gets the default.
+
+    The folder is written next to ``path`` first and moved into place, so a failed save leaves nothing half-written.
+    """
+    from diffusers import DDIMScheduler
+
+    path = Path(path)
+    unknown = sorted(set(components) - set(COMPONENTS))
+    if unknown:
+        raise ModelFolderError(f"unknown component(s) {unknown}; a model folder holds {list(COMPONENTS)}")
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if not overwrite:
+            raise ModelFolderError(f"{path} already exists and is not empty; choose another folder or overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        index: dict[str, Any] = {"_class_name": PIPELINE_CLASS, "_diffusers_version": _diffusers_version()}
+        items = dict(components)
+        items.setdefault("scheduler", DDIMScheduler.from_config(default_scheduler_config()))
+        for name in COMPONENTS:
+            if name not in items or items[name] is None:
+                continue
+            items[name].save_pretrained(str(staging / name))
+            index[name] = list(COMPONENTS[name])
+        (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        staging.chmod(0o755)  # mkdtemp makes it private
+        if path.exists():
+            shutil.rmtree(path)
+        staging.rename(path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def _diffusers_version() -> str:
+    import diffusers
+    return diffusers.__version__
+
+
+def read_model_index(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelFolderError(f"model folder {path} does not exist; convert the official checkpoint with "
+                               f"`python -m dp3d_core.convert <checkpoint> {path}` or make a test model with "
+                               f"`python -m dp3d_core.tiny {path}`")
+    index_file = path / "model_index.json"
+    try:
+        return json.loads(index_file.read_text())
+    except FileNotFoundError:
+        raise ModelFolderError(f"{path} has no model_index.json; it is not a DiffPortrait3D model folder "
+                               f"(re-run the converter into an empty folder)") from None
+    except json.JSONDecodeError as exc:
+        raise ModelFolderError(f"{index_file} is not valid JSON: {exc}") from None
+
+
+def load_model_folder(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                      components: Iterable[str] | None = None) -> dict[str, Any]:
+    """Load the components (all by default) of a model folder: name -> module (eval mode) or scheduler."""
+    from .schedulers import make_scheduler
+
+    path = Path(path)
+    index = read_model_index(path)
+    wanted = list(components) if components is not None else list(COMPONENTS)
+    classes = _classes()
+    loaded: dict[str, Any] = {}
+    for name in wanted:
+        if name not in COMPONENTS:
+            raise ModelFolderError(f"unknown component {name!r}; a model folder holds {list(COMPONENTS)}")
+        sub = path / name
+        if name not in index or not (sub / ("scheduler_config.json" if name == "scheduler" else "config.json")).is_file():
+            hint = _HINTS.get(name, "re-convert the official checkpoint into a fresh folder")
+            raise ModelFolderError(f"model folder {path} is missing the '{name}' component ({sub}); {hint}")
+        if name == "scheduler":
+            config = json.loads((sub / "scheduler_config.json").read_text())
+            loaded[name] = make_scheduler("ddim", config)
+            continue
+        library, class_name = COMPONENTS[name]
+        try:
+            module = classes[class_name].from_pretrained(str(sub), torch_dtype=dtype)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise ModelFolderError(f"cannot load '{name}' from {sub}: {exc}") from None
+        loaded[name] = module.to(device).eval()
+    return loaded
+
+
+def make_denoiser(components: dict[str, Any], clip_length: int = 8):
+    """A ``DiffPortrait3DDenoiser`` from loaded components."""
+    from .models.denoiser import DiffPortrait3DDenoiser
+
+    missing = [n for n in NETWORKS if n not in components]
+    if missing:
+        raise ModelFolderError(f"cannot build the denoiser without {missing}")
+    return DiffPortrait3DDenoiser(components["unet"], components["reference_unet"], components["view_controlnet"],
+                                  components["view_modules"], clip_length=clip_length)
