@@ -24,6 +24,7 @@ from .worker_process import WorkerProcess, WorkerStartError, WorkerStatus, resol
 
 BLEND_FILE = "scene.blend"
 _active: "GenerationRun | None" = None
+_last: "GenerationRun | None" = None
 
 
 class JobRunError(RuntimeError):
@@ -37,6 +38,11 @@ def progress_state(context: bpy.types.Context | None = None):
 
 def active_run() -> "GenerationRun | None":
     return _active
+
+
+def last_run() -> "GenerationRun | None":
+    """The most recently started run (running or finished)."""
+    return _last
 
 
 def is_running() -> bool:
@@ -139,7 +145,7 @@ def start_generation(context: bpy.types.Context | None = None, *, worker_python:
 
     ``worker_python`` defaults to the add-on preference (or PORTRAIT3D_WORKER_PYTHON).
     """
-    global _active
+    global _active, _last
     context = context or bpy.context
     if is_running():
         raise JobRunError("A generation is already running: wait for it or press Cancel first.")
@@ -152,7 +158,7 @@ def start_generation(context: bpy.types.Context | None = None, *, worker_python:
         p.running, p.last_error, p.last_hint, p.last_log = False, str(exc), "", ""
         raise JobRunError(str(exc)) from None
     run = GenerationRun(prepared, worker, context.scene)
-    _active = run
+    _active = _last = run
     p.last_error = p.last_hint = p.last_log = ""
     run._write_progress(context)
     return run

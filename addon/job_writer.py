@@ -10,6 +10,7 @@ Layout (inside the output folder, so a job lives next to its frames)::
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,6 +136,35 @@ def folder_conditions(folder: str | os.PathLike, count: int) -> tuple[list[Path]
 
 # ---------------------------------------------------------------- conditions
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_METADATA_CHUNKS = {b"tEXt", b"zTXt", b"iTXt", b"tIME", b"eXIf"}
+
+
+def strip_png_metadata(path: Path) -> None:
+    """Drop text/time chunks from a PNG in place.
+
+    Blender stamps the render date and render time into every PNG it saves; the job hash covers
+    the condition files' bytes, so without this a re-render of identical pixels would look like a
+    new job and finished frames would be recomputed instead of resumed.
+    """
+    data = path.read_bytes()
+    if not data.startswith(_PNG_SIGNATURE):
+        return
+    out, i = [_PNG_SIGNATURE], len(_PNG_SIGNATURE)
+    while i + 12 <= len(data):
+        (length,) = struct.unpack(">I", data[i:i + 4])
+        kind = data[i + 4:i + 8]
+        end = i + 12 + length
+        if kind not in _PNG_METADATA_CHUNKS:
+            out.append(data[i:end])
+        i = end
+    stripped = b"".join(out)
+    if stripped != data:
+        tmp = path.with_name(f".{path.name}.strip")
+        tmp.write_bytes(stripped)
+        os.replace(tmp, path)
+
+
 def _proxy_objects(scene: bpy.types.Scene, anchor: bpy.types.Object, seed: int) -> list[bpy.types.Object]:
     from .condition_render import find_proxy_heads
     from .proxy_head import ProxyHeadError, build_proxy_head
@@ -181,6 +211,8 @@ def render_conditions(scene: bpy.types.Scene, camera: bpy.types.Object, anchor: 
                                              proxy_object=objects[0], anchor=anchor, size=size)
             except ConditionRenderError as exc:
                 raise JobSetupError(f"Rendering the 3D-aware proxy views failed: {exc}") from None
+    for path in [*(conditions if objects else []), *(proxies or [])]:
+        strip_png_metadata(Path(path))
     return conditions, proxies, warnings
 
 

@@ -96,7 +96,7 @@ def _load_in_blender(p: Path) -> ReferenceInfo:
     try:
         image = bpy.data.images.load(str(p), check_existing=False)
     except RuntimeError as exc:
-        raise ReferenceImageError(f"The reference portrait {p.name} cannot be read as an image ({exc}). "
+        raise ReferenceImageError(f"{p.name} is not an image Blender can read ({exc}). "
                                   "Use a PNG or JPEG photo.") from None
     try:
         width, height = (int(v) for v in image.size)

@@ -42,3 +42,73 @@ def op_error(op, **props) -> str:
 def wrap_deg(angle: float) -> float:
     """Angle in degrees wrapped into [-180, 180)."""
     return (angle + 180.0) % 360.0 - 180.0
+
+
+# ---------------------------------------------------------------- generation
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PORTRAIT = ROOT.parent / "shared" / "fixtures" / "official_samples" / "portraits" / "0000028.png"
+CONDITIONS = ROOT.parent / "shared" / "fixtures" / "official_samples" / "camera_conditions"
+_tiny_model: Path | None = None
+
+
+def tiny_model_folder() -> Path:
+    """A tiny random-weight model folder, made once per test process by the real ``python -m dp3d_core.tiny``."""
+    global _tiny_model
+    if _tiny_model is None:
+        path = Path(tempfile.mkdtemp(prefix="p3d-tiny-")) / "tiny model"
+        subprocess.run([sys.executable, "-m", "dp3d_core.tiny", str(path)], cwd=ROOT, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+        _tiny_model = path
+    return _tiny_model
+
+
+def fake_model_folder(path: Path) -> Path:
+    """A folder that passes the add-on's completeness check (configs only, no weights)."""
+    from addon.job_writer import MODEL_COMPONENTS
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "model_index.json").write_text("{}")
+    for name, config in MODEL_COMPONENTS.items():
+        (path / name).mkdir(exist_ok=True)
+        (path / name / config).write_text("{}")
+    return path
+
+
+def fake_worker_python(folder: Path, body: str = "exec sleep 30") -> Path:
+    """An executable standing in for the worker Python (a shell script running ``body``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "python"
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+    return path
+
+
+def setup_generation_scene(scene, *, out: Path, model: Path, frames: int = 8, size: int = 64, steps: int = 2,
+                           seed: int = 0, source: str = "PROCEDURAL", reference: Path = PORTRAIT):
+    """Anchor + turntable + generation settings for a small, fast job."""
+    import math
+
+    scene.cursor.location = (0.0, 0.0, 0.0)
+    assert bpy.ops.portrait3d.add_head_anchor() == {'FINISHED'}
+    s = scene.portrait3d
+    s.turntable_frames = frames
+    s.turntable_yaw_range = math.radians(30.0)
+    s.output_size = size
+    assert bpy.ops.portrait3d.add_turntable() == {'FINISHED'}
+    s.reference_image = str(reference)
+    s.output_folder = str(out) + os.sep
+    s.model_folder = str(model) + os.sep
+    s.steps = steps
+    s.seed = seed
+    s.device = 'CPU'
+    s.condition_source = source
+    if source == "IMAGE_FOLDER":
+        s.condition_folder = str(CONDITIONS) + os.sep
+    return s

@@ -1,0 +1,243 @@
+"""Bad input to Generate: each case gives a plain message (or works, where it must)."""
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+import venv
+
+import bpy
+import pytest
+from PIL import Image
+
+import addon
+from addon import job_runner, job_writer, reference_check, worker_process
+from addon.worker_process import diagnose
+from blender_tests.helpers import PORTRAIT, fake_model_folder, fake_worker_python, op_error, setup_generation_scene
+from dp3d_core import job as jobspec
+
+
+@pytest.fixture
+def scene(empty_scene, monkeypatch, tmp_path):
+    monkeypatch.setenv("PORTRAIT3D_WORKER_PYTHON", str(fake_worker_python(tmp_path / "fake python")))
+    addon.register()
+    yield empty_scene
+    job_runner.stop_all()
+    addon.unregister()
+
+
+@pytest.fixture
+def ready(scene, tmp_path):
+    """A scene that passes every check (image-folder conditions, a model folder with configs only)."""
+    return setup_generation_scene(scene, out=tmp_path / "out", model=fake_model_folder(tmp_path / "model"),
+                                  source="IMAGE_FOLDER")
+
+
+def generate_error() -> str:
+    return op_error(bpy.ops.portrait3d.generate)
+
+
+def prepare():
+    return job_writer.prepare_job(bpy.context)
+
+
+# ---------------------------------------------------------------- scene
+
+
+def test_no_camera(ready):
+    camera = bpy.context.scene.camera
+    bpy.data.objects.remove(camera, do_unlink=True)
+    assert "No camera" in generate_error()
+
+
+def test_static_camera_over_several_frames_is_refused(ready):
+    scene = bpy.context.scene
+    orbit = scene.camera.parent
+    orbit.animation_data_clear()
+    assert "does not move over frames 1-8" in generate_error()
+
+
+def test_static_camera_single_frame_is_fine_and_says_so(ready):
+    scene = bpy.context.scene
+    scene.camera.parent.animation_data_clear()
+    scene.frame_end = scene.frame_start
+    prepared = prepare()
+    assert len(prepared.job.frames) == 1
+    assert any("One frame" in n and "single view" in n for n in prepared.notes)
+
+
+def test_empty_frame_range(ready):
+    s = bpy.context.scene.portrait3d
+    s.use_scene_range = False
+    s.frame_start, s.frame_end = 10, 4
+    assert "frame range 10-4 is empty" in generate_error()
+
+
+def test_output_size_not_multiple_of_64(ready):
+    bpy.context.scene.portrait3d.output_size = 100
+    assert "multiple of 64" in generate_error() and "use 128" in generate_error()
+
+
+def test_output_folder_not_writable(ready, tmp_path):
+    blocker = tmp_path / "a file"
+    blocker.write_text("x")
+    bpy.context.scene.portrait3d.output_folder = str(blocker / "out")  # a folder inside a file cannot exist
+    assert "Cannot write to the output folder" in generate_error()
+
+
+def test_condition_folder_with_too_few_images(ready, tmp_path):
+    folder = tmp_path / "conds"
+    folder.mkdir()
+    for i in range(3):
+        shutil.copy(PORTRAIT, folder / f"c{i}.png")
+    bpy.context.scene.portrait3d.condition_folder = str(folder)
+    msg = generate_error()
+    assert "has 3 image(s) but the frame range has 8 frames" in msg
+
+
+def test_path_with_spaces_and_non_ascii_works(ready, tmp_path):
+    odd = tmp_path / "my photos ö" / "portrait ü 1.png"
+    odd.parent.mkdir()
+    shutil.copy(PORTRAIT, odd)
+    s = bpy.context.scene.portrait3d
+    s.reference_image = str(odd)
+    s.output_folder = str(tmp_path / "sortie été" / "")
+    prepared = prepare()
+    job = jobspec.read_job(prepared.job_dir)
+    assert job.references == [str(odd.resolve())]
+    assert (tmp_path / "sortie été" / ".job" / "job.json").is_file()
+
+
+# ---------------------------------------------------------------- reference portrait
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda d: d / "missing.png", "Reference portrait not found"),
+    (lambda d: (d / "notes.png").write_text("not an image") and d / "notes.png", "not an image Blender can read"),
+    (lambda d: Image.new("RGB", (40, 80)).save(d / "tiny.png") or d / "tiny.png", "needs at least 64 px"),
+    (lambda d: d, "is a folder"),
+])
+def test_reference_refused(ready, tmp_path, make, expected):
+    bpy.context.scene.portrait3d.reference_image = str(make(tmp_path))
+    assert expected in generate_error()
+
+
+def test_no_reference(ready):
+    bpy.context.scene.portrait3d.reference_image = ""
+    assert "No reference portrait" in generate_error()
+
+
+@pytest.mark.parametrize("mode, note", [("I;16", "High bit-depth"), ("RGBA", "transparency"),
+                                        ("L", "Grayscale"), ("LA", "transparency")])
+def test_reference_converted_with_a_note(tmp_path, empty_scene, mode, note):
+    path = tmp_path / f"ref {mode.replace(';', '')}.png"
+    Image.new(mode, (96, 80)).save(path)
+    info = reference_check.check_reference(path)
+    assert (info.width, info.height) == (96, 80)
+    assert any(note in n for n in info.notes), info.notes
+    assert any("centre square" in n for n in info.notes)
+    assert not bpy.data.images  # the check leaves nothing behind in the file
+
+
+def test_huge_reference_is_a_warning_not_an_error(tmp_path, empty_scene):
+    path = tmp_path / "huge.png"
+    Image.new("RGB", (7680, 4320), (120, 100, 90)).save(path, compress_level=1)  # "8K UHD"
+    info = reference_check.check_reference(path)
+    assert (info.width, info.height) == (7680, 4320)
+    assert any("downscaled" in w for w in info.warnings)
+    jpg = tmp_path / "huge.jpg"
+    Image.new("RGB", (5000, 4200), (120, 100, 90)).save(jpg, quality=20)
+    info = reference_check.check_reference(jpg)
+    assert (info.width, info.height) == (5000, 4200) and info.warnings
+
+
+# ---------------------------------------------------------------- model folder
+
+
+def test_model_folder_missing(ready, tmp_path):
+    bpy.context.scene.portrait3d.model_folder = str(tmp_path / "no model")
+    assert "Model folder not found" in generate_error()
+
+
+def test_model_folder_incomplete(ready, tmp_path):
+    model = fake_model_folder(tmp_path / "partial")
+    shutil.rmtree(model / "vae")
+    shutil.rmtree(model / "view_modules")
+    bpy.context.scene.portrait3d.model_folder = str(model)
+    msg = generate_error()
+    assert "incomplete" in msg and "view_modules, vae" in msg
+    (model / "model_index.json").unlink()
+    assert "no model_index.json" in generate_error()
+
+
+# ---------------------------------------------------------------- worker Python
+
+
+def test_worker_python_unset(ready, monkeypatch):
+    monkeypatch.delenv("PORTRAIT3D_WORKER_PYTHON")
+    assert "No worker Python set" in generate_error()
+
+
+def test_worker_python_missing(ready, monkeypatch, tmp_path):
+    monkeypatch.setenv("PORTRAIT3D_WORKER_PYTHON", str(tmp_path / "nowhere" / "python3"))
+    assert "Worker Python not found" in generate_error()
+
+
+@pytest.fixture(scope="module")
+def bare_python(tmp_path_factory):
+    """A real Python without torch, numpy or anything else (a fresh venv without site packages)."""
+    folder = tmp_path_factory.mktemp("bare venv")
+    venv.EnvBuilder(with_pip=False, symlinks=True).create(folder)
+    return folder / "bin" / "python"
+
+
+def test_worker_python_without_torch_fails_with_hint(ready, monkeypatch, bare_python):
+    monkeypatch.setenv("PORTRAIT3D_WORKER_PYTHON", str(bare_python))
+    run = job_runner.start_generation(bpy.context)
+    status = job_runner.wait(run, bpy.context, timeout=60)
+    assert status.state == "failed"
+    p = bpy.context.window_manager.portrait3d_progress
+    assert not p.running and not job_runner.is_running()
+    assert "lacks the package" in p.last_error
+    assert "install torch, diffusers" in p.last_hint
+    assert "ModuleNotFoundError" in p.last_log
+
+
+def test_check_worker_button(scene, bare_python):
+    assert bpy.ops.portrait3d.check_worker.poll()
+    msg = op_error(bpy.ops.portrait3d.check_worker, python=str(bare_python))
+    assert "Missing in" in msg and "torch" in msg and "diffusers" in msg
+    result = worker_process.check_worker_python(sys.executable)
+    assert result.ok, result.summary
+    assert "torch" in result.summary and "GPU: none (CPU only)" in result.summary
+
+
+def test_diagnose_plain_words():
+    msg, hint = diagnose(1, ["Traceback ...", "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate"])
+    assert "out of GPU memory" in msg and "Output Size" in hint
+    msg, hint = diagnose(-9, [])
+    assert "SIGKILL" in msg and "not recomputed" in hint
+    msg, _ = diagnose(1, ["ModuleNotFoundError: No module named 'diffusers'"])
+    assert "'diffusers'" in msg
+
+
+# ---------------------------------------------------------------- one run at a time
+
+
+def test_second_generate_while_one_runs(ready):
+    run = job_runner.start_generation(bpy.context)  # the fake worker just sleeps
+    assert job_runner.is_running() and bpy.context.window_manager.portrait3d_progress.running
+    assert not bpy.ops.portrait3d.generate.poll()
+    with pytest.raises(RuntimeError, match="already running"):
+        bpy.ops.portrait3d.generate()
+    with pytest.raises(job_runner.JobRunError, match="already running"):
+        job_runner.start_generation(bpy.context)
+    # Cancel: the cancel file first, then terminate after the grace period (shortened here).
+    run.worker.cancel_grace = 0.2
+    assert bpy.ops.portrait3d.cancel() == {'FINISHED'}
+    assert (run.prepared.job_dir / "cancel").is_file()
+    started = time.monotonic()
+    status = job_runner.wait(run, bpy.context, timeout=20)
+    assert status.state == "cancelled" and time.monotonic() - started < 10
+    assert not job_runner.is_running()
+    assert not bpy.context.window_manager.portrait3d_progress.running
