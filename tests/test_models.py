@@ -11,6 +11,15 @@ from dp3d_core.tiny import make_tiny_components, make_tiny_model_folder
 H, W = 8, 12  # latent size (non-square on purpose)
 
 
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; two OpenMP threads on a busy 2-core machine spin for seconds."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 @pytest.fixture(scope="module")
 def components():
     return make_tiny_components(seed=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from dp3d_core.parity import ParityError, TOLERANCES, run_parity
 
@@ -11,6 +12,15 @@ FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "
 if not FIXTURE.is_dir():
     FIXTURE = Path("/work/shared/fixtures/parity")
 
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; two OpenMP threads on a busy 2-core machine spin for seconds."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 @pytest.fixture(scope="module")
 def result():
