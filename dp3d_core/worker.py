@@ -16,6 +16,7 @@ removes a stale cancel file before it starts a job.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import sys
@@ -143,6 +144,14 @@ def _error_hint(exc: BaseException) -> tuple[str, str]:
     return f"{name}: {text}", "see the worker log (stderr) for the full traceback"
 
 
+def _remove_stale_temp_files(out_dir: Path, names: list[str]) -> None:
+    """Temp files of a worker that was killed mid-write (never complete frames, so safe to delete)."""
+    if out_dir.is_dir():
+        for name in names + [protocol.MANIFEST_FILE]:
+            for tmp in out_dir.glob(f".{glob.escape(name)}.*.tmp"):
+                tmp.unlink(missing_ok=True)
+
+
 def run_job(job_dir: Path, emit: Emitter) -> int:
     """Run the job in ``job_dir``; returns the exit code. Emits every event itself."""
     started = time.monotonic()
@@ -151,6 +160,7 @@ def run_job(job_dir: Path, emit: Emitter) -> int:
     out_dir = Path(job.output)
     names = [job.output_path(f).name for f in frames]  # also refuses paths outside the output folder
     digest = job_hash(job)
+    _remove_stale_temp_files(out_dir, names)
     done = protocol.frames_done(out_dir, names, digest)
     emit("started", job_hash=digest, frames_total=len(frames), frames_done=len(done))
     if len(done) == len(frames):

@@ -122,6 +122,7 @@ def test_run_resume_cancel(tmp_path: Path, model_folder: Path) -> None:
 
     # 4. resume after the cancel: only the missing frame is written
     protocol.clear_cancel(job_dir)
+    (out / ".frame_0002.png.abc123.tmp").write_bytes(b"half a frame from a killed worker")
     rc, events, err = run_worker(job_dir)
     assert rc == 0, err
     assert events[0]["frames_done"] == 2
