@@ -129,10 +129,13 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
+            found = re.search(r"Unsupported global: (?:GLOBAL )?([\w.]+)", str(exc))
+            if found is None:
+                raise ConversionError(f"{path} is not a readable PyTorch checkpoint (corrupt or not a checkpoint)") \
+                    from None
             raise ConversionError(
-                f"refusing to load {path}: it is not a plain weights file (it contains pickled objects or code that "
-                f"would run on load). Only weights-only PyTorch checkpoints or .safetensors are accepted. ({exc})"
-            ) from None
+                f"refusing to load {path}: it is not a plain weights file; it references {found.group(1)}, which "
+                f"would run on load. Only weights-only PyTorch checkpoints or .safetensors are accepted.") from None
         except (RuntimeError, EOFError, OSError, ValueError) as exc:
             raise ConversionError(f"{path} is not a readable PyTorch checkpoint: {exc}") from None
     return unwrap_state_dict(state, str(path))
@@ -364,7 +367,8 @@ def load_component(name: str, module: torch.nn.Module, state: dict[str, torch.Te
             report.recomputed[f"{name}.{key}"] = how
             if name == "reference_unet" and own[key].device.type != "meta":
                 fitted[key] = torch.zeros_like(own[key])
-    meta = any(t.device.type == "meta" for t in fitted.values())
+    # A module built on the meta device takes the tensors as they are (nothing to copy into).
+    meta = any(t.device.type == "meta" for t in own.values())
     module.load_state_dict(fitted, strict=False, assign=meta)
 
 
