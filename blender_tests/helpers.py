@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import bpy
 
@@ -46,12 +51,6 @@ def wrap_deg(angle: float) -> float:
 
 # ---------------------------------------------------------------- generation
 
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
 PORTRAIT = ROOT.parent / "shared" / "fixtures" / "official_samples" / "portraits" / "0000028.png"
 CONDITIONS = ROOT.parent / "shared" / "fixtures" / "official_samples" / "camera_conditions"
@@ -93,8 +92,6 @@ def fake_worker_python(folder: Path, body: str = "exec sleep 30") -> Path:
 def setup_generation_scene(scene, *, out: Path, model: Path, frames: int = 8, size: int = 64, steps: int = 2,
                            seed: int = 0, source: str = "PROCEDURAL", reference: Path = PORTRAIT):
     """Anchor + turntable + generation settings for a small, fast job."""
-    import math
-
     scene.cursor.location = (0.0, 0.0, 0.0)
     assert bpy.ops.portrait3d.add_head_anchor() == {'FINISHED'}
     s = scene.portrait3d

@@ -39,8 +39,10 @@ def temp_repo(tmp_path):
 def test_zip_has_core_and_no_dev_files(extension_zip):
     assert extension_zip.name == f"{PACKAGE_ID}-{build.manifest()['version']}.zip"
     names = zipfile.ZipFile(extension_zip).namelist()
-    for required in ("blender_manifest.toml", "__init__.py", "core.py", "poses.py", "rig.py",
-                     "dp3d_core/__init__.py", "dp3d_core/cameras.py"):
+    for required in ("blender_manifest.toml", "__init__.py", "core.py", "poses.py", "rig.py", "job_writer.py",
+                     "worker_process.py", "frame_import.py", "reference_check.py", "previews.py",
+                     "dp3d_core/__init__.py", "dp3d_core/cameras.py", "dp3d_core/job.py", "dp3d_core/protocol.py",
+                     "dp3d_core/worker.py"):
         assert required in names
     for name in names:
         parts = name.split("/")
@@ -86,6 +88,12 @@ def test_install_enable_uninstall(extension_zip, temp_repo):
         assert hasattr(bpy.types.Scene, "portrait3d")
         assert bpy.context.scene.portrait3d.output_size == 512
         assert mod.cli.is_registered()
+        assert bpy.ops.portrait3d.generate.poll() and not bpy.ops.portrait3d.cancel.poll()
+        assert hasattr(bpy.context.window_manager, "portrait3d_progress")
+        # User data goes to the extension's user folder, never into the add-on folder.
+        user_dir = mod.preferences.user_data_dir()
+        assert user_dir.is_dir() and not user_dir.resolve().is_relative_to((repo_dir / PACKAGE_ID).resolve())
+        assert mod.preferences.models_dir() == user_dir / "models"
         assert bpy.context.preferences.addons[module_name].preferences.bl_rna.identifier == \
             "PORTRAIT3D_AP_preferences"
         assert "torch" not in sys.modules

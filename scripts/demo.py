@@ -1,27 +1,52 @@
 #!/usr/bin/env python3
-"""Demo: build the extension, install it into an isolated Blender user folder, run the turntable job.
+"""Demo: the full turntable job in Blender (bpy module) through the installed extension.
 
-    .venv/bin/python scripts/demo.py --out DIR
+    .venv/bin/python scripts/demo.py --out DIR [--frames 16] [--steps 3] [--size 64]
 
-Leaves ``dataset.json`` and ``scene.blend`` in DIR. Your own Blender configuration is never touched:
-Blender's user resources point at ``build/demo_blender_user/`` (recreated on every run).
+Builds the extension zip, installs it into an isolated Blender user folder (``build/demo_blender_user/``,
+recreated on every run; your own Blender configuration is never touched), then runs the same job as
+``blender -c portrait3d``: head anchor + turntable rig -> per-frame camera poses -> procedural proxy
+head condition renders -> job folder -> worker subprocess (this Python) -> frames imported as a card ->
+preview.gif + contact_sheet.png -> scene.blend, all in DIR.
+
+Model: ``models/small/`` when the repository has one; otherwise a tiny RANDOM-WEIGHT model folder
+(made once with ``python -m dp3d_core.tiny`` and cached in ``build/demo_tiny_model/``): its frames
+are noise-like. It proves the whole path runs; it is not a portrait model.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PORTRAIT = ROOT.parent / "shared" / "fixtures" / "official_samples" / "portraits" / "0000028.png"
 USER_RESOURCES = ROOT / "build" / "demo_blender_user"
+TINY_MODEL = ROOT / "build" / "demo_tiny_model"
+TRAINED_MODEL = ROOT / "models" / "small"
 REPO_NAME = "portrait3d_demo"
 
 
 class DemoError(RuntimeError):
     """The demo cannot run; the message says why and what to do."""
+
+
+def demo_model(python: str) -> tuple[Path, bool]:
+    """(model folder, is_random): the trained small model if present, else the cached tiny one."""
+    if (TRAINED_MODEL / "model_index.json").is_file():
+        return TRAINED_MODEL, False
+    if not (TINY_MODEL / "model_index.json").is_file():
+        print(f"demo: making a tiny random-weight model in {TINY_MODEL} (once)", flush=True)
+        shutil.rmtree(TINY_MODEL, ignore_errors=True)
+        result = subprocess.run([python, "-m", "dp3d_core.tiny", str(TINY_MODEL)], cwd=ROOT,
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            raise DemoError(f"making the tiny model failed:\n{result.stderr[-2000:]}")
+    return TINY_MODEL, True
 
 
 def install_extension(bpy, zip_path: Path):
@@ -47,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--frames", type=int, default=16, help="turntable frames (default 16)")
+    parser.add_argument("--steps", type=int, default=3, help="denoising steps (default 3)")
+    parser.add_argument("--size", type=int, default=64, help="frame size in px, a multiple of 64 (default 64)")
     args = parser.parse_args(argv)
     out = Path(args.out).expanduser().resolve()
 
@@ -59,12 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     import build  # noqa: E402  (the repository's build.py)
 
+    started = time.monotonic()
     try:
         zip_path = build.build()
-    except build.BuildError as exc:
+        print(f"demo: built {zip_path}", flush=True)
+        model, random_weights = demo_model(sys.executable)
+    except (build.BuildError, DemoError) as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 1
-    print(f"demo: built {zip_path}", flush=True)
 
     # Isolate Blender's user folder before bpy is imported: it is read once at start-up.
     shutil.rmtree(USER_RESOURCES, ignore_errors=True)
@@ -76,15 +105,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         addon = install_extension(bpy, zip_path)
         print(f"demo: installed and enabled {addon.__name__}", flush=True)
-        result = addon.job_runner.run_turntable_job(out, frames=args.frames, reference=str(PORTRAIT))
+        print(f"demo: model {model}; worker Python {sys.executable}", flush=True)
+        result = addon.job_runner.run_turntable_job(
+            out, frames=args.frames, reference=str(PORTRAIT), size=args.size, steps=args.steps, model=str(model),
+            worker_python=sys.executable, device="cpu", import_as=("CARD", "BACKGROUND", "SEQUENCER"),
+            log=lambda m: print(f"demo: {m}", flush=True))
     except (DemoError, RuntimeError) as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 1
+    for note in result.notes:
+        print(f"demo: note: {note}")
     for warning in result.warnings:
         print(f"demo: warning: {warning}")
-    print(f"Demo output: {out}")
-    for path in result.files():
-        print(f"  {path.name}  ({path.stat().st_size} bytes)")
+    print(f"\nDemo output ({time.monotonic() - started:.0f} s): {out}")
+    print(f"  {len(result.frames)} frames {result.frames[0].name} .. {result.frames[-1].name}"
+          f" ({args.size}x{args.size} px, {args.steps} steps)")
+    for path in (result.dataset, result.gif, result.contact_sheet, result.blend):
+        if path is not None:
+            print(f"  {path.name}  ({path.stat().st_size} bytes)")
+    print(f"  {result.job_dir.name}/  the job the worker ran (job.json, condition images)")
+    if random_weights:
+        print("\nNOTE: the model has RANDOM weights (a tiny test model), so the frames look like noise. "
+              "The demo shows the whole path working; real portraits need the converted official model "
+              "(Preferences > Add-ons > Portrait 3D > Convert Official Checkpoint) or a trained models/small/.")
     return 0
 
 
