@@ -1,0 +1,163 @@
+"""Training configuration: one JSON file for all stages, with per-stage overrides.
+
+    {"output_dir": "runs/small", "data_root": "data/small/train", "lr": 1e-5, ...,
+     "stages": {"0": {"lr": 2e-4, "max_steps": 3000}, "3": {"num_targets": 8}}}
+
+Top-level keys are the defaults; ``stages[N]`` overrides them for stage N. Relative paths are relative to
+the current directory. See docs/TRAINING.md for every key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STAGES = ("vae", "0", "1", "2", "3")
+STAGE_NAMES = {
+    "vae": "small autoencoder (stands in for the SD VAE)",
+    "0": "base UNet F from scratch (stands in for SD pretraining)",
+    "1": "appearance reference net F_ref",
+    "2": "view ControlNet F_cam (F_ref frozen)",
+    "3": "cross-view attention modules (everything else frozen)",
+}
+
+
+class ConfigError(ValueError):
+    """A training configuration that cannot be used; the message names the key."""
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "1"
+    output_dir: str = "runs/train"
+    data_root: str = ""
+    val_root: str = ""                 # held-out identities for validation images (default: data_root)
+    image_size: int = 64
+    init_model: str = ""               # model folder to start from (stage >= 1; default: previous stage's output)
+    model_params: dict[str, Any] = field(default_factory=dict)   # stage 0: official UNet parameter overrides
+    vae: str = ""                      # stage 0: a trained vae folder (default: <output_dir>/stage_vae/vae)
+    vae_config: dict[str, Any] = field(default_factory=dict)     # stage vae: AutoencoderKL config
+    prompt_length: int = 8             # stage 0: tokens of the fixed (random) prompt embedding
+    lr: float = 1e-5
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    batch_size: int = 4                # samples (identities) per micro-batch; stage 3: clips of num_targets views
+    grad_accum: int = 1
+    max_steps: int = 1000              # optimizer steps
+    num_targets: int = 1               # target views per sample (stage 3: the clip length, 8)
+    uncond_prob: float = 0.0           # CFG dropout: a sample/clip trains the unconditional pass instead
+    mixed_precision: str = "no"        # "no", "fp16", "bf16"
+    ema: bool = False
+    ema_decay: float = 0.999
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    validate_every: int = 500
+    val_samples: int = 2
+    val_steps: int = 20
+    val_guidance: float = 1.0
+    log_every: int = 10
+    seed: int = 0
+    device: str = ""                   # "" lets accelerate choose; "cpu" forces the CPU
+    save_fp16: bool = False            # write the final model folder in float16
+
+    @property
+    def stage_dir(self) -> Path:
+        return Path(self.output_dir) / f"stage{self.stage}" if self.stage != "vae" else \
+            Path(self.output_dir) / "stage_vae"
+
+    def resolved_init_model(self) -> Path:
+        if self.init_model:
+            return Path(self.init_model)
+        if self.stage in ("vae", "0"):
+            raise ConfigError(f"stage {self.stage} does not start from a model folder")
+        return Path(self.output_dir) / f"stage{int(self.stage) - 1}" / "model"
+
+    def resolved_vae(self) -> Path:
+        return Path(self.vae) if self.vae else Path(self.output_dir) / "stage_vae" / "vae"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _check(cfg: TrainConfig) -> TrainConfig:
+    def positive(name: str, value: float) -> None:
+        if not value > 0:
+            raise ConfigError(f"'{name}' must be positive, got {value!r}")
+
+    for name in ("lr", "batch_size", "grad_accum", "max_steps", "num_targets", "image_size", "checkpoint_every",
+                 "validate_every", "val_steps", "log_every", "keep_checkpoints"):
+        positive(name, getattr(cfg, name))
+    if not 0.0 <= cfg.uncond_prob < 1.0:
+        raise ConfigError(f"'uncond_prob' must be in [0, 1), got {cfg.uncond_prob}")
+    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
+        raise ConfigError(f"'mixed_precision' must be 'no', 'fp16' or 'bf16', got {cfg.mixed_precision!r}")
+    if cfg.image_size % 8:
+        raise ConfigError(f"'image_size' must be a multiple of 8 (the latent factor), got {cfg.image_size}")
+    if not cfg.data_root:
+        raise ConfigError("'data_root' is required: the dataset folder with dataset.json")
+    if not 0.0 < cfg.ema_decay < 1.0:
+        raise ConfigError(f"'ema_decay' must be in (0, 1), got {cfg.ema_decay}")
+    return cfg
+
+
+def make_config(values: dict[str, Any], stage: str | int) -> TrainConfig:
+    """A checked config for ``stage`` from a dict (top-level defaults + ``stages`` overrides)."""
+    stage = str(stage)
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    if not isinstance(values, dict):
+        raise ConfigError("a training config must be a JSON object")
+    merged = {k: v for k, v in values.items() if k != "stages"}
+    overrides = (values.get("stages") or {})
+    if not isinstance(overrides, dict):
+        raise ConfigError("'stages' must map stage names (\"vae\", \"0\".. \"3\") to objects of overrides")
+    merged.update(overrides.get(stage) or {})
+    merged["stage"] = stage
+    unknown = sorted(set(merged) - set(_FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {unknown}; known keys: {sorted(_FIELDS)}")
+    typed: dict[str, Any] = {}
+    for name, value in merged.items():
+        default = _FIELDS[name].default
+        try:
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise TypeError
+                typed[name] = value
+            elif isinstance(default, int):
+                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                    raise TypeError
+                typed[name] = int(value)
+            elif isinstance(default, float):
+                typed[name] = float(value)
+            elif isinstance(default, str):
+                typed[name] = str(value)
+            elif name == "adam_betas":
+                typed[name] = (float(value[0]), float(value[1]))
+            else:
+                if not isinstance(value, dict):
+                    raise TypeError
+                typed[name] = dict(value)
+        except (TypeError, ValueError, IndexError):
+            raise ConfigError(f"config key '{name}' has the wrong type: {value!r}") from None
+    return _check(TrainConfig(**typed))
+
+
+def load_config(path: str | Path, stage: str | int, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read ``path`` (JSON) and build the config for ``stage``; ``overrides`` win over everything."""
+    path = Path(path)
+    try:
+        values = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found (see configs/ for examples)") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
+    if overrides:
+        values = {**values, **overrides}
+    return make_config(values, stage)

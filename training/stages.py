@@ -1,0 +1,99 @@
+"""What each stage feeds the networks, and its loss (eps-prediction MSE at random timesteps).
+
+All randomness of a step (timesteps, noise, VAE posterior samples, CFG dropout) comes from one
+``torch.Generator`` seeded by the step, so a resumed run repeats the uninterrupted run exactly.
+
+CFG dropout (``uncond_prob``): a dropped sample (stage 3: a whole clip) is trained through ``eps_uncond``
+(F alone). F is locked, so in stages 1 and 2 a dropped sample gives no gradient at all (its loss is the base
+model's); in stage 3 the unconditional pass runs the view modules (including the middle one, which only the
+unconditional pass uses), so dropout is what trains them for CFG sampling.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dp3d_core.models.denoiser import DiffPortrait3DDenoiser
+
+
+@dataclass
+class StageInputs:
+    """Latent-space inputs of one micro-batch (rows = target views)."""
+
+    x0: torch.Tensor            # [N, C, h, w] clean target latents
+    reference: torch.Tensor     # [N, C, h, w] the reference latent of each row's identity
+    condition: torch.Tensor     # [N, 3, H, W] condition images in [-1, 1]
+    group: int                  # rows per sample (1, or the clip length in stage 3)
+
+
+@torch.no_grad()
+def encode(vae: Any, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Scaled VAE latents (posterior samples drawn from ``generator``)."""
+    dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+    noise = torch.randn(dist.mean.shape, generator=generator).to(dist.mean.device, dist.mean.dtype)
+    return (dist.mean + dist.std * noise).float() * float(vae.config.scaling_factor)
+
+
+def prepare_inputs(batch: dict[str, Any], vae: Any, generator: torch.Generator, device: torch.device) -> StageInputs:
+    targets = batch["targets"]                        # [B, T, 3, H, W]
+    b, t = targets.shape[:2]
+    x0 = encode(vae, targets.flatten(0, 1), generator).to(device)
+    ref = encode(vae, batch["reference"], generator).to(device)
+    reference = ref.repeat_interleave(t, dim=0)
+    condition = batch["conditions"].flatten(0, 1).to(device)
+    return StageInputs(x0=x0, reference=reference, condition=condition, group=t)
+
+
+def noisy(x0: torch.Tensor, alphas_cumprod: torch.Tensor, group: int,
+          generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DDPM forward process: (x_t, t, eps); one timestep per group of ``group`` rows (a clip shares it)."""
+    n = x0.shape[0]
+    steps = alphas_cumprod.shape[0]
+    t = torch.randint(0, steps, (n // group,), generator=generator).repeat_interleave(group)
+    eps = torch.randn(x0.shape, generator=generator)
+    acp = alphas_cumprod.to(torch.float64)[t].float().view(-1, 1, 1, 1)
+    x0_cpu = x0.detach().float().cpu()
+    xt = acp.sqrt() * x0_cpu + (1 - acp).sqrt() * eps
+    return xt.to(x0.device, x0.dtype), t.to(x0.device), eps.to(x0.device, x0.dtype)
+
+
+def predict(stage: str, denoiser: DiffPortrait3DDenoiser, xt: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+            inputs: StageInputs, conditional: bool = True) -> torch.Tensor:
+    """eps for the rows of one stage. ``conditional=False``: the unconditional pass (F alone)."""
+    if stage == "0" or not conditional:
+        if stage == "0":
+            ctx = context.expand(xt.shape[0], -1, -1)
+            return denoiser.unet(xt, t, encoder_hidden_states=ctx, return_dict=False)[0]
+        return denoiser.eps_uncond(xt, t, context)
+    if stage == "1":
+        # Stage 1 has no camera control: F reads F_ref's bank, no ControlNet residuals.
+        ctx = context.expand(xt.shape[0], -1, -1)
+        try:
+            denoiser.write_reference_bank([inputs.reference], t, ctx)
+            denoiser.bank.reading = True
+            return denoiser.unet(xt, t, encoder_hidden_states=ctx, return_dict=False)[0]
+        finally:
+            denoiser.bank.clear()
+    return denoiser.eps_cond(xt, t, context, inputs.reference, inputs.condition)
+
+
+def stage_loss(stage: str, denoiser: DiffPortrait3DDenoiser, inputs: StageInputs, context: torch.Tensor,
+               alphas_cumprod: torch.Tensor, generator: torch.Generator, uncond_prob: float = 0.0) -> torch.Tensor:
+    """Mean eps-MSE over the micro-batch; dropped samples (prob ``uncond_prob``) use the unconditional pass."""
+    xt, t, eps = noisy(inputs.x0, alphas_cumprod, inputs.group, generator)
+    samples = xt.shape[0] // inputs.group
+    drop = torch.rand(samples, generator=generator) < uncond_prob
+    if stage == "0" or not bool(drop.any()):
+        pred = predict(stage, denoiser, xt, t, context, inputs)
+        return F.mse_loss(pred.float(), eps.float())
+    rows = drop.repeat_interleave(inputs.group).to(xt.device)
+    pred = torch.empty_like(xt)
+    keep = ~rows
+    if bool(keep.any()):
+        kept = StageInputs(inputs.x0[keep], inputs.reference[keep], inputs.condition[keep], inputs.group)
+        pred[keep] = predict(stage, denoiser, xt[keep], t[keep], context, kept).to(pred.dtype)
+    pred[rows] = predict(stage, denoiser, xt[rows], t[rows], context, inputs, conditional=False).to(pred.dtype)
+    return F.mse_loss(pred.float(), eps.float())
