@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import queue
-import tempfile
+import secrets
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,7 +175,14 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to a temporary file next to ``path`` and rename it, so ``path`` is always complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # os.open with 0o666 honours the umask (tempfile.mkstemp would leave the file private, 0600).
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -260,6 +260,13 @@ def test_write_atomic_leaves_no_temp_files(tmp_path: Path) -> None:
     assert sorted(p.name for p in target.parent.iterdir()) == ["a.bin"]
 
 
+def test_write_atomic_honours_umask(tmp_path: Path) -> None:
+    (tmp_path / "plain.bin").write_bytes(b"x")
+    protocol.write_atomic(tmp_path / "atomic.bin", b"x")
+    mode = lambda name: (tmp_path / name).stat().st_mode & 0o777  # noqa: E731
+    assert mode("atomic.bin") == mode("plain.bin")
+
+
 def test_write_atomic_failure_keeps_old_file(tmp_path: Path, monkeypatch) -> None:
     target = tmp_path / "a.bin"
     protocol.write_atomic(target, b"old")
