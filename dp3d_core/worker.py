@@ -134,9 +134,12 @@ def _error_hint(exc: BaseException) -> tuple[str, str]:
     text = str(exc).strip() or name
     if name == "OutOfMemoryError" or "out of memory" in text.lower():
         return (f"the GPU ran out of memory ({text.splitlines()[0]})",
-                "lower the output size (settings.size), use fp16, or use model CPU offload")
+                "lower the output size (settings.size) or use dtype fp16; close other programs using the GPU")
     if isinstance(exc, MemoryError):
         return "the computer ran out of memory", "lower the output size or close other programs"
+    if isinstance(exc, ValueError) and type(exc).__module__.startswith(__package__ or "dp3d_core"):
+        # our own input errors (PipelineError, SchedulerError, ModelInputError) already say what to change
+        return text, "change the job's generation settings as the message says and run it again"
     if isinstance(exc, ModuleNotFoundError):
         return (f"the worker Python lacks a package: {exc.name}",
                 "install torch, diffusers, safetensors and pillow into the worker Python set in the add-on "

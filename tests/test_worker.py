@@ -173,3 +173,19 @@ def test_bad_image_is_an_error_event(tmp_path: Path, model_folder: Path) -> None
 def test_usage_error(tmp_path: Path) -> None:
     rc, events, _ = run_worker(tmp_path / "missing_job")
     assert rc == protocol.EXIT_ERROR and kinds(events) == ["error"] and "job.json" in events[0]["message"]
+
+
+def test_error_hints_are_plain() -> None:
+    from dp3d_core.schedulers import SchedulerError
+    from dp3d_core.worker import _error_hint
+
+    class OutOfMemoryError(RuntimeError):   # stands for torch.cuda.OutOfMemoryError
+        pass
+    message, hint = _error_hint(OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert "ran out of memory" in message and "output size" in hint
+    message, hint = _error_hint(SchedulerError("unknown scheduler 'euler'"))
+    assert message == "unknown scheduler 'euler'" and "settings" in hint
+    message, hint = _error_hint(ModuleNotFoundError("no torch", name="torch"))
+    assert "torch" in message and "worker Python" in hint
+    message, hint = _error_hint(RuntimeError("weird"))
+    assert message == "RuntimeError: weird" and "stderr" in hint
