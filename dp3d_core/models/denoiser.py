@@ -16,6 +16,10 @@ class ModelInputError(ValueError):
     """Inputs the denoiser cannot use (wrong batch size, shapes or channel counts)."""
 
 
+def _rows_identical(tensor: torch.Tensor) -> bool:
+    return tensor.shape[0] == 1 or bool(torch.equal(tensor, tensor[:1].expand_as(tensor)))
+
+
 class DiffPortrait3DDenoiser(nn.Module):
     """eps prediction exactly as the official ``ControlLDMReferenceOnlyPose.apply_model``.
 
@@ -33,6 +37,7 @@ class DiffPortrait3DDenoiser(nn.Module):
         self.view_controlnet = view_controlnet
         self.view_modules = view_modules
         self.clip_length = int(clip_length)
+        self.share_identical_references = True  # run F_ref once when all rows share reference, t and context
         self.unet.requires_grad_(False)  # F is the locked SD UNet
         size = len(self_attention_names(unet))
         if len(self_attention_names(reference_unet)) != size:
@@ -94,10 +99,17 @@ class DiffPortrait3DDenoiser(nn.Module):
     # ----------------------------------------------------------------------------------------- passes
     def write_reference_bank(self, reference_latents: Sequence[torch.Tensor], t: torch.Tensor,
                              context: torch.Tensor) -> None:
-        """Run F_ref on the clean reference latent(s) at timestep ``t`` and fill the bank."""
+        """Run F_ref on the clean reference latent(s) at timestep ``t`` and fill the bank.
+
+        When every row gets the same reference, timestep and context (the usual case: one reference image for all
+        views), F_ref runs on a single row and the bank is shared; rows are independent in F_ref, so this is exact.
+        """
         refs = list(reference_latents)
         count = len(refs)
-        self.bank.start_writing(count)
+        if self.share_identical_references and _rows_identical(t) and _rows_identical(context) \
+                and all(_rows_identical(r) for r in refs):
+            refs, t, context = [r[:1] for r in refs], t[:1], context[:1]
+        self.bank.start_writing(count, rows=t.shape[0])
         x = refs[0] if count == 1 else torch.cat(refs, dim=0)
         try:
             self.reference_unet(x, t.repeat(count), encoder_hidden_states=context.repeat(count, 1, 1),

@@ -22,11 +22,13 @@ class ReferenceBank:
         self.size = size
         self.entries: list[torch.Tensor | None] = [None] * size
         self.num_references = 1
+        self.rows = 0  # rows written per reference: the batch, or 1 when shared by every row
         self.reading = False
 
-    def start_writing(self, num_references: int) -> None:
+    def start_writing(self, num_references: int, rows: int) -> None:
         self.entries = [None] * self.size
         self.num_references = num_references
+        self.rows = rows
         self.reading = False
 
     def complete(self) -> bool:
@@ -43,13 +45,12 @@ class ReferenceBank:
         entry = self.entries[index]
         if entry is None:
             raise RuntimeError(f"reference bank entry {index} was never written; run the reference net first")
-        r = self.num_references
-        if entry.shape[0] != r * batch:
+        r, rows = self.num_references, self.rows
+        if rows not in (1, batch) or entry.shape[0] != r * rows:
             raise RuntimeError(f"reference bank entry {index} has {entry.shape[0]} rows, expected {r} x {batch}")
-        if r == 1:
-            return entry
         n, c = entry.shape[1:]
-        return entry.view(r, batch, n, c).permute(1, 0, 2, 3).reshape(batch, r * n, c)
+        tokens = entry.reshape(r, rows, n, c).permute(1, 0, 2, 3).reshape(rows, r * n, c)
+        return tokens.expand(batch, -1, -1) if rows == 1 and batch > 1 else tokens
 
 
 def attention(attn: Attention, hidden_states: torch.Tensor, kv_states: torch.Tensor) -> torch.Tensor:
