@@ -50,7 +50,8 @@ class ParityResult:
             self.checks.append(Check(f"{name} (shape {tuple(ours.shape)} vs {tuple(reference.shape)})",
                                      math.inf, tolerance))
             return
-        self.checks.append(Check(name, float((ours.double() - reference.double()).abs().max()), tolerance))
+        diff = ours.detach().double().cpu() - reference.double().cpu()
+        self.checks.append(Check(name, float(diff.abs().max()), tolerance))
 
     def __str__(self) -> str:
         width = max((len(c.name) for c in self.checks), default=10)
@@ -84,14 +85,18 @@ def _ddim_step_count(timesteps: list[int]) -> int:
     raise ParityError(f"no DDIM step count gives the fixture's timesteps {timesteps}")
 
 
-def run_parity(fixture_dir: str | Path, log=None) -> ParityResult:
-    """Recompute every fixture output group with this implementation and compare."""
+def run_parity(fixture_dir: str | Path, log=None, device: str | torch.device = "cpu") -> ParityResult:
+    """Recompute every fixture output group with this implementation (fp32, on ``device``) and compare."""
     from .convert import build_networks, convert_state_dict
     from .models.config import params_from_parity_config
     from .models.denoiser import DiffPortrait3DDenoiser
     from .schedulers import aware_initial_latent, make_scheduler
 
     say = log or (lambda _msg: None)
+    device = torch.device(device)
+    if device.type == "cuda":  # fp32 parity needs true fp32 GEMMs/convolutions, not TF32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     folder = Path(fixture_dir)
     try:
         config = json.loads((folder / "parity_config.json").read_text())
@@ -99,7 +104,7 @@ def run_parity(fixture_dir: str | Path, log=None) -> ParityResult:
         raise ParityError(f"cannot read {folder / 'parity_config.json'}: {exc}") from None
     io = _load(folder / "parity_io.safetensors")
     converted = convert_state_dict(_load(folder / "parity_state_dict.safetensors"), params_from_parity_config(config))
-    nets = build_networks(converted)
+    nets = build_networks(converted, device=device)
     result = ParityResult(conversion=str(converted.report))
     if not converted.report.ok:
         raise ParityError(f"the fixture state dict did not convert completely:\n{converted.report}")
@@ -108,7 +113,7 @@ def run_parity(fixture_dir: str | Path, log=None) -> ParityResult:
     denoiser = DiffPortrait3DDenoiser(nets["unet"], nets["reference_unet"], nets["view_controlnet"],
                                       nets["view_modules"], clip_length=clip)
     expected_latent = (shapes["views"], shapes["latent_channels"], shapes["latent_h"], shapes["latent_w"])
-    x_noisy, ref, pose, context = (io[f"inputs.{k}"] for k in ("x_noisy", "ref_latent", "pose", "context"))
+    x_noisy, ref, pose, context = (io[f"inputs.{k}"].to(device) for k in ("x_noisy", "ref_latent", "pose", "context"))
     if tuple(x_noisy.shape) != expected_latent or tuple(pose.shape[2:]) != (shapes["pose_H"], shapes["pose_W"]):
         raise ParityError(f"fixture inputs {tuple(x_noisy.shape)}/{tuple(pose.shape)} disagree with its config")
     guidance = float(io["inputs.guidance_scale"].reshape(-1)[0])
@@ -122,7 +127,7 @@ def run_parity(fixture_dir: str | Path, log=None) -> ParityResult:
         groups = sorted({int(m.group(1)) for k in io if (m := re.match(r"^t(\d+)\.timesteps$", k))}, reverse=True)
         for step in groups:
             say(f"evaluating t={step}")
-            cond, uncond, cfg = passes(x_noisy, io[f"t{step}.timesteps"])
+            cond, uncond, cfg = passes(x_noisy, io[f"t{step}.timesteps"].to(device))
             for name, ours in (("eps_cond", cond), ("eps_uncond", uncond), ("eps_cfg", cfg)):
                 if f"t{step}.{name}" in io:
                     tol = TOLERANCES["eps_cfg" if name == "eps_cfg" else "eps"]
@@ -147,13 +152,13 @@ def run_parity(fixture_dir: str | Path, log=None) -> ParityResult:
             scheduler.set_timesteps(steps)
             result.checks.append(Check(f"ddim.timesteps ({steps} steps, eta {eta})",
                                        0.0 if scheduler.timesteps.tolist() == timesteps else math.inf, 0.0))
-            x = io["ddim.x_T"]
+            x = io["ddim.x_T"].to(device)
             for i, t in enumerate(scheduler.timesteps):
                 say(f"DDIM step {i} (t={int(t)})")
                 prefix = f"ddim.step{i}"
                 if f"{prefix}.x_in" in io:
                     result.add(f"{prefix}.x_in", x, io[f"{prefix}.x_in"], TOLERANCES["latent"])
-                cond, uncond, cfg = passes(x, torch.full((x.shape[0],), int(t), dtype=torch.long))
+                cond, uncond, cfg = passes(x, torch.full((x.shape[0],), int(t), dtype=torch.long, device=device))
                 out = scheduler.step(cfg, int(t), x, eta=eta, return_dict=True)
                 for name, ours in (("eps_cond", cond), ("eps_uncond", uncond), ("eps_cfg", cfg),
                                    ("pred_x0", out.pred_original_sample), ("x_out", out.prev_sample)):
@@ -171,10 +176,12 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dp3d_core.parity", description=__doc__.split("\n")[0])
     parser.add_argument("fixture_dir", help="folder with parity_config.json, parity_state_dict.safetensors, "
                                             "parity_io.safetensors")
+    parser.add_argument("--device", default="cpu", help="torch device to run on (fp32; TF32 is disabled on CUDA)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(list(argv) if argv is not None else None)
     try:
-        result = run_parity(args.fixture_dir, log=(lambda m: print(m, flush=True)) if args.verbose else None)
+        result = run_parity(args.fixture_dir, log=(lambda m: print(m, flush=True)) if args.verbose else None,
+                            device=args.device)
     except ParityError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
