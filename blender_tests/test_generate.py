@@ -52,6 +52,7 @@ def _frames(out: Path) -> list[Path]:
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory):
     """One real generation via the Generate operator (blocking: bpy runs in background mode)."""
+    old_python = os.environ.get("PORTRAIT3D_WORKER_PYTHON")
     os.environ["PORTRAIT3D_WORKER_PYTHON"] = sys.executable
     bpy.ops.wm.read_factory_settings(use_empty=True)
     addon.register()
@@ -75,6 +76,10 @@ def generated(tmp_path_factory):
         job_runner.stop_all()
         addon.unregister()
         bpy.ops.wm.read_factory_settings(use_empty=True)
+        if old_python is None:
+            os.environ.pop("PORTRAIT3D_WORKER_PYTHON", None)
+        else:
+            os.environ["PORTRAIT3D_WORKER_PYTHON"] = old_python
     return info
 
 

@@ -302,13 +302,22 @@ def test_cli_job_writes_dataset_and_blend(scene, tmp_path, fixtures_dir):
     assert len(rig.rig_objects(scene)) == 3
 
 
-def test_cli_job_rejects_bad_input(scene, tmp_path, capsys):
+def test_cli_job_rejects_bad_input(scene, tmp_path, capsys, fixtures_dir):
     missing = str(tmp_path / "nope.png")
     assert job_runner.cli_main(["--frames", "3", "--out", str(tmp_path), "--reference", missing]) == 1
     assert "Reference image not found" in capsys.readouterr().out
     assert job_runner.cli_main(["--frames", "0", "--out", str(tmp_path), "--poses-only"]) == 1
     assert "--frames must be at least 1" in capsys.readouterr().out
     assert job_runner.cli_main(["--frames", "3"]) != 0  # --out missing: argparse usage error, no traceback
+    capsys.readouterr()
+    portrait = str(fixtures_dir / "official_samples" / "portraits" / "0000028.png")
+    assert job_runner.cli_main(["--out", str(tmp_path), "--reference", portrait, "--size", "100"]) == 1
+    assert "multiple of 64" in capsys.readouterr().out
+    argv = ["--out", str(tmp_path), "--reference", portrait, "--frames", "2", "--size", "64",
+            "--conditions", str(fixtures_dir / "official_samples" / "camera_conditions"),
+            "--model", str(tmp_path / "no model"), "--worker-python", sys.executable]
+    assert job_runner.cli_main(argv) == 1
+    assert "Model folder not found" in capsys.readouterr().out
 
 
 class _FakeLayout:
