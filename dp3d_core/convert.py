@@ -127,7 +127,12 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             raise ConversionError(f"{path} is not a readable safetensors file: {exc}") from None
     else:
         try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            try:  # memory-map zip checkpoints: the 11 GB official file is not read into RAM twice
+                state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                state = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             found = re.search(r"Unsupported global: (?:GLOBAL )?([\w.]+)", str(exc))
             if found is None:
@@ -341,10 +346,23 @@ def _fit(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def _recomputed_value(name: str, key: str, like: torch.Tensor) -> torch.Tensor:
+    if name == "view_modules":
+        from diffusers.models.embeddings import SinusoidalPositionalEmbedding
+        return SinusoidalPositionalEmbedding(int(like.shape[-1]), max_seq_length=int(like.shape[1])).pe
+    return torch.zeros(like.shape, dtype=torch.float32)
+
+
 def load_component(name: str, module: torch.nn.Module, state: dict[str, torch.Tensor],
                    report: ConversionReport) -> None:
-    """Load ``state`` into ``module``, recording missing/unexpected keys; wrong shapes are an error."""
+    """Load ``state`` into ``module``, recording missing/unexpected keys; wrong shapes are an error.
+
+    A module built on the meta device takes the converted tensors themselves (no copy, no second set of weights
+    in memory); targets on the ``RECOMPUTED_TARGETS`` list are then created for real unless the source is meta.
+    """
     own = module.state_dict()
+    module_meta = any(t.device.type == "meta" for t in own.values())
+    source_meta = any(t.device.type == "meta" for t in state.values())
     fitted, bad = {}, []
     for key, value in state.items():
         if key not in own:
@@ -365,18 +383,18 @@ def load_component(name: str, module: torch.nn.Module, state: dict[str, torch.Te
             report.missing.append(f"{name}.{key}")
         else:
             report.recomputed[f"{name}.{key}"] = how
-            if name == "reference_unet" and own[key].device.type != "meta":
-                fitted[key] = torch.zeros_like(own[key])
-    # A module built on the meta device takes the tensors as they are (nothing to copy into).
-    meta = any(t.device.type == "meta" for t in own.values())
-    module.load_state_dict(fitted, strict=False, assign=meta)
+            if not source_meta:
+                fitted[key] = _recomputed_value(name, key, own[key])
+    module.load_state_dict(fitted, strict=False, assign=module_meta)
 
 
 def build_networks(converted: ConvertedCheckpoint, device: str | torch.device = "cpu",
                    dtype: torch.dtype = torch.float32) -> dict[str, torch.nn.Module]:
     """Construct F, F_ref, F_cam, view modules (and VAE when present) and load the converted weights.
 
-    On ``device='meta'`` nothing is allocated: shapes and key coverage are checked only.
+    The modules are built on the meta device and take the checkpoint tensors as their parameters, so converting
+    the full-size model needs no second copy of its weights. With ``device='meta'`` (meta source tensors) nothing
+    is allocated at all: shapes and key coverage are checked only.
     """
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 
@@ -394,12 +412,17 @@ def build_networks(converted: ConvertedCheckpoint, device: str | torch.device = 
     meta = torch.device(device).type == "meta"
     modules: dict[str, torch.nn.Module] = {}
     for name, (cls, config) in classes.items():
-        # Views/positional tables must be real even on meta (they are compared), so build on CPU unless meta.
-        with torch.device("meta" if meta else "cpu"):
+        with torch.device("meta"):
             module = cls(**config)
         load_component(name, module, converted.state_dicts[name], converted.report)
         if not meta:
+            left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.device.type == "meta"]
+            if left:
+                raise ConversionError(f"{name}: no weights for {left[:5]} (see the report's missing keys)\n"
+                                      f"{converted.report}")
             module = module.to(device=device, dtype=dtype)
+            for param in module.parameters():  # assigned tensors may be views of the checkpoint's
+                param.data = param.data.contiguous()
         module.eval()
         modules[name] = module
     if not meta:
@@ -534,7 +557,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--config", help="JSON of the official yaml unet_config params (default: read from shapes)")
     parser.add_argument("--context-from", help="empty-prompt embedding source when the checkpoint has no CLIP "
                                                "weights: a model folder, .safetensors or .pt file")
-    parser.add_argument("--allow-incomplete", action="store_true", help="write even if keys are unaccounted for")
+    parser.add_argument("--allow-incomplete", action="store_true", help="write even if some source keys are unused")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
     args = parser.parse_args(list(argv) if argv is not None else None)
     from .model_folder import ModelFolderError
