@@ -23,7 +23,7 @@ from typing import Any
 
 JOB_VERSION = 1
 JOB_FILE = "job.json"
-SCHEDULERS = ("ddim", "dpm++2m", "unipc", "euler")
+SCHEDULERS = ("ddim", "dpm++2m", "unipc")  # the names dp3d_core.schedulers.make_scheduler accepts
 DEVICES = ("auto", "cuda", "mps", "cpu")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 LABEL_LENGTH = 25

@@ -16,6 +16,8 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from .job import SCHEDULERS as SCHEDULER_NAMES
+
 # The schedule the official model was trained with (ldm "linear", i.e. diffusers "scaled_linear").
 DEFAULT_SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
@@ -29,7 +31,6 @@ DEFAULT_SCHEDULER_CONFIG: dict[str, Any] = {
     "timestep_spacing": "leading",
 }
 
-SCHEDULER_NAMES = ("ddim", "dpm++2m", "unipc")
 
 # The official 3D-aware noise diffuses the proxy latent to this timestep (not to the first denoising step).
 AWARE_NOISE_TIMESTEP = 999
