@@ -173,3 +173,18 @@ def test_loading_only_the_networks(tmp_path):
     assert set(loaded) == set(NETWORKS)
     with pytest.raises(ModelFolderError, match="unknown component"):
         load_model_folder(tmp_path / "m", components=["text_encoder"])
+
+
+def test_gradients_reach_trainable_nets_but_not_locked_unet(components, inputs):
+    x, ref, cond, context = inputs
+    denoiser = make_denoiser(components)
+    denoiser.zero_grad(set_to_none=True)
+    eps = denoiser.eps_cond(x, 600, context, ref, cond)  # grad enabled: F_ref runs to the end
+    eps.square().mean().backward()
+    assert all(p.grad is None for p in denoiser.unet.parameters())
+    ref_attn1 = denoiser.reference_unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight
+    assert ref_attn1.grad is not None and ref_attn1.grad.abs().sum() > 0
+    assert denoiser.view_controlnet.controlnet_mid_block.weight.grad.abs().sum() > 0
+    assert denoiser.view_modules.down[0].proj_out.weight.grad.abs().sum() > 0
+    assert denoiser.view_modules.mid.proj_out.weight.grad is None  # middle module: unconditional pass only
+    denoiser.zero_grad(set_to_none=True)

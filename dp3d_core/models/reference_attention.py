@@ -87,7 +87,8 @@ class BankWriteProcessor:
                  attention_mask=None, temb=None, *args, **kwargs) -> torch.Tensor:
         _check_plain(attn, hidden_states)
         self.bank.entries[self.index] = hidden_states
-        if self.stop_when_done and self.index == self.bank.size - 1:
+        # Stop early only without autograd: under gradient checkpointing a recomputed block must not raise.
+        if self.stop_when_done and self.index == self.bank.size - 1 and not torch.is_grad_enabled():
             raise ReferencePassComplete
         return attention(attn, hidden_states, hidden_states)
 
