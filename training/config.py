@@ -61,6 +61,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: str = ""                   # "" lets accelerate choose; "cpu" forces the CPU
+    num_threads: int = 0               # torch CPU threads (0: torch's default)
     save_fp16: bool = False            # write the final model folder in float16
 
     @property
@@ -113,11 +114,15 @@ def make_config(values: dict[str, Any], stage: str | int) -> TrainConfig:
         raise ConfigError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     if not isinstance(values, dict):
         raise ConfigError("a training config must be a JSON object")
-    merged = {k: v for k, v in values.items() if k != "stages"}
+    # keys starting with "_" are comments
+    merged = {k: v for k, v in values.items() if k != "stages" and not k.startswith("_")}
     overrides = (values.get("stages") or {})
     if not isinstance(overrides, dict):
         raise ConfigError("'stages' must map stage names (\"vae\", \"0\".. \"3\") to objects of overrides")
-    merged.update(overrides.get(stage) or {})
+    unknown_stages = sorted(k for k in overrides if k not in STAGES and not k.startswith("_"))
+    if unknown_stages:
+        raise ConfigError(f"'stages' has unknown stage(s) {unknown_stages}; use {', '.join(STAGES)}")
+    merged.update({k: v for k, v in (overrides.get(stage) or {}).items() if not k.startswith("_")})
     merged["stage"] = stage
     unknown = sorted(set(merged) - set(_FIELDS))
     if unknown:

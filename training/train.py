@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import shutil
 import sys
 import time
@@ -76,6 +75,8 @@ class Trainer:
         self.stage = cfg.stage
         self.dir = cfg.stage_dir
         self.dir.mkdir(parents=True, exist_ok=True)
+        if cfg.num_threads > 0:
+            torch.set_num_threads(cfg.num_threads)
         self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu")
         self.device = self.accelerator.device
         self.components = self._load_components()
