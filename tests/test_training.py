@@ -224,6 +224,19 @@ def test_loss_falls_on_a_fixed_batch(stage: str, dataset_root: Path, tiny_model:
     assert last < 0.6 * first, (first, last)
 
 
+def test_latent_cache_gives_the_same_loss(dataset_root: Path, tiny_model: Path, tmp_path: Path) -> None:
+    plain = Trainer(config("2", dataset_root, tiny_model, tmp_path / "a"), resume=False)
+    cached = Trainer(config("2", dataset_root, tiny_model, tmp_path / "b", cache_latents=True), resume=False)
+    batch = batch_for_step(plain.data, 0, 2)
+    expected = plain.loss_on(batch)
+    # equal up to float rounding (an image may be encoded in a batch of a different size)
+    assert cached.loss_on(batch) == pytest.approx(expected, rel=1e-4)
+    unique = {p for paths in batch["paths"] for p in paths} | set(batch["reference_path"])
+    assert set(cached.latent_cache) == unique  # each image encoded once
+    cached.components["vae"].encode = None  # a second pass must not touch the VAE
+    assert cached.loss_on(batch) == pytest.approx(expected, rel=1e-4)
+
+
 def test_checkpoint_resume_reproduces_the_next_loss_exactly(dataset_root: Path, tiny_model: Path,
                                                             tmp_path: Path) -> None:
     cfg = config("2", dataset_root, tiny_model, tmp_path, lr=1e-3, ema=True, ema_decay=0.9, grad_accum=2,

@@ -61,6 +61,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: str = ""                   # "" lets accelerate choose; "cpu" forces the CPU
+    cache_latents: bool = False        # keep each image's VAE posterior (mean, std) in memory after first use
     num_threads: int = 0               # torch CPU threads (0: torch's default)
     save_fp16: bool = False            # write the final model folder in float16
 

@@ -231,6 +231,7 @@ class MultiViewDataset(torch.utils.data.Dataset):
         return {
             "identity": ident.name,
             "reference": ref_img,
+            "reference_path": reference.path,
             "reference_label": torch.from_numpy(reference.label.astype(np.float32)),
             "targets": torch.stack(imgs),
             "conditions": torch.stack(conds),

@@ -30,18 +30,34 @@ class StageInputs:
 
 
 @torch.no_grad()
-def encode(vae: Any, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Scaled VAE latents (posterior samples drawn from ``generator``)."""
-    dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
-    noise = torch.randn(dist.mean.shape, generator=generator).to(dist.mean.device, dist.mean.dtype)
-    return (dist.mean + dist.std * noise).float() * float(vae.config.scaling_factor)
+def encode(vae: Any, images: torch.Tensor, generator: torch.Generator,
+           cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+           keys: list[str] | None = None) -> torch.Tensor:
+    """Scaled VAE latents (posterior samples drawn from ``generator``). With ``cache`` and ``keys`` (one per
+    image, e.g. its path) the posterior mean/std of each image is computed once and kept on the CPU."""
+    if cache is None or keys is None:
+        dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+        mean, std = dist.mean.float().cpu(), dist.std.float().cpu()
+    else:
+        missing = [i for i, k in enumerate(keys) if k not in cache]
+        if missing:
+            dist = vae.encode(images[missing].to(vae.device, vae.dtype)).latent_dist
+            for j, i in enumerate(missing):
+                cache[keys[i]] = (dist.mean[j].float().cpu(), dist.std[j].float().cpu())
+        mean = torch.stack([cache[k][0] for k in keys])
+        std = torch.stack([cache[k][1] for k in keys])
+    noise = torch.randn(mean.shape, generator=generator)
+    return (mean + std * noise) * float(vae.config.scaling_factor)
 
 
-def prepare_inputs(batch: dict[str, Any], vae: Any, generator: torch.Generator, device: torch.device) -> StageInputs:
+def prepare_inputs(batch: dict[str, Any], vae: Any, generator: torch.Generator, device: torch.device,
+                   cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> StageInputs:
     targets = batch["targets"]                        # [B, T, 3, H, W]
     b, t = targets.shape[:2]
-    x0 = encode(vae, targets.flatten(0, 1), generator).to(device)
-    ref = encode(vae, batch["reference"], generator).to(device)
+    target_keys = [p for paths in batch["paths"] for p in paths] if "paths" in batch else None
+    ref_keys = batch.get("reference_path")
+    x0 = encode(vae, targets.flatten(0, 1), generator, cache, target_keys).to(device)
+    ref = encode(vae, batch["reference"], generator, cache, ref_keys).to(device)
     reference = ref.repeat_interleave(t, dim=0)
     condition = batch["conditions"].flatten(0, 1).to(device)
     return StageInputs(x0=x0, reference=reference, condition=condition, group=t)

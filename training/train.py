@@ -111,6 +111,8 @@ class Trainer:
         self.progress = Progress()
         self.accelerator.register_for_checkpointing(self.progress)
         self.log_file = self.dir / "log.jsonl"
+        # the VAE is frozen after stage 'vae', so an image's posterior never changes
+        self.latent_cache: dict[str, Any] | None = {} if cfg.cache_latents and self.stage != "vae" else None
         self._resume(resume)
 
     # ------------------------------------------------------------------ setup
@@ -155,7 +157,7 @@ class Trainer:
         return self.components["prompt_embedding"]().to(self.device)
 
     def inputs_for(self, batch: dict[str, Any], generator: torch.Generator) -> StageInputs:
-        return prepare_inputs(batch, self.components["vae"], generator, self.device)
+        return prepare_inputs(batch, self.components["vae"], generator, self.device, self.latent_cache)
 
     def micro_loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         if self.stage == "vae":
@@ -246,7 +248,7 @@ class Trainer:
                 vae = self.components["vae"]
                 rec = self._with_ema(lambda: vae.decode(vae.encode(images).latent_dist.mean).sample)
                 return save_grid([images.cpu(), rec.float().clamp(-1, 1).cpu()], path)
-            inputs = self.inputs_for(batch, step_generator(self.cfg.seed, 0))
+            inputs = prepare_inputs(batch, self.components["vae"], step_generator(self.cfg.seed, 0), self.device)
             generated = self._with_ema(lambda: sample_views(
                 self.stage, self.denoiser, self.components["vae"], self.context(), inputs, self.scheduler_config,
                 self.cfg.val_steps, self.cfg.val_guidance, self.cfg.seed))
