@@ -271,6 +271,10 @@ def test_run_writes_a_loadable_model_folder_and_validation_grid(dataset_root: Pa
     assert all(torch.equal(original[k], v) for k, v in loaded["unet"].state_dict().items())
     grid = Image.open(tmp_path / "stage3" / "validation" / "step_0000001.png")
     assert grid.size == (4 * SIZE + 5 * 2, 8 * SIZE + 9 * 2)  # 4 columns x 8 views
+    again = Trainer(trainer.cfg, resume=True)
+    assert again.progress.step == 1
+    stamp = (out / "model_index.json").stat().st_mtime_ns
+    assert again.run() == out and (out / "model_index.json").stat().st_mtime_ns == stamp  # finished: no rerun
 
 
 def test_stage0_export_hands_F_over_to_the_other_networks(dataset_root: Path, tiny_model: Path,

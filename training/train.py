@@ -309,6 +309,10 @@ class Trainer:
     def run(self, max_steps: int | None = None) -> Path:
         cfg = self.cfg
         end = cfg.max_steps if max_steps is None else min(max_steps, cfg.max_steps)
+        done = self.dir / ("vae" if self.stage == "vae" else "model")
+        if self.progress.step >= cfg.max_steps and done.is_dir():
+            log.info("stage %s already finished (step %d): %s", self.stage, self.progress.step, done)
+            return done
         self.trainable.train()
         start, t0, recent = self.progress.step, time.time(), []
         log.info("stage %s (%s): steps %d..%d on %s", self.stage, STAGE_NAMES[self.stage], start, end, self.device)
@@ -328,6 +332,7 @@ class Trainer:
             if step % cfg.validate_every == 0 or step == end:
                 self.validate()
         if self.progress.step >= cfg.max_steps:
+            self.save_checkpoint()  # marks the stage finished for a later resume
             return self.export()
         return self.save_checkpoint()
 
