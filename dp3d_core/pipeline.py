@@ -101,6 +101,9 @@ class DiffPortrait3DPipeline(DiffusionPipeline):
                               view_modules=view_modules, vae=vae, scheduler=scheduler,
                               prompt_embedding=prompt_embedding)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.fast_path = True        # eps_guided (fused passes); False: the two official passes one by one
+        self.batch_passes = True     # fast path: conditional + unconditional pass in one call of F
+        self.vae_batch_size = CLIP_LENGTH  # views per VAE decode call (1 = VAE slicing)
 
     @classmethod
     def from_model_folder(cls, path: Any, device: str | torch.device = "cpu",
@@ -131,7 +134,7 @@ class DiffPortrait3DPipeline(DiffusionPipeline):
         """The precomputed empty-prompt context ``[1, 77, D]`` on the pipeline's device."""
         pe = self.prompt_embedding
         emb = pe() if callable(pe) else pe.embedding
-        return emb.to(self.device, self.unet.dtype)
+        return emb.to(self._execution_device, self.unet.dtype)
 
     def size_multiple(self) -> int:
         """Image sizes must be a multiple of this (VAE factor x the UNet's total downsampling)."""
@@ -179,27 +182,99 @@ class DiffPortrait3DPipeline(DiffusionPipeline):
         vae = self.vae
         latents = []
         for img in images:
-            dist = vae.encode(img[None].to(self.device, vae.dtype)).latent_dist
+            dist = vae.encode(img[None].to(self._execution_device, vae.dtype)).latent_dist
             z = dist.sample(generator) if sample_posterior else dist.mean
             latents.append(z)
         return torch.cat(latents).float() * vae.config.scaling_factor
 
     def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
-        """``[N, 4, h, w]`` latents -> ``[N, H, W, 3]`` float32 in [0, 1] (one view at a time)."""
+        """``[N, 4, h, w]`` latents -> ``[N, H, W, 3]`` float32 in [0, 1], ``vae_batch_size`` views per call."""
         out = []
-        for z in latents:
-            z = z[None] / self.vae.config.scaling_factor
+        step = max(1, int(self.vae_batch_size))
+        device = self._execution_device
+        for i in range(0, latents.shape[0], step):
+            z = latents[i:i + step].to(device) / self.vae.config.scaling_factor
             img = self.vae.decode(z.to(self.vae.dtype)).sample
             if not torch.isfinite(img).all() and self.vae.dtype != torch.float32:
-                # half-precision VAEs can overflow on some latents; redo that view in float32
+                # half-precision VAEs can overflow on some latents; redo these views in float32
                 half = self.vae.dtype
                 self.vae.float()
                 try:
                     img = self.vae.decode(z.float()).sample
                 finally:
                     self.vae.to(half)
-            out.append(((img.float().clamp(-1, 1) + 1) / 2)[0].permute(1, 2, 0).cpu().numpy())
-        return np.stack(out)
+            out.append(((img.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy())
+        return np.concatenate(out)
+
+    # ------------------------------------------------------------ speed and memory options
+
+    def set_fast_path(self, enabled: bool = True, batch_passes: bool = True) -> None:
+        """Fast path (default): :meth:`DiffPortrait3DDenoiser.eps_guided`, same result as the official schedule.
+        ``batch_passes=False`` keeps the fast path but runs the two guidance passes one after the other
+        (less activation memory); ``enabled=False`` calls ``eps_cond`` and ``eps_uncond`` as the official code."""
+        self.fast_path = bool(enabled)
+        self.batch_passes = bool(batch_passes)
+
+    def enable_vae_slicing(self) -> None:
+        """Decode one view at a time."""
+        self.vae_batch_size = 1
+
+    def disable_vae_slicing(self) -> None:
+        self.vae_batch_size = CLIP_LENGTH
+
+    def enable_vae_tiling(self) -> None:
+        """Decode (and encode) large images in overlapping tiles (diffusers' AutoencoderKL tiling)."""
+        self.vae.enable_tiling()
+
+    def disable_vae_tiling(self) -> None:
+        self.vae.disable_tiling()
+
+    def enable_attention_slicing(self, slice_size: int | str | None = "auto") -> None:
+        """Self/reference attention of F and F_ref in slices of ``slice_size`` batch rows ("auto": 1).
+
+        diffusers' own ``set_attention_slice`` would replace the reference-attention processors, so it is not
+        used; the other attentions (77 text tokens, 8 views) are small next to the 2N-token reference attention.
+        """
+        size = 1 if slice_size in ("auto", "max") else slice_size
+        if size is not None and (not isinstance(size, int) or size < 1):
+            raise PipelineError(f"attention slice size must be a positive integer, 'auto' or None, got {slice_size!r}")
+        self.denoiser.set_attention_slice(size)
+
+    def disable_attention_slicing(self) -> None:
+        self.denoiser.set_attention_slice(None)
+
+    def enable_channels_last(self) -> None:
+        """Channels-last memory format for the convolution-heavy networks (faster convolutions on GPUs)."""
+        for name in ("unet", "reference_unet", "view_controlnet", "vae"):
+            getattr(self, name).to(memory_format=torch.channels_last)
+
+    def enable_compile(self, **compile_kwargs: Any) -> None:
+        """``torch.compile`` F, F_ref and F_cam in place (module identity, hooks and processors are kept)."""
+        for name in ("unet", "reference_unet", "view_controlnet"):
+            getattr(self, name).compile(**compile_kwargs)
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None) -> None:
+        """diffusers' model CPU offload, with the view modules moved together with F (they run inside F's forward
+        through hooks, so they never trigger an offload hook of their own)."""
+        super().enable_model_cpu_offload(gpu_id=gpu_id, device=device)
+        view_modules, unet = self.view_modules, self.unet
+        for hook in list(self._all_hooks):
+            if hook.model is view_modules:
+                hook.remove()
+                self._all_hooks.remove(hook)
+        view_modules.to("cpu")
+        target = self._offload_device
+        unet_hook = next(h for h in self._all_hooks if h.model is unet)
+        offload_unet = unet_hook.offload
+
+        def offload_both() -> None:
+            offload_unet()
+            view_modules.to("cpu")
+        unet_hook.offload = offload_both
+        old = getattr(self, "_dp3d_view_follow", None)
+        if old is not None:
+            old.remove()
+        self._dp3d_view_follow = unet.register_forward_pre_hook(lambda module, args: view_modules.to(target))
 
     def initial_latents(self, noise: torch.Tensor, proxy_latents: torch.Tensor | None,
                         has_proxy: Sequence[bool], scheduler: SchedulerMixin) -> torch.Tensor:
@@ -281,7 +356,7 @@ class DiffPortrait3DPipeline(DiffusionPipeline):
 
         if generator is None:
             generator = torch.Generator("cpu").manual_seed(0 if seed is None else int(seed))
-        device = self.device
+        device = self._execution_device
         dtype = self.unet.dtype
 
         # sizes
@@ -349,10 +424,14 @@ class DiffPortrait3DPipeline(DiffusionPipeline):
                 idx = torch.tensor(views, device=device)
                 x = model_in[idx].to(dtype)
                 t_batch = t_model.reshape(1).expand(window)
-                e = denoiser.eps_cond(x, t_batch, context, reference, conditions[idx]).float()
-                if guidance_scale != 1.0:
-                    e_u = denoiser.eps_uncond(x, t_batch, context).float()
-                    e = e_u + guidance_scale * (e - e_u)
+                if self.fast_path:
+                    e = denoiser.eps_guided(x, t_batch, context, reference, conditions[idx], guidance_scale,
+                                            batch_passes=self.batch_passes)
+                else:
+                    e = denoiser.eps_cond(x, t_batch, context, reference, conditions[idx]).float()
+                    if guidance_scale != 1.0:
+                        e_u = denoiser.eps_uncond(x, t_batch, context).float()
+                        e = e_u + guidance_scale * (e - e_u)
                 eps.index_add_(0, idx, e * weights[wi].view(-1, 1, 1, 1))
                 if callback_on_window is not None and _wants_cancel(
                         callback_on_window(step, len(timesteps), wi, len(windows))):

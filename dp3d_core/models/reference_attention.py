@@ -24,6 +24,7 @@ class ReferenceBank:
         self.num_references = 1
         self.rows = 0  # rows written per reference: the batch, or 1 when shared by every row
         self.reading = False
+        self.read_rows: int | None = None  # only the first read_rows batch rows read the bank (None: all)
 
     def start_writing(self, num_references: int, rows: int) -> None:
         self.entries = [None] * self.size
@@ -37,9 +38,19 @@ class ReferenceBank:
     def clear(self) -> None:
         self.entries = [None] * self.size
         self.reading = False
+        self.read_rows = None
 
-    def tokens_for(self, index: int, batch: int) -> torch.Tensor | None:
-        """Bank tokens for F's batch rows: ``[batch, R * N, C]``, the R references of each row side by side."""
+    def reading_rows(self, batch: int) -> int:
+        """How many leading rows of an F batch of ``batch`` rows read the bank (the rest: plain self-attention)."""
+        if not self.reading:
+            return 0
+        return batch if self.read_rows is None else min(self.read_rows, batch)
+
+    def tokens_for(self, index: int, batch: int, expand: bool = True) -> torch.Tensor | None:
+        """Bank tokens for F's batch rows: ``[batch, R * N, C]``, the R references of each row side by side.
+
+        With ``expand=False`` a bank shared by every row comes back as one row ``[1, R * N, C]``.
+        """
         if not self.reading:
             return None
         entry = self.entries[index]
@@ -50,23 +61,37 @@ class ReferenceBank:
             raise RuntimeError(f"reference bank entry {index} has {entry.shape[0]} rows, expected {r} x {batch}")
         n, c = entry.shape[1:]
         tokens = entry.reshape(r, rows, n, c).permute(1, 0, 2, 3).reshape(rows, r * n, c)
-        return tokens.expand(batch, -1, -1) if rows == 1 and batch > 1 else tokens
+        return tokens.expand(batch, -1, -1) if expand and rows == 1 and batch > 1 else tokens
 
 
-def attention(attn: Attention, hidden_states: torch.Tensor, kv_states: torch.Tensor) -> torch.Tensor:
+def _heads(attn: Attention, states: torch.Tensor) -> torch.Tensor:
+    """``[B, N, heads * d]`` -> ``[B, heads, N, d]``."""
+    return states.view(states.shape[0], -1, attn.heads, states.shape[-1] // attn.heads).transpose(1, 2)
+
+
+def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+         slice_size: int | None = None) -> torch.Tensor:
+    """Scaled dot-product attention over ``[B, heads, N, d]``; ``slice_size`` rows per call (attention slicing)."""
+    if not slice_size or slice_size >= query.shape[0]:
+        return F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False, scale=scale)
+    return torch.cat([F.scaled_dot_product_attention(query[i:i + slice_size], key[i:i + slice_size],
+                                                     value[i:i + slice_size], dropout_p=0.0, is_causal=False,
+                                                     scale=scale)
+                      for i in range(0, query.shape[0], slice_size)])
+
+
+def _project_out(attn: Attention, out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    out = out.transpose(1, 2).reshape(out.shape[0], -1, out.shape[1] * out.shape[3]).to(dtype)
+    return attn.to_out[1](attn.to_out[0](out))
+
+
+def attention(attn: Attention, hidden_states: torch.Tensor, kv_states: torch.Tensor,
+              slice_size: int | None = None) -> torch.Tensor:
     """Multi-head attention of ``attn`` with queries from ``hidden_states``, keys/values from ``kv_states``."""
-    batch = hidden_states.shape[0]
-    query = attn.to_q(hidden_states)
-    key = attn.to_k(kv_states)
-    value = attn.to_v(kv_states)
-    head_dim = key.shape[-1] // attn.heads
-    query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-    key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-    value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-    out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False, scale=attn.scale)
-    out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-    out = attn.to_out[0](out)
-    return attn.to_out[1](out)
+    query = _heads(attn, attn.to_q(hidden_states))
+    key = _heads(attn, attn.to_k(kv_states))
+    value = _heads(attn, attn.to_v(kv_states))
+    return _project_out(attn, sdpa(query, key, value, attn.scale, slice_size), query.dtype)
 
 
 def _check_plain(attn: Attention, hidden_states: torch.Tensor) -> None:
@@ -82,6 +107,7 @@ class BankWriteProcessor:
         self.bank = bank
         self.index = index
         self.stop_when_done = stop_when_done
+        self.slice_size: int | None = None
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
                  attention_mask=None, temb=None, *args, **kwargs) -> torch.Tensor:
@@ -90,24 +116,41 @@ class BankWriteProcessor:
         # Stop early only without autograd: under gradient checkpointing a recomputed block must not raise.
         if self.stop_when_done and self.index == self.bank.size - 1 and not torch.is_grad_enabled():
             raise ReferencePassComplete
-        return attention(attn, hidden_states, hidden_states)
+        return attention(attn, hidden_states, hidden_states, self.slice_size)
 
 
 class BankReadProcessor:
-    """F's attn1: keys/values from own tokens plus the bank tokens of the same row (plain when not reading)."""
+    """F's attn1: keys/values from own tokens plus the bank tokens of the same row (plain when not reading).
+
+    Only the first ``bank.read_rows`` rows read the bank (a batch of [conditional clip, unconditional clip]); the
+    other rows get plain self-attention. to_k/to_v are linear per token, so the bank tokens are projected on
+    their own, once per distinct bank row, and concatenated to the rows' own keys/values after projection.
+    """
 
     def __init__(self, bank: ReferenceBank, index: int) -> None:
         self.bank = bank
         self.index = index
+        self.slice_size: int | None = None
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
                  attention_mask=None, temb=None, *args, **kwargs) -> torch.Tensor:
         _check_plain(attn, hidden_states)
-        bank_tokens = self.bank.tokens_for(self.index, hidden_states.shape[0])
-        if bank_tokens is None:
-            return attention(attn, hidden_states, hidden_states)
-        kv = torch.cat([hidden_states, bank_tokens.to(hidden_states.dtype)], dim=1)
-        return attention(attn, hidden_states, kv)
+        batch = hidden_states.shape[0]
+        reading = self.bank.reading_rows(batch)
+        if not reading:
+            return attention(attn, hidden_states, hidden_states, self.slice_size)
+        bank_tokens = self.bank.tokens_for(self.index, reading, expand=False).to(hidden_states.dtype)
+        query = _heads(attn, attn.to_q(hidden_states))
+        key = _heads(attn, attn.to_k(hidden_states))
+        value = _heads(attn, attn.to_v(hidden_states))
+        bank_key = _heads(attn, attn.to_k(bank_tokens)).expand(reading, -1, -1, -1)
+        bank_value = _heads(attn, attn.to_v(bank_tokens)).expand(reading, -1, -1, -1)
+        out = sdpa(query[:reading], torch.cat([key[:reading], bank_key], dim=2),
+                   torch.cat([value[:reading], bank_value], dim=2), attn.scale, self.slice_size)
+        if reading < batch:
+            plain = sdpa(query[reading:], key[reading:], value[reading:], attn.scale, self.slice_size)
+            out = torch.cat([out, plain])
+        return _project_out(attn, out, query.dtype)
 
 
 def self_attention_names(unet: torch.nn.Module) -> list[str]:

@@ -67,6 +67,7 @@ class ViewState:
 
     clip_length: int = 8
     middle_enabled: bool = False
+    middle_from_row: int = 0  # the middle module runs on rows [middle_from_row:] only (whole clips)
 
 
 class ViewModules(ModelMixin, ConfigMixin):
@@ -109,8 +110,13 @@ class ViewModules(ModelMixin, ConfigMixin):
                 if middle and not state.middle_enabled:
                     return output
                 sample = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
+                kept = None
+                if middle and state.middle_from_row:
+                    kept, sample = sample[:state.middle_from_row], sample[state.middle_from_row:]
                 for view_module in modules:
                     sample = view_module(sample, num_frames=state.clip_length)
+                if kept is not None:
+                    sample = torch.cat([kept, sample])
                 if isinstance(output, tuple):
                     return (sample,) + tuple(output[1:])
                 if hasattr(output, "sample"):
