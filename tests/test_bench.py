@@ -1,0 +1,59 @@
+"""python -m dp3d_core.bench at the tiny size: both modes recorded, the fast path does fewer FLOPs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dp3d_core import bench
+
+
+@pytest.fixture(scope="module")
+def record(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    previous = torch.get_num_threads()
+    path = tmp_path_factory.mktemp("bench") / "bench.json"
+    try:
+        assert bench.main(["--size", "tiny", "--steps", "1", "--threads", "1", "--json", str(path)]) == 0
+    finally:
+        torch.set_num_threads(previous)
+    return json.loads(path.read_text())
+
+
+def test_json_has_both_modes_with_positive_numbers(record: dict) -> None:
+    assert set(record["modes"]) == {"official", "fast"}
+    for mode in record["modes"].values():
+        for key in ("s_per_step", "s_per_frame", "s_per_frame_50_steps", "flops_per_step", "achieved_tflops"):
+            assert mode[key] > 0, key
+        assert mode["peak_memory_bytes"] >= 0 and mode["peak_memory_method"]
+        assert mode["timed_steps"] == 1
+    assert record["config"]["size"] == "tiny" and record["config"]["views"] == 8
+    assert record["machine"]["torch"] == torch.__version__
+
+
+def test_fast_needs_fewer_flops(record: dict) -> None:
+    official, fast = record["modes"]["official"]["flops_per_step"], record["modes"]["fast"]["flops_per_step"]
+    assert fast < official
+    assert record["ratio"]["flops_fast_over_official"] == pytest.approx(fast / official)
+    assert record["ratio"]["speedup_official_over_fast"] > 0
+
+
+def test_flop_count_includes_attention(record: dict) -> None:
+    """CPU SDPA is counted (torch's counter alone only knows the CUDA kernels)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q = torch.randn(2, 4, 64, 8)
+    bench._register_cpu_sdpa_flops()
+    with FlopCounterMode(display=False) as counter:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    assert counter.get_total_flops() == 2 * (2 * 2 * 4 * 64 * 64 * 8)
+
+
+def test_bad_requests_get_clear_errors(capsys) -> None:
+    with pytest.raises(bench.BenchError, match="steps"):
+        bench.run_bench("tiny", steps=0)
+    if not torch.cuda.is_available():
+        assert bench.main(["--size", "tiny", "--device", "cuda"]) == 2
+        assert "no CUDA" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--size", "huge"])
