@@ -189,6 +189,16 @@ def test_one_step_trains_only_the_stage_network(stage: str, dataset_root: Path, 
         assert all(torch.equal(before["unet"][k], after["unet"][k]) for k in before["unet"])  # F is locked
 
 
+@pytest.mark.parametrize("stage", ["1", "2", "3"])
+def test_view_modules_run_only_in_stage_3(stage: str, dataset_root: Path, tiny_model: Path, tmp_path: Path) -> None:
+    trainer = Trainer(config(stage, dataset_root, tiny_model, tmp_path, batch_size=1), resume=False)
+    calls = []
+    for module in trainer.components["view_modules"].down:
+        module.register_forward_pre_hook(lambda *_: calls.append(1))
+    trainer.train_step()
+    assert bool(calls) == (stage == "3")
+
+
 def test_vae_stage_step_and_export(dataset_root: Path, tiny_model: Path, tmp_path: Path) -> None:
     trainer = Trainer(config("vae", dataset_root, tiny_model, tmp_path, lr=1e-3, max_steps=1), resume=False)
     before = snapshot(trainer)["vae"]

@@ -106,9 +106,12 @@ def params_of(unet: UNet2DConditionModel, view_modules: ViewModules | None = Non
 def detach_view_modules(denoiser: DiffPortrait3DDenoiser) -> None:
     """Run F without the cross-view modules (stages 0-2: the paper adds them in stage 3), so any batch size
     works. Removes the forward hooks the denoiser registered on F."""
-    for handle in getattr(denoiser, "_hooks", []):
-        handle.remove()
-    denoiser._hooks = []
+    # The denoiser keeps its hook handles on F (``_dp3d_hooks``; older versions: ``_hooks`` on itself).
+    for holder, name in ((denoiser.unet, "_dp3d_hooks"), (denoiser, "_hooks")):
+        for handle in getattr(holder, name, None) or []:
+            handle.remove()
+        if hasattr(holder, name):
+            setattr(holder, name, [])
     denoiser.clip_length = 1
     denoiser.view_state.clip_length = 1
 
