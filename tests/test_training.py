@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from dp3d_core.cameras import from_label, intrinsics_from_focal, sample_lookat, to_label
-from training.config import ConfigError, make_config
+from training.config import ConfigError, load_config, make_config
 from training.data import DatasetError, MultiViewDataset, batch_for_step, read_labels, write_labels
 from training.models import TRAINABLE, params_of
 from training.train import Trainer, step_generator
@@ -154,6 +154,10 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         make_config({"data_root": "x", "batch_size": "two"}, "1")
     cfg = make_config({"data_root": "x", "lr": 1e-5, "stages": {"2": {"lr": 3e-4}}}, "2")
     assert cfg.lr == 3e-4 and make_config({"data_root": "x", "stages": {"2": {"lr": 3e-4}}}, "1").lr == 1e-5
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"data_root": "x", "max_steps": 5, "stages": {"2": {"max_steps": 7}}}))
+    assert load_config(path, "2").max_steps == 7
+    assert load_config(path, "2", {"max_steps": 9}).max_steps == 9  # the command line wins over the stage
 
 
 def test_params_of_reproduces_the_unet_layout() -> None:

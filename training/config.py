@@ -108,8 +108,9 @@ def _check(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def make_config(values: dict[str, Any], stage: str | int) -> TrainConfig:
-    """A checked config for ``stage`` from a dict (top-level defaults + ``stages`` overrides)."""
+def make_config(values: dict[str, Any], stage: str | int, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """A checked config for ``stage`` from a dict (top-level defaults, then ``stages[stage]``, then
+    ``overrides``, e.g. from the command line)."""
     stage = str(stage)
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
@@ -117,6 +118,7 @@ def make_config(values: dict[str, Any], stage: str | int) -> TrainConfig:
         raise ConfigError("a training config must be a JSON object")
     # keys starting with "_" are comments
     merged = {k: v for k, v in values.items() if k != "stages" and not k.startswith("_")}
+    cli = overrides
     overrides = (values.get("stages") or {})
     if not isinstance(overrides, dict):
         raise ConfigError("'stages' must map stage names (\"vae\", \"0\".. \"3\") to objects of overrides")
@@ -124,6 +126,7 @@ def make_config(values: dict[str, Any], stage: str | int) -> TrainConfig:
     if unknown_stages:
         raise ConfigError(f"'stages' has unknown stage(s) {unknown_stages}; use {', '.join(STAGES)}")
     merged.update({k: v for k, v in (overrides.get(stage) or {}).items() if not k.startswith("_")})
+    merged.update(cli or {})
     merged["stage"] = stage
     unknown = sorted(set(merged) - set(_FIELDS))
     if unknown:
@@ -164,6 +167,4 @@ def load_config(path: str | Path, stage: str | int, overrides: dict[str, Any] | 
         raise ConfigError(f"config file {path} not found (see configs/ for examples)") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
-    if overrides:
-        values = {**values, **overrides}
-    return make_config(values, stage)
+    return make_config(values, stage, overrides)
