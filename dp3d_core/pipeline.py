@@ -274,7 +274,10 @@ class DiffPortrait3DPipeline(DiffusionPipeline):
         old = getattr(self, "_dp3d_view_follow", None)
         if old is not None:
             old.remove()
-        self._dp3d_view_follow = unet.register_forward_pre_hook(lambda module, args: view_modules.to(target))
+
+        def bring_view_modules(module: torch.nn.Module, args: Any) -> None:
+            view_modules.to(target)
+        self._dp3d_view_follow = unet.register_forward_pre_hook(bring_view_modules)
 
     def initial_latents(self, noise: torch.Tensor, proxy_latents: torch.Tensor | None,
                         has_proxy: Sequence[bool], scheduler: SchedulerMixin) -> torch.Tensor:

@@ -204,3 +204,29 @@ def test_pipeline_fast_path_matches_official_fp32_and_batched_decode(components)
             pipe.disable_vae_slicing()
     assert batched.shape == (5, 8 * fast.shape[2], 8 * fast.shape[3], 3)
     np.testing.assert_allclose(batched, sliced, atol=1e-5)
+
+
+def test_model_cpu_offload_moves_view_modules_with_the_unet(components, monkeypatch):
+    """No GPU here: offload to "cpu" still runs diffusers' hook chain; the view modules must follow F's moves."""
+    comps = {k: copy.deepcopy(v) for k, v in components.items()}
+    fast, _, pipe = pipeline_runs(comps, steps=1)
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert not hasattr(pipe.view_modules, "_hf_hook")        # its own hook would never fire
+    moves: list[str] = []
+    original_to = type(pipe.view_modules).to
+
+    def spy_to(module, *args, **kwargs):
+        moves.append(str(args[0]) if args else str(kwargs.get("device")))
+        return original_to(module, *args, **kwargs)
+    monkeypatch.setattr(type(pipe.view_modules), "to", spy_to)
+    unet_calls: list[int] = []
+    pipe.unet.register_forward_pre_hook(lambda m, a: unet_calls.append(len(moves)) and None)
+    size = pipe.size_multiple()
+    rng = np.random.default_rng(0)
+    ref = rng.random((size, size, 3)).astype(np.float32)
+    conds = [rng.random((size, size, 3)).astype(np.float32) for _ in range(5)]
+    with torch.no_grad():
+        out = pipe(ref, conds, num_inference_steps=1, guidance_scale=3.0, seed=1, output_type="latent").images
+    assert rel(out, fast) <= RTOL
+    assert unet_calls and unet_calls[0] >= 1 and moves[0] == "cpu:0"    # brought to the execution device first
+    assert "cpu" in moves[unet_calls[0]:]                                # and sent back when F is offloaded
