@@ -311,3 +311,17 @@ def test_missing_init_model_is_a_clear_error(dataset_root: Path, tmp_path: Path)
     from training.train import TrainingError
     with pytest.raises(TrainingError, match="stage 2 starts from the model folder"):
         Trainer(config("2", dataset_root, tmp_path / "nope", tmp_path), resume=False)
+
+
+def test_shipped_small_model_loads_and_generates() -> None:
+    from dp3d_core.pipeline import DiffPortrait3DPipeline
+
+    folder = Path(__file__).resolve().parents[1] / "models" / "small"
+    total = sum(f.stat().st_size for f in folder.rglob("*.safetensors"))
+    assert total <= 20 * 2**20
+    pipe = DiffPortrait3DPipeline.from_model_folder(folder)
+    rng = np.random.default_rng(0)
+    ref = rng.random((64, 64, 3)).astype(np.float32)
+    conds = [rng.random((64, 64, 3)).astype(np.float32) for _ in range(2)]
+    out = pipe(ref, conds, num_inference_steps=2, guidance_scale=2.0, seed=0, output_type="np").images
+    assert out.shape == (2, 64, 64, 3) and np.isfinite(out).all() and out.std() > 0.01
