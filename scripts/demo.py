@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--frames", type=int, default=16, help="turntable frames (default 16)")
-    parser.add_argument("--steps", type=int, default=3, help="denoising steps (default 3)")
+    parser.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
     parser.add_argument("--size", type=int, default=64, help="frame size in px, a multiple of 64 (default 64)")
     args = parser.parse_args(argv)
     out = Path(args.out).expanduser().resolve()
