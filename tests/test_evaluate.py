@@ -1,0 +1,171 @@
+"""training.evaluate: metrics on known inputs, and the command end to end on a tiny dataset + tiny model."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dp3d_core.cameras import intrinsics_from_focal, sample_lookat, to_label
+from training import evaluate as ev
+from training.data import write_labels
+
+
+def test_psnr_identical_is_capped_and_known_value() -> None:
+    x = torch.rand(2, 3, 16, 16)
+    assert torch.allclose(ev.psnr(x, x), torch.full((2,), ev.PSNR_CAP))
+    # a constant error of 0.1 -> MSE 0.01 -> 20 dB
+    y = (x * 0.5 + 0.1)
+    assert torch.allclose(ev.psnr(x * 0.5, y), torch.full((2,), 20.0), atol=1e-4)
+
+
+def test_ssim_identity_and_ordering() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 32, 32, generator=g)
+    assert torch.allclose(ev.ssim(x, x), torch.ones(3), atol=1e-5)
+    slightly = (x + 0.05 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    very = (x + 0.4 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    s1, s2 = ev.ssim(x, slightly), ev.ssim(x, very)
+    assert (s1 < 0.999).all() and (s2 < s1).all()
+    assert (ev.ssim(x, 1 - x) < 0.2).all()   # anti-correlated structure scores low
+
+
+def test_ssim_rejects_images_smaller_than_window() -> None:
+    with pytest.raises(ev.EvaluationError, match="smaller than"):
+        ev.ssim(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8))
+
+
+def test_gaussian_window_sums_to_one() -> None:
+    w = ev.gaussian_window(11, 1.5)
+    assert w.shape == (11, 11) and abs(float(w.sum()) - 1) < 1e-6 and float(w[5, 5]) == float(w.max())
+
+
+def _disc_image(size: int, centre: tuple[int, int], radius: int, bg: tuple[float, ...], fg: tuple[float, ...]):
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    inside = (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2
+    img = torch.tensor(bg).view(3, 1, 1).expand(3, size, size).clone()
+    img[:, inside] = torch.tensor(fg).view(3, 1)
+    return img, inside
+
+
+def test_head_mask_and_iou_on_known_masks() -> None:
+    img, inside = _disc_image(32, (16, 16), 8, (0.2, 0.6, 0.3), (0.9, 0.7, 0.6))
+    mask = ev.head_mask(img[None])[0]
+    assert torch.equal(mask, inside)
+    a = torch.zeros(1, 4, 4, dtype=torch.bool)
+    b = torch.zeros(1, 4, 4, dtype=torch.bool)
+    a[0, :2] = True          # 8 pixels
+    b[0, 1:3] = True         # 8 pixels, 4 shared -> IoU 4 / 12
+    assert math.isclose(float(ev.mask_iou(a, b)[0]), 1 / 3, rel_tol=1e-6)
+    assert float(ev.mask_iou(a, a)[0]) == 1.0
+    empty = torch.zeros(1, 4, 4, dtype=torch.bool)
+    assert float(ev.mask_iou(empty, empty)[0]) == 1.0
+    assert float(ev.mask_iou(a, empty)[0]) == 0.0
+
+
+def test_consecutive_difference_and_consistency_ratio() -> None:
+    views = torch.stack([torch.full((3, 16, 16), v) for v in (0.0, 0.1, 0.3)])
+    assert math.isclose(ev.consecutive_difference(views), 0.15, rel_tol=1e-6)
+    s = ev.score(views, views)
+    assert s["psnr"] == ev.PSNR_CAP and math.isclose(s["ssim"], 1.0, abs_tol=1e-5)
+    assert math.isclose(s["consistency_ratio"], 1.0)
+    still = views[:1].expand(3, -1, -1, -1)
+    assert ev.score(still, views)["consistency_ratio"] == 0.0
+
+
+def _tiny_dataset(root: Path, identities: int = 2, views: int = 9, size: int = 64) -> Path:
+    """Coloured discs on coloured backgrounds; the disc moves with the camera yaw."""
+    rng = np.random.default_rng(0)
+    entries = []
+    for i in range(identities):
+        bg, fg = tuple(rng.uniform(0, 1, 3)), tuple(rng.uniform(0, 1, 3))
+        for v in range(views):
+            yaw = 0.0 if v == 0 else float(rng.uniform(-0.7, 0.7))
+            rel = f"id{i:03d}/v{v:02d}.png"
+            shift = int(round(yaw * 12))
+            for sub, (b, f) in (("", (bg, fg)), ("cond/", ((0.5, 0.5, 0.5), (0.8, 0.8, 0.8)))):
+                img, _ = _disc_image(size, (size // 2, size // 2 + shift), size // 4, b, f)
+                path = root / sub / rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray((img.permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(path)
+            entries.append((rel, to_label(sample_lookat(math.pi / 2 + yaw, math.pi / 2), intrinsics_from_focal())))
+    write_labels(root, entries)
+    return root
+
+
+def test_load_samples_sorts_targets_by_azimuth(tmp_path: Path) -> None:
+    data = _tiny_dataset(tmp_path / "data")
+    samples = ev.load_samples(data, identities=5, views=8, size=64)
+    assert [s.name for s in samples] == ["id000", "id001"]
+    s = samples[0]
+    assert s.truth.shape == (8, 3, 64, 64) and s.conditions.shape == (8, 3, 64, 64) and s.proxies is None
+    # the disc centre moves right with the azimuth: its column of mass never decreases along the window
+    cols = [float((ev.head_mask(t[None])[0].float().sum(0) * torch.arange(64)).sum()
+                  / ev.head_mask(t[None])[0].float().sum()) for t in s.truth]
+    assert all(b >= a - 1e-6 for a, b in zip(cols, cols[1:]))
+    assert float(s.truth.min()) >= 0 and float(s.truth.max()) <= 1
+
+
+def test_load_samples_too_few_views_is_a_clear_error(tmp_path: Path) -> None:
+    data = _tiny_dataset(tmp_path / "data", identities=1, views=4)
+    with pytest.raises(ev.EvaluationError, match="9 readable views"):
+        ev.load_samples(data, identities=1, views=8, size=64)
+    with pytest.raises(ev.EvaluationError, match="cannot read the dataset"):
+        ev.load_samples(tmp_path / "nowhere", identities=1, views=8, size=64)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: two threads on a loaded 2-core machine can slow these runs down a hundredfold."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from dp3d_core.tiny import make_tiny_model_folder
+    return make_tiny_model_folder(tmp_path_factory.mktemp("tiny") / "model", seed=0, sample_size=8)
+
+
+def test_command_runs_on_tiny_model(tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture,
+                                    one_thread: None) -> None:
+    from dp3d_core.tiny import make_tiny_model_folder
+    data = _tiny_dataset(tmp_path / "data")
+    stage0 = make_tiny_model_folder(tmp_path / "stage0", seed=1, sample_size=8)
+    md, grid = tmp_path / "out" / "eval.md", tmp_path / "out" / "grid.png"
+    rc = ev.main(["--model", str(tiny_model), "--data", str(data), "--identities", "2", "--steps", "2",
+                  "--stage0-model", str(stage0), "--threads", "1", "--out-md", str(md), "--out-grid", str(grid)])
+    assert rc == 0
+    table = md.read_text()
+    for label in ev.METHODS.values():
+        assert f"| {label} |" in table
+    assert "python -m training.evaluate --model" in table
+    assert "condition images (no proxy/" in table
+    # reference baseline: the same image 8 times -> consistency ratio 0; proxy baseline = the condition images
+    assert "| baseline: reference copied unchanged |" in table
+    with Image.open(grid) as im:
+        # 2 identities x 6 rows, reference + 8 views
+        assert im.size[1] == 12 * (64 + 2) + 2 and im.size[0] == 72 + 9 * (64 + 2) + 2
+    assert "identity id001" in capsys.readouterr().err
+
+
+def test_ablations_change_the_output(tmp_path: Path, tiny_model: Path, one_thread: None) -> None:
+    from dp3d_core.tiny import make_tiny_model_folder
+    data = _tiny_dataset(tmp_path / "data", identities=1)
+    stage0 = make_tiny_model_folder(tmp_path / "stage0", seed=1, sample_size=8)
+    result = ev.evaluate(tiny_model, data, identities=1, steps=2, stage0_model=stage0)
+    out = {k: v[0] for k, v in result["outputs"].items()}
+    assert torch.equal(out["proxy"], result["samples"][0].conditions)
+    for variant in ("aware_noise", "no_view_modules", "no_stage1"):
+        assert not torch.allclose(out[variant], out["full"]), variant
+    assert result["scores"]["reference"]["consistency_ratio"] == 0.0
+
+
+def test_bad_model_folder_is_a_clear_error(tmp_path: Path) -> None:
+    data = _tiny_dataset(tmp_path / "data", identities=1)
+    assert ev.main(["--model", str(tmp_path / "missing"), "--data", str(data)]) == 2
