@@ -152,6 +152,10 @@ def test_command_runs_on_tiny_model(tmp_path: Path, tiny_model: Path, capsys: py
         # 2 identities x 6 rows, reference + 8 views
         assert im.size[1] == 12 * (64 + 2) + 2 and im.size[0] == 72 + 9 * (64 + 2) + 2
     assert "identity id001" in capsys.readouterr().err
+    small = tmp_path / "out" / "small.png"
+    ev.save_eval_grid(ev.evaluate(tiny_model, data, identities=1, steps=1), small, palette=True)
+    with Image.open(small) as im:
+        assert im.mode == "P" and im.size[1] == 5 * (64 + 2) + 2   # no stage-0 model: no "no stage 1" row
 
 
 def test_ablations_change_the_output(tmp_path: Path, tiny_model: Path, one_thread: None) -> None:

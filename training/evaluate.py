@@ -284,8 +284,9 @@ GRID_ROWS = (("condition", "proxy"), ("truth", None), ("model", "full"), ("3D no
 
 
 def save_eval_grid(result: dict[str, Any], path: str | Path, identities: int | None = None, pad: int = 2,
-                   label_width: int = 72) -> Path:
-    """Per identity a block of rows (condition, truth, model, variants), the reference in the first column."""
+                   label_width: int = 72, palette: bool = False) -> Path:
+    """Per identity a block of rows (condition, truth, model, variants), the reference in the first column.
+    ``palette``: save as a 256-colour PNG (about a third of the size, for the docs)."""
     samples: list[Sample] = result["samples"][:identities]
     outputs = result["outputs"]
     rows: list[tuple[str, torch.Tensor | None, torch.Tensor]] = []
@@ -312,6 +313,8 @@ def save_eval_grid(result: dict[str, Any], path: str | Path, identities: int | N
             grid.paste(Image.fromarray(to_uint8(tile[None] * 2 - 1)[0]), (x, y))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if palette:
+        grid = grid.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
     grid.save(path, optimize=True)
     return path
 
@@ -323,6 +326,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--out-md", help="markdown table to write")
     parser.add_argument("--out-grid", help="image grid PNG to write")
     parser.add_argument("--grid-identities", type=int, default=3, help="identities shown in the grid")
+    parser.add_argument("--grid-palette", action="store_true", help="256-colour grid PNG (smaller)")
     parser.add_argument("--stage0-model", help="the run's stage-0 model folder (for the no-stage-1 ablation)")
     parser.add_argument("--identities", type=int, default=6)
     parser.add_argument("--views", type=int, default=8)
@@ -349,7 +353,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         Path(args.out_md).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out_md).write_text(table)
     if args.out_grid:
-        save_eval_grid(result, args.out_grid, args.grid_identities)
+        save_eval_grid(result, args.out_grid, args.grid_identities, palette=args.grid_palette)
     print(table)
     print(json.dumps({"scores": result["scores"], "notes": result["notes"]}))
     return 0
