@@ -106,12 +106,25 @@ class DiffPortrait3DPipeline(DiffusionPipeline):
         self.vae_batch_size = CLIP_LENGTH  # views per VAE decode call (1 = VAE slicing)
 
     @classmethod
-    def from_model_folder(cls, path: Any, device: str | torch.device = "cpu",
-                          dtype: torch.dtype = torch.float32) -> "DiffPortrait3DPipeline":
-        """Load a model folder (see :mod:`dp3d_core.model_folder`); raises ``ModelFolderError``."""
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, device: str | torch.device = "cpu",
+                        torch_dtype: torch.dtype = torch.float32, **kwargs: Any) -> "DiffPortrait3DPipeline":
+        """Load a local model folder (see :mod:`dp3d_core.model_folder`); nothing is downloaded.
+
+        Raises ``ModelFolderError`` naming a missing or broken component.
+        """
         from .model_folder import load_model_folder
 
-        return cls(**load_model_folder(path, device=device, dtype=dtype))
+        if kwargs:
+            raise TypeError(f"unsupported argument(s) {sorted(kwargs)}; this pipeline takes device and torch_dtype")
+        return cls(**load_model_folder(pretrained_model_name_or_path, device=device, dtype=torch_dtype))
+
+    def save_pretrained(self, save_directory: Any, overwrite: bool = False, **kwargs: Any) -> None:
+        """Write the pipeline as a model folder (the format ``from_pretrained`` reads)."""
+        from .model_folder import save_model_folder
+
+        if kwargs:
+            raise TypeError(f"unsupported argument(s) {sorted(kwargs)}")
+        save_model_folder(self.components, save_directory, overwrite=overwrite)
 
     # ------------------------------------------------------------ parts
 

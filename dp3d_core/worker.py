@@ -117,7 +117,7 @@ def load_pipeline(folder: str, device: Any, dtype: Any) -> Any:
     from .pipeline import DiffPortrait3DPipeline
 
     try:
-        pipe = DiffPortrait3DPipeline.from_model_folder(path, device=device, dtype=dtype)
+        pipe = DiffPortrait3DPipeline.from_pretrained(path, device=device, torch_dtype=dtype)
     except model_folder.ModelFolderError as exc:
         raise WorkerError(f"the model folder {path} cannot be used: {exc}",
                           "re-convert or re-download the model; the folder needs model_index.json, unet/, "

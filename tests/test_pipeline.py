@@ -16,7 +16,7 @@ def pipe(tmp_path_factory: pytest.TempPathFactory) -> DiffPortrait3DPipeline:
     from dp3d_core.tiny import make_tiny_model_folder
 
     folder = make_tiny_model_folder(tmp_path_factory.mktemp("tiny") / "model", seed=0)
-    return DiffPortrait3DPipeline.from_model_folder(folder)
+    return DiffPortrait3DPipeline.from_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
@@ -236,3 +236,14 @@ def test_callback_cancel_stops(pipe: DiffPortrait3DPipeline, size: int, monkeypa
     with pytest.raises(Cancelled):
         pipe(ref, conds, num_inference_steps=3, seed=0, callback_on_window=on_window)
     assert seen == [(0, 3, 0, 2), (0, 3, 1, 2), (1, 3, 0, 2)]
+
+
+def test_save_pretrained_round_trip(pipe: DiffPortrait3DPipeline, size: int, tmp_path: Path) -> None:
+    pipe.save_pretrained(tmp_path / "copy")
+    again = DiffPortrait3DPipeline.from_pretrained(tmp_path / "copy")
+    refs, conds = images(1, size, 1), images(8, size, 2)
+    a = pipe(refs, conds, num_inference_steps=2, seed=3, output_type="latent").images
+    b = again(refs, conds, num_inference_steps=2, seed=3, output_type="latent").images
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    with pytest.raises(TypeError, match="unsupported"):
+        DiffPortrait3DPipeline.from_pretrained(tmp_path / "copy", revision="main")

@@ -319,7 +319,7 @@ def test_shipped_small_model_loads_and_generates() -> None:
     folder = Path(__file__).resolve().parents[1] / "models" / "small"
     total = sum(f.stat().st_size for f in folder.rglob("*.safetensors"))
     assert total <= 20 * 2**20
-    pipe = DiffPortrait3DPipeline.from_model_folder(folder)
+    pipe = DiffPortrait3DPipeline.from_pretrained(folder)
     rng = np.random.default_rng(0)
     ref = rng.random((64, 64, 3)).astype(np.float32)
     conds = [rng.random((64, 64, 3)).astype(np.float32) for _ in range(2)]

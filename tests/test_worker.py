@@ -92,7 +92,7 @@ def test_run_resume_cancel(tmp_path: Path, model_folder: Path) -> None:
     # the worker's frames are the pipeline's output for the job's settings
     from dp3d_core.images import load_rgb
     from dp3d_core.pipeline import DiffPortrait3DPipeline
-    pipe = DiffPortrait3DPipeline.from_model_folder(model_folder)
+    pipe = DiffPortrait3DPipeline.from_pretrained(model_folder)
     conds = [load_rgb(job_dir / f"cond_{i}.png", SIZE) for i in range(3)]
     expected = pipe([load_rgb(job_dir / "ref.png", SIZE)], conds, proxy_images=[None, conds[0], None],
                     num_inference_steps=2, seed=3, output_type="np").images
