@@ -18,6 +18,7 @@ modes (official, fast, official, ...) so that load from other processes on a sha
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -265,6 +266,23 @@ def _machine(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+
+@contextlib.contextmanager
+def _cpu_settings(threads: int | None, flush_denormal: bool):
+    """Thread count and denormal flushing for the run only (random weights make denormals, which are slow on
+    CPUs); both are process-wide, so they are put back afterwards."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    if flush_denormal:
+        torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+        if flush_denormal:
+            torch.set_flush_denormal(False)
+
 def run_bench(size: str = "mid", dtype: str = "fp32", device: str = "cpu", steps: int = 3,
               channels_last: bool = False, compile: bool = False, threads: int | None = None) -> dict[str, Any]:
     """Both modes on one set of networks; returns the JSON-able record."""
@@ -279,10 +297,11 @@ def run_bench(size: str = "mid", dtype: str = "fp32", device: str = "cpu", steps
         raise BenchError("CUDA was asked for but torch sees no CUDA device; use --device cpu")
     if dev.type not in ("cpu", "cuda"):
         raise BenchError(f"unsupported device {device!r}; use cpu or cuda")
-    if threads:
-        torch.set_num_threads(threads)
-    if dev.type == "cpu":
-        torch.set_flush_denormal(True)
+    with _cpu_settings(threads, flush_denormal=dev.type == "cpu"):
+        return _measure(size, dtype, dev, steps, channels_last, compile)
+
+
+def _measure(size: str, dtype: str, dev: torch.device, steps: int, channels_last: bool, compile: bool) -> dict:
     load_start = _loadavg()
     torch_dtype = DTYPES[dtype]
     denoiser = build_denoiser(size, dev, torch_dtype)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,7 +29,7 @@ from dp3d_core.cameras import (
     yaw_pitch_from_cam2world,
 )
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "eg3d_reference_poses.json"
+from tests.conftest import EG3D_POSES as FIXTURE
 PROPS = settings(max_examples=100, deadline=None)
 
 

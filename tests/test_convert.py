@@ -13,17 +13,9 @@ from dp3d_core.convert import (CLIP_EMPTY_PROMPT_IDS, ConversionError, build_net
 from dp3d_core.model_folder import NETWORKS, ModelFolderError, load_model_folder, make_denoiser
 from dp3d_core.models.config import official_params
 
-FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "parity"
-if not FIXTURE.is_dir():
-    FIXTURE = Path("/work/shared/fixtures/parity")
+from tests.conftest import PARITY_FIXTURE as FIXTURE
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

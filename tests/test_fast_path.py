@@ -19,28 +19,13 @@ from dp3d_core.model_folder import make_denoiser
 from dp3d_core.models import DiffPortrait3DDenoiser
 from dp3d_core.pipeline import DiffPortrait3DPipeline
 from dp3d_core.schedulers import make_scheduler
-from dp3d_core.tiny import make_tiny_components
 
 H, W = 8, 12  # latent size, non-square on purpose
 RTOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
-@pytest.fixture(scope="module")
-def components():
-    return make_tiny_components(seed=0)
-
-
-@pytest.fixture(scope="module")
-def denoiser(components) -> DiffPortrait3DDenoiser:
-    return make_denoiser(components)
 
 
 @pytest.fixture(scope="module")

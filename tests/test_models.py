@@ -5,29 +5,14 @@ import pytest
 import torch
 
 from dp3d_core.model_folder import NETWORKS, ModelFolderError, load_model_folder, make_denoiser
-from dp3d_core.models import DiffPortrait3DDenoiser, ModelInputError
-from dp3d_core.tiny import make_tiny_components, make_tiny_model_folder
+from dp3d_core.models import ModelInputError
+from dp3d_core.tiny import make_tiny_model_folder
 
 H, W = 8, 12  # latent size (non-square on purpose)
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two OpenMP threads on a busy 2-core machine spin for seconds."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
-@pytest.fixture(scope="module")
-def components():
-    return make_tiny_components(seed=0)
-
-
-@pytest.fixture(scope="module")
-def denoiser(components) -> DiffPortrait3DDenoiser:
-    return make_denoiser(components)
 
 
 @pytest.fixture(scope="module")

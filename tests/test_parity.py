@@ -1,26 +1,15 @@
 """Numerical parity with the official DiffPortrait3D code on the shared reduced-size fixture."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
-import torch
 
 from dp3d_core.parity import ParityError, TOLERANCES, run_parity
 
-FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "parity"
-if not FIXTURE.is_dir():
-    FIXTURE = Path("/work/shared/fixtures/parity")
+from tests.conftest import PARITY_FIXTURE as FIXTURE
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two OpenMP threads on a busy 2-core machine spin for seconds."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 @pytest.fixture(scope="module")
 def result():

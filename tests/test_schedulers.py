@@ -1,7 +1,6 @@
 """The default sampler against the official DDIM sampler's own numbers (parity fixture)."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from dp3d_core.schedulers import (
     official_ddim_timesteps,
 )
 
-PARITY = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "parity"
+from tests.conftest import PARITY_FIXTURE as PARITY
 
 
 @pytest.fixture(scope="module")

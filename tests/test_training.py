@@ -22,13 +22,6 @@ from training.train import Trainer, step_generator
 SIZE = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # OpenMP threads spin against each other on a busy 2-core box; one thread is many times faster here.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 IDENTITIES = 3
 VIEWS = 9
 

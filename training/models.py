@@ -14,7 +14,7 @@ import torch
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from torch import nn
 
-from dp3d_core.models.config import HINT_ENCODER_CHANNELS, network_configs, official_params
+from dp3d_core.models.config import network_configs, official_params
 from dp3d_core.models.denoiser import DiffPortrait3DDenoiser
 from dp3d_core.models.prompt_embedding import PromptEmbedding
 from dp3d_core.models.view_modules import ViewModules

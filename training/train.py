@@ -35,7 +35,7 @@ from .data import DatasetError, MultiViewDataset, batch_for_step
 from .models import (detach_view_modules, fresh_components, hand_over_from_unet, make_vae, params_of,
                      set_trainable)
 from .stages import StageInputs, prepare_inputs, stage_loss
-from .validate import decode, sample_views, save_grid
+from .validate import sample_views, save_grid
 
 log = logging.getLogger("training")
 
