@@ -18,7 +18,8 @@ import bpy
 
 from . import preferences
 from .core import CORE_PARENT, job as jobspec
-from .poses import FramePose, PoseError, check_writable_folder, scene_poses, write_dataset
+from .poses import FramePose, PoseError, scene_poses, write_dataset
+from .poses import output_folder as poses_output_folder
 from .properties import active_camera, frame_range
 from .reference_check import ReferenceImageError, check_reference
 
@@ -56,15 +57,9 @@ class PreparedJob:
 # ---------------------------------------------------------------- checks
 
 def output_folder(scene: bpy.types.Scene) -> Path:
-    """The settings' output folder as an absolute, writable folder."""
-    folder = scene.portrait3d.output_folder.strip()
-    if not folder:
-        raise JobSetupError("No output folder: set Output Folder in the Portrait 3D panel.")
-    if folder.startswith("//") and not bpy.data.filepath:
-        raise JobSetupError("The output folder is relative to the .blend file, which is not saved yet: "
-                            "save the file or choose an absolute output folder.")
+    """The settings' output folder as an absolute, writable folder (JobSetupError otherwise)."""
     try:
-        return check_writable_folder(Path(bpy.path.abspath(folder)))
+        return poses_output_folder(scene)
     except PoseError as exc:
         raise JobSetupError(str(exc)) from None
 

@@ -9,21 +9,10 @@ from bpy.props import FloatProperty, StringProperty
 
 from . import frame_import, job_runner, preferences, rig
 from .worker_process import BackgroundCommand, WorkerStartError, check_worker_python
-from .poses import FramePose, PoseError, check_writable_folder, scene_poses, write_dataset
+from .poses import FramePose, PoseError, output_folder, scene_poses, write_dataset
 from .properties import active_camera, frame_range
 
 _MAX_LISTED_WARNINGS = 5
-
-
-def _output_folder(scene: bpy.types.Scene) -> str:
-    """Absolute output folder, or PoseError when it cannot be resolved."""
-    folder = scene.portrait3d.output_folder.strip()
-    if not folder:
-        raise PoseError("No output folder: set Output Folder in the Portrait 3D panel.")
-    if folder.startswith("//") and not bpy.data.filepath:
-        raise PoseError("The output folder is relative to the .blend file, which is not saved yet: "
-                        "save the file or choose an absolute output folder.")
-    return bpy.path.abspath(folder)
 
 
 def export_blocker(scene: bpy.types.Scene) -> str | None:
@@ -49,7 +38,7 @@ def export_poses(scene: bpy.types.Scene) -> tuple[Path, list[FramePose]]:
         raise PoseError("No camera: add a turntable, set the scene camera, or pick a camera in the settings.")
     if end < start:
         raise PoseError(f"The frame range {start}-{end} is empty: make End greater than or equal to Start.")
-    folder = check_writable_folder(_output_folder(scene))
+    folder = output_folder(scene)
     poses = scene_poses(scene, camera, s.head_anchor, range(start, end + 1))
     return write_dataset(folder, poses), poses
 
@@ -262,12 +251,11 @@ class PORTRAIT3D_OT_cancel(bpy.types.Operator):
 
 def frames_on_disk(scene: bpy.types.Scene) -> frame_import.FrameSequence:
     """The output folder's frames for the settings' frame range (FrameImportError when missing)."""
-    from .job_writer import JobSetupError, output_folder
     from .poses import frame_filename
 
     try:
         out = output_folder(scene)
-    except JobSetupError as exc:
+    except PoseError as exc:
         raise frame_import.FrameImportError(str(exc)) from None
     start, end = frame_range(scene)
     if end < start:

@@ -141,6 +141,17 @@ def check_writable_folder(folder: str | os.PathLike) -> Path:
     return path
 
 
+def output_folder(scene: "bpy.types.Scene") -> Path:
+    """The settings' output folder as an absolute, writable folder; PoseError says what to fix."""
+    folder = scene.portrait3d.output_folder.strip()
+    if not folder:
+        raise PoseError("No output folder: set Output Folder in the Portrait 3D panel.")
+    if folder.startswith("//") and not bpy.data.filepath:
+        raise PoseError("The output folder is relative to the .blend file, which is not saved yet: "
+                        "save the file or choose an absolute output folder.")
+    return check_writable_folder(bpy.path.abspath(folder))
+
+
 def write_dataset(folder: str | os.PathLike, poses: Iterable[FramePose]) -> Path:
     """Write ``dataset.json`` into ``folder`` (atomically); return its path."""
     path = check_writable_folder(folder) / DATASET_FILE
