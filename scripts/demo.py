@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PORTRAIT = ROOT.parent / "shared" / "fixtures" / "official_samples" / "portraits" / "0000028.png"
+# A portrait from the official DiffPortrait3D samples (MIT, see examples/LICENSE.official-samples).
+PORTRAIT = ROOT / "examples" / "portrait_0000028.png"
 USER_RESOURCES = ROOT / "build" / "demo_blender_user"
 TINY_MODEL = ROOT / "build" / "demo_tiny_model"
 TRAINED_MODEL = ROOT / "models" / "small"
