@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not PORTRAIT.is_file():
         print(f"demo: the example portrait is missing: {PORTRAIT}\n"
-              "demo: the repository expects the shared fixtures folder beside it (../shared/fixtures).",
+              "demo: it ships with the repository (examples/); restore it with git checkout -- examples",
               file=sys.stderr)
         return 2
 
