@@ -147,16 +147,22 @@ class DiffPortrait3DDenoiser(nn.Module):
                                   f"latent size, {8 * h}x{8 * w}")
         return refs, self._timesteps(t, batch, x.device), self._context(context, batch)
 
+    def _prepare_conditional(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                             refs: Sequence[torch.Tensor], condition: torch.Tensor):
+        """Fill the reference bank (F_ref), switch F to reading it, and return F_cam's (down, mid) residuals."""
+        self.write_reference_bank(refs, t, context)
+        down, mid = self.view_controlnet(x, t, encoder_hidden_states=context, controlnet_cond=condition,
+                                         return_dict=False)
+        self.bank.reading = True
+        return down, mid
+
     def eps_cond(self, x: torch.Tensor, t: int | torch.Tensor, context: torch.Tensor,
                  reference_latents: torch.Tensor | Sequence[torch.Tensor], condition: torch.Tensor) -> torch.Tensor:
         """Conditional eps: x [B,4,h,w] (B = clips x 8, rows = views), condition [B,3,8h,8w] in [-1, 1]."""
         refs, t, context = self._conditional_inputs(x, t, context, reference_latents, condition)
         self._bind()
         try:
-            self.write_reference_bank(refs, t, context)
-            down, mid = self.view_controlnet(x, t, encoder_hidden_states=context, controlnet_cond=condition,
-                                             return_dict=False)
-            self.bank.reading = True
+            down, mid = self._prepare_conditional(x, t, context, refs, condition)
             self.view_state.middle_enabled = False
             return self.unet(x, t, encoder_hidden_states=context, down_block_additional_residuals=down,
                              mid_block_additional_residual=mid, return_dict=False)[0]
@@ -212,10 +218,7 @@ class DiffPortrait3DDenoiser(nn.Module):
         batch = x.shape[0]
         self._bind()
         try:
-            self.write_reference_bank(refs, t, context)
-            down, mid = self.view_controlnet(x, t, encoder_hidden_states=context, controlnet_cond=condition,
-                                             return_dict=False)
-            self.bank.reading = True
+            down, mid = self._prepare_conditional(x, t, context, refs, condition)
             if g == 1.0 or not batch_passes:
                 self.view_state.middle_enabled = False
                 e = self.unet(x, t, encoder_hidden_states=context, down_block_additional_residuals=down,
