@@ -76,11 +76,10 @@ def _register_cpu_sdpa_flops() -> None:
         return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-def build_denoiser(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """A DiffPortrait3DDenoiser with random weights at ``size`` (built directly on ``device``)."""
+def build_networks(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> list[torch.nn.Module]:
+    """F, F_ref, F_cam and the view modules with random weights at ``size`` (built directly on ``device``)."""
     from diffusers import ControlNetModel, UNet2DConditionModel
 
-    from .models.denoiser import DiffPortrait3DDenoiser
     from .models.view_modules import ViewModules
 
     configs = network_configs(official_params(SIZES[size].overrides))
@@ -88,8 +87,14 @@ def build_denoiser(size: str, device: torch.device, dtype: torch.dtype, seed: in
     with torch.device(device):
         nets = [UNet2DConditionModel(**configs["unet"]), UNet2DConditionModel(**configs["reference_unet"]),
                 ControlNetModel(**configs["view_controlnet"]), ViewModules(**configs["view_modules"])]
-    nets = [n.to(dtype).eval().requires_grad_(False) for n in nets]
-    return DiffPortrait3DDenoiser(*nets, clip_length=VIEWS)
+    return [n.to(dtype).eval().requires_grad_(False) for n in nets]
+
+
+def build_denoiser(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """A DiffPortrait3DDenoiser with random weights at ``size``."""
+    from .models.denoiser import DiffPortrait3DDenoiser
+
+    return DiffPortrait3DDenoiser(*build_networks(size, device, dtype, seed), clip_length=VIEWS)
 
 
 def make_inputs(denoiser, size: str, device: torch.device, dtype: torch.dtype, seed: int = 1) -> dict[str, Any]:

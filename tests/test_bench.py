@@ -57,3 +57,26 @@ def test_bad_requests_get_clear_errors(capsys) -> None:
         assert "no CUDA" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench.main(["--size", "huge"])
+
+
+def test_pipeline_options_run_and_reset() -> None:
+    """Every option runs a real pipeline call; options are undone before the next (default twice = same state)."""
+    from dp3d_core import bench_options
+
+    record = bench_options.run_options("tiny", "fp32", "cpu", steps=1,
+                                       names=["default", "sequential-passes", "attention-slicing", "vae-slicing",
+                                              "model-offload"])
+    options = record["options"]
+    assert options["model-offload"] == {"what": bench_options.OPTIONS["model-offload"].what,
+                                        "skipped": "needs a CUDA device"}
+    for name in ("default", "sequential-passes", "attention-slicing", "vae-slicing"):
+        assert options[name]["s_per_call"] > 0 and options[name]["steps"] == 1
+    table = bench_options.format_table(record)
+    assert "attention-slicing" in table and "skipped" in table
+
+
+def test_pipeline_options_bad_requests(capsys) -> None:
+    from dp3d_core import bench_options
+
+    assert bench_options.main(["--options", "nonsense"]) == 2
+    assert "unknown option(s) nonsense" in capsys.readouterr().err

@@ -318,3 +318,23 @@ def test_shipped_small_model_loads_and_generates() -> None:
     conds = [rng.random((64, 64, 3)).astype(np.float32) for _ in range(2)]
     out = pipe(ref, conds, num_inference_steps=2, guidance_scale=2.0, seed=0, output_type="np").images
     assert out.shape == (2, 64, 64, 3) and np.isfinite(out).all() and out.std() > 0.01
+
+
+def test_max_minutes_ends_the_stage_with_a_model(dataset_root: Path, tiny_model: Path, tmp_path: Path) -> None:
+    trainer = Trainer(config("1", dataset_root, tiny_model, tmp_path, max_steps=1000, max_minutes=1e-9),
+                      resume=False)
+    out = trainer.run()
+    assert trainer.progress.step == 1  # the budget was spent after the first step
+    assert out == tmp_path / "stage1" / "model" and (out / "model_index.json").is_file()
+    assert (tmp_path / "stage1" / "validation" / "step_0000001.png").is_file()
+
+
+def test_image_cache_reads_each_file_once(tmp_path: Path) -> None:
+    make_dataset(tmp_path)
+    data = MultiViewDataset(tmp_path, size=SIZE, num_targets=2, cache_images=True)
+    rng = np.random.default_rng(0)
+    first = data.sample(0, rng)
+    for rel in [first["reference_path"], *first["paths"]]:
+        (tmp_path / rel).unlink()  # the cached pixels must be used from now on
+    again = data._load(first["reference_path"])
+    assert torch.equal(again, first["reference"]) and not data.problems

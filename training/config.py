@@ -47,6 +47,7 @@ class TrainConfig:
     batch_size: int = 4                # samples (identities) per micro-batch; stage 3: clips of num_targets views
     grad_accum: int = 1
     max_steps: int = 1000              # optimizer steps
+    max_minutes: float = 0.0           # wall-clock budget of one run (0: none); reaching it ends the stage too
     num_targets: int = 1               # target views per sample (stage 3: the clip length, 8)
     uncond_prob: float = 0.0           # CFG dropout: a sample/clip trains the unconditional pass instead
     mixed_precision: str = "no"        # "no", "fp16", "bf16"
@@ -62,6 +63,7 @@ class TrainConfig:
     seed: int = 0
     device: str = ""                   # "" lets accelerate choose; "cpu" forces the CPU
     cache_latents: bool = False        # keep each image's VAE posterior (mean, std) in memory after first use
+    cache_images: bool = False         # keep each decoded image in memory after first use (small datasets)
     num_threads: int = 0               # torch CPU threads (0: torch's default)
     save_fp16: bool = False            # write the final model folder in float16
 
@@ -95,6 +97,8 @@ def _check(cfg: TrainConfig) -> TrainConfig:
     for name in ("lr", "batch_size", "grad_accum", "max_steps", "num_targets", "image_size", "checkpoint_every",
                  "validate_every", "val_steps", "log_every", "keep_checkpoints"):
         positive(name, getattr(cfg, name))
+    if not cfg.max_minutes >= 0:
+        raise ConfigError(f"'max_minutes' must be 0 (no limit) or positive, got {cfg.max_minutes!r}")
     if not 0.0 <= cfg.uncond_prob < 1.0:
         raise ConfigError(f"'uncond_prob' must be in [0, 1), got {cfg.uncond_prob}")
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):

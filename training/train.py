@@ -120,7 +120,8 @@ class Trainer:
         cfg = self.cfg
         try:
             return MultiViewDataset(root, size=cfg.image_size, num_targets=cfg.num_targets,
-                                    need_conditions=self.stage in ("2", "3"), seed=cfg.seed)
+                                    need_conditions=self.stage in ("2", "3"), seed=cfg.seed,
+                                    cache_images=cfg.cache_images)
         except DatasetError as exc:
             raise TrainingError(str(exc)) from None
 
@@ -315,9 +316,15 @@ class Trainer:
             return done
         self.trainable.train()
         start, t0, recent = self.progress.step, time.time(), []
+        deadline = t0 + 60.0 * cfg.max_minutes if cfg.max_minutes > 0 else None
         log.info("stage %s (%s): steps %d..%d on %s", self.stage, STAGE_NAMES[self.stage], start, end, self.device)
-        while self.progress.step < end:
+        out_of_time = False
+        while self.progress.step < end and not out_of_time:
             loss = self.train_step()
+            out_of_time = deadline is not None and time.time() >= deadline
+            if out_of_time:
+                end = self.progress.step
+                log.info("max_minutes (%g) reached at step %d: the stage ends here", cfg.max_minutes, end)
             recent.append(loss)
             step = self.progress.step
             if step % cfg.log_every == 0 or step == end:
@@ -331,7 +338,7 @@ class Trainer:
                 self.save_checkpoint()
             if step % cfg.validate_every == 0 or step == end:
                 self.validate()
-        if self.progress.step >= cfg.max_steps:
+        if self.progress.step >= cfg.max_steps or out_of_time:
             self.save_checkpoint()  # marks the stage finished for a later resume
             return self.export()
         return self.save_checkpoint()
