@@ -338,3 +338,35 @@ def test_image_cache_reads_each_file_once(tmp_path: Path) -> None:
         (tmp_path / rel).unlink()  # the cached pixels must be used from now on
     again = data._load(first["reference_path"])
     assert torch.equal(again, first["reference"]) and not data.problems
+
+
+def test_stage0_reference_training_ties_F_ref_to_F(dataset_root: Path, tiny_model: Path, tmp_path: Path) -> None:
+    """reference_prob: F learns to read the bank of its own (tied) copy; the export hands over untied copies."""
+    from dp3d_core.model_folder import load_model_folder
+
+    trainer = Trainer(config("0", dataset_root, tiny_model, tmp_path, lr=1e-3, reference_prob=1.0, max_steps=1),
+                      resume=False)
+    unet, ref = trainer.components["unet"], trainer.components["reference_unet"]
+    assert all(a is b for a, b in zip(unet.parameters(), ref.parameters()))
+    batch = batch_for_step(trainer.data, 0, 2)
+    with_ref = trainer.loss_on(batch)
+    batch["reference"] = -batch["reference"]  # another reference changes the prediction: the bank is read
+    assert trainer.loss_on(batch) != with_ref
+    before = snapshot(trainer)
+    trainer.train_step()
+    after = snapshot(trainer)
+    changed = {name for name in before if any(not torch.equal(before[name][k], after[name][k]) for k in before[name])}
+    assert changed == {"unet", "reference_unet"}
+    out = trainer.run()
+    loaded = load_model_folder(out)
+    f, f_ref = loaded["unet"].state_dict(), loaded["reference_unet"].state_dict()
+    assert all(torch.equal(f[k], f_ref[k]) for k in f)
+    assert loaded["unet"].conv_in.weight.data_ptr() != loaded["reference_unet"].conv_in.weight.data_ptr()
+
+
+def test_stage0_plain_samples_skip_the_reference(dataset_root: Path, tiny_model: Path, tmp_path: Path) -> None:
+    trainer = Trainer(config("0", dataset_root, tiny_model, tmp_path), resume=False)
+    batch = batch_for_step(trainer.data, 0, 2)
+    plain = trainer.loss_on(batch)
+    batch["reference"] = -batch["reference"]
+    assert trainer.loss_on(batch) == plain  # reference_prob 0 (default): F alone, as before

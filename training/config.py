@@ -50,6 +50,7 @@ class TrainConfig:
     max_minutes: float = 0.0           # wall-clock budget of one run (0: none); reaching it ends the stage too
     num_targets: int = 1               # target views per sample (stage 3: the clip length, 8)
     uncond_prob: float = 0.0           # CFG dropout: a sample/clip trains the unconditional pass instead
+    reference_prob: float = 0.0        # stage 0: fraction of samples denoised reading the reference bank (F_ref = F)
     mixed_precision: str = "no"        # "no", "fp16", "bf16"
     ema: bool = False
     ema_decay: float = 0.999
@@ -99,6 +100,8 @@ def _check(cfg: TrainConfig) -> TrainConfig:
         positive(name, getattr(cfg, name))
     if not cfg.max_minutes >= 0:
         raise ConfigError(f"'max_minutes' must be 0 (no limit) or positive, got {cfg.max_minutes!r}")
+    if not 0.0 <= cfg.reference_prob <= 1.0:
+        raise ConfigError(f"'reference_prob' must be in [0, 1], got {cfg.reference_prob}")
     if not 0.0 <= cfg.uncond_prob < 1.0:
         raise ConfigError(f"'uncond_prob' must be in [0, 1), got {cfg.uncond_prob}")
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):

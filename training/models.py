@@ -116,6 +116,14 @@ def detach_view_modules(denoiser: DiffPortrait3DDenoiser) -> None:
     denoiser.view_state.clip_length = 1
 
 
+def tie_parameters(source: nn.Module, target: nn.Module) -> None:
+    """Make every parameter of ``target`` the very same Parameter object as ``source``'s of the same name
+    (same architecture), so both modules train as one and gradients from both uses add up."""
+    for name, param in source.named_parameters():
+        owner, _, attr = name.rpartition(".")
+        setattr(target.get_submodule(owner) if owner else target, attr, param)
+
+
 def set_trainable(components: dict[str, Any], stage: str) -> nn.Module:
     """Freeze every network except the stage's one (``requires_grad_``); returns the trainable module."""
     name = TRAINABLE[stage]

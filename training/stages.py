@@ -7,6 +7,11 @@ CFG dropout (``uncond_prob``): a dropped sample (stage 3: a whole clip) is train
 (F alone). F is locked, so in stages 1 and 2 a dropped sample gives no gradient at all (its loss is the base
 model's); in stage 3 the unconditional pass runs the view modules (including the middle one, which only the
 unconditional pass uses), so dropout is what trains them for CFG sampling.
+
+Stage 0 with ``reference_prob`` > 0: that fraction of the samples is denoised by F reading the attention bank
+of the reference view, written by F_ref with its weights tied to F's (:func:`training.models.tie_parameters`),
+the rest by F alone. SD's self-attention can read a reference image's features without training (the
+"reference-only" trick); a small F trained from scratch cannot, so its stand-in pretraining teaches it.
 """
 from __future__ import annotations
 
@@ -97,12 +102,22 @@ def predict(stage: str, denoiser: DiffPortrait3DDenoiser, xt: torch.Tensor, t: t
 
 
 def stage_loss(stage: str, denoiser: DiffPortrait3DDenoiser, inputs: StageInputs, context: torch.Tensor,
-               alphas_cumprod: torch.Tensor, generator: torch.Generator, uncond_prob: float = 0.0) -> torch.Tensor:
-    """Mean eps-MSE over the micro-batch; dropped samples (prob ``uncond_prob``) use the unconditional pass."""
+               alphas_cumprod: torch.Tensor, generator: torch.Generator, uncond_prob: float = 0.0,
+               reference_prob: float = 0.0) -> torch.Tensor:
+    """Mean eps-MSE over the micro-batch; dropped samples (prob ``uncond_prob``) use the unconditional pass;
+    in stage 0, samples drawn with prob ``reference_prob`` are denoised with the reference bank."""
     xt, t, eps = noisy(inputs.x0, alphas_cumprod, inputs.group, generator)
     samples = xt.shape[0] // inputs.group
-    drop = torch.rand(samples, generator=generator) < uncond_prob
-    if stage == "0" or not bool(drop.any()):
+    if stage == "0":
+        if reference_prob <= 0:
+            return F.mse_loss(predict("0", denoiser, xt, t, context, inputs).float(), eps.float())
+        # stage 0 with the reference: the "dropped" samples are the plain ones, the rest read the bank like stage 1
+        drop = torch.rand(samples, generator=generator) >= reference_prob
+        stage, plain = "1", "0"
+    else:
+        drop = torch.rand(samples, generator=generator) < uncond_prob
+        plain = None
+    if not bool(drop.any()):
         pred = predict(stage, denoiser, xt, t, context, inputs)
         return F.mse_loss(pred.float(), eps.float())
     rows = drop.repeat_interleave(inputs.group).to(xt.device)
@@ -111,5 +126,8 @@ def stage_loss(stage: str, denoiser: DiffPortrait3DDenoiser, inputs: StageInputs
     if bool(keep.any()):
         kept = StageInputs(inputs.x0[keep], inputs.reference[keep], inputs.condition[keep], inputs.group)
         pred[keep] = predict(stage, denoiser, xt[keep], t[keep], context, kept).to(pred.dtype)
-    pred[rows] = predict(stage, denoiser, xt[rows], t[rows], context, inputs, conditional=False).to(pred.dtype)
+    if plain is not None:
+        pred[rows] = predict(plain, denoiser, xt[rows], t[rows], context, inputs).to(pred.dtype)
+    else:
+        pred[rows] = predict(stage, denoiser, xt[rows], t[rows], context, inputs, conditional=False).to(pred.dtype)
     return F.mse_loss(pred.float(), eps.float())

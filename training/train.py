@@ -33,7 +33,7 @@ from dp3d_core.schedulers import DEFAULT_SCHEDULER_CONFIG, make_scheduler
 from .config import STAGE_NAMES, ConfigError, TrainConfig, load_config
 from .data import DatasetError, MultiViewDataset, batch_for_step
 from .models import (detach_view_modules, fresh_components, hand_over_from_unet, make_vae, params_of,
-                     set_trainable)
+                     set_trainable, tie_parameters)
 from .stages import StageInputs, prepare_inputs, stage_loss
 from .validate import sample_views, save_grid
 
@@ -93,6 +93,8 @@ class Trainer:
             if self.stage != "3":
                 detach_view_modules(self.denoiser)
         self.trainable = set_trainable(self.components, self.stage)
+        if self.stage == "0" and cfg.reference_prob > 0:
+            tie_parameters(self.components["unet"], self.components["reference_unet"])
         self.data = self._dataset(cfg.data_root)
         self.val_data = self._dataset(cfg.val_root) if cfg.val_root else self.data
         params = [p for p in self.trainable.parameters() if p.requires_grad]
@@ -165,7 +167,7 @@ class Trainer:
             return self._vae_loss(batch, generator)
         inputs = self.inputs_for(batch, generator)
         return stage_loss(self.stage, self.denoiser, inputs, self.context(), self.alphas_cumprod, generator,
-                          self.cfg.uncond_prob)
+                          self.cfg.uncond_prob, self.cfg.reference_prob)
 
     def _vae_loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         vae = self.components["vae"]
