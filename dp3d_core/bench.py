@@ -302,9 +302,8 @@ def _cpu_settings(threads: int | None, flush_denormal: bool):
         if flush_denormal:
             torch.set_flush_denormal(False)
 
-def run_bench(size: str = "mid", dtype: str = "fp32", device: str = "cpu", steps: int = 3,
-              channels_last: bool = False, compile: bool = False, threads: int | None = None) -> dict[str, Any]:
-    """Both modes on one set of networks; returns the JSON-able record."""
+def check_request(size: str, dtype: str, device: str, steps: int) -> torch.device:
+    """The device of a benchmark request, or a BenchError saying what is wrong with it."""
     if size not in SIZES:
         raise BenchError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
     if dtype not in DTYPES:
@@ -312,10 +311,36 @@ def run_bench(size: str = "mid", dtype: str = "fp32", device: str = "cpu", steps
     if steps < 1:
         raise BenchError(f"--steps must be at least 1, got {steps}")
     dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BenchError("CUDA was asked for but torch sees no CUDA device; use --device cpu")
     if dev.type not in ("cpu", "cuda"):
         raise BenchError(f"unsupported device {device!r}; use cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError("CUDA was asked for but torch sees no CUDA device; use --device cpu")
+    return dev
+
+
+def add_request_arguments(parser: argparse.ArgumentParser, size: str, steps: int, steps_help: str) -> None:
+    parser.add_argument("--size", default=size, choices=sorted(SIZES))
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
+    parser.add_argument("--steps", type=int, default=steps, help=steps_help)
+    parser.add_argument("--json", metavar="PATH", help="also write the record as JSON ('-': JSON on stdout only)")
+
+
+def write_record(record: dict[str, Any], table: str, json_path: str | None) -> None:
+    """Print the table; with a path, also write the JSON record there ('-': the JSON on stdout instead)."""
+    if json_path == "-":
+        print(json.dumps(record, indent=2))
+        return
+    print(table)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(record, f, indent=2)
+
+
+def run_bench(size: str = "mid", dtype: str = "fp32", device: str = "cpu", steps: int = 3,
+              channels_last: bool = False, compile: bool = False, threads: int | None = None) -> dict[str, Any]:
+    """Both modes on one set of networks; returns the JSON-able record."""
+    dev = check_request(size, dtype, device, steps)
     with _cpu_settings(threads, flush_denormal=dev.type == "cpu"):
         return _measure(size, dtype, dev, steps, channels_last, compile)
 
@@ -381,15 +406,11 @@ def format_table(record: dict[str, Any]) -> str:
 
 def main(argv: Iterable[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dp3d_core.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--size", default="mid", choices=sorted(SIZES))
-    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
-    parser.add_argument("--steps", type=int, default=3, help="timed denoising steps (after one warm-up step)")
+    add_request_arguments(parser, size="mid", steps=3, steps_help="timed denoising steps (after one warm-up step)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile F, F_ref and F_cam for the fast mode (official mode stays eager)")
-    parser.add_argument("--json", metavar="PATH", help="also write the record as JSON ('-': JSON on stdout only)")
     args = parser.parse_args(list(argv) if argv is not None else None)
     try:
         record = run_bench(args.size, args.dtype, args.device, args.steps, args.channels_last, args.compile,
@@ -397,13 +418,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.json == "-":
-        print(json.dumps(record, indent=2))
-        return 0
-    print(format_table(record))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=2)
+    write_record(record, format_table(record), args.json)
     return 0
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import platform
 import sys
 import time
@@ -26,7 +25,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from .bench import DTYPES, GUIDANCE, SIZES, VIEWS, BenchError, _machine, build_networks
+from .bench import (DTYPES, GUIDANCE, SIZES, VIEWS, BenchError, _machine, add_request_arguments,
+                    build_networks, check_request, write_record)
 
 
 @dataclass(frozen=True)
@@ -153,15 +153,7 @@ def measure_option(pipe: Any, option: Option, device: torch.device, steps: int) 
 
 def run_options(size: str = "tiny", dtype: str = "fp32", device: str = "cpu", steps: int = 2,
                 names: Iterable[str] | None = None) -> dict[str, Any]:
-    if size not in SIZES:
-        raise BenchError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
-    if dtype not in DTYPES:
-        raise BenchError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    if steps < 1:
-        raise BenchError(f"--steps must be at least 1, got {steps}")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BenchError("CUDA was asked for but torch sees no CUDA device; use --device cpu")
+    dev = check_request(size, dtype, device, steps)
     names = list(names) if names else list(OPTIONS)
     unknown = [n for n in names if n not in OPTIONS]
     if unknown:
@@ -201,22 +193,15 @@ def format_table(record: dict[str, Any]) -> str:
 
 def main(argv: Iterable[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dp3d_core.bench_options", description=__doc__.split("\n")[0])
-    parser.add_argument("--size", default="tiny", choices=sorted(SIZES))
-    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
-    parser.add_argument("--steps", type=int, default=2, help="DDIM steps per call")
+    add_request_arguments(parser, size="tiny", steps=2, steps_help="DDIM steps per call")
     parser.add_argument("--options", nargs="*", metavar="NAME", help=f"subset of: {', '.join(OPTIONS)}")
-    parser.add_argument("--json", metavar="PATH", help="also write the record as JSON")
     args = parser.parse_args(list(argv) if argv is not None else None)
     try:
         record = run_options(args.size, args.dtype, args.device, args.steps, args.options)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(format_table(record))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=2)
+    write_record(record, format_table(record), args.json)
     return 0
 
 
