@@ -370,3 +370,18 @@ def test_stage0_plain_samples_skip_the_reference(dataset_root: Path, tiny_model:
     plain = trainer.loss_on(batch)
     batch["reference"] = -batch["reference"]
     assert trainer.loss_on(batch) == plain  # reference_prob 0 (default): F alone, as before
+
+
+def test_stage0_reference_timestep_is_what_F_ref_gets(dataset_root: Path, tiny_model: Path, tmp_path: Path) -> None:
+    seen = {}
+    for value in (-1, 0):
+        trainer = Trainer(config("0", dataset_root, tiny_model, tmp_path / str(value), reference_prob=1.0,
+                                 reference_timestep=value), resume=False)
+        write = trainer.denoiser.write_reference_bank
+
+        def spy(refs, t, ctx, write=write, value=value):
+            seen[value] = t.clone()
+            return write(refs, t, ctx)
+        trainer.denoiser.write_reference_bank = spy
+        trainer.train_step()
+    assert bool((seen[0] == 0).all()) and bool((seen[-1] > 0).any())

@@ -82,8 +82,9 @@ def noisy(x0: torch.Tensor, alphas_cumprod: torch.Tensor, group: int,
 
 
 def predict(stage: str, denoiser: DiffPortrait3DDenoiser, xt: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-            inputs: StageInputs, conditional: bool = True) -> torch.Tensor:
-    """eps for the rows of one stage. ``conditional=False``: the unconditional pass (F alone)."""
+            inputs: StageInputs, conditional: bool = True, reference_t: torch.Tensor | None = None) -> torch.Tensor:
+    """eps for the rows of one stage. ``conditional=False``: the unconditional pass (F alone). ``reference_t``:
+    the timesteps F_ref gets in stage 1 (default: ``t``, as in the pipeline)."""
     if stage == "0" or not conditional:
         if stage == "0":
             ctx = context.expand(xt.shape[0], -1, -1)
@@ -93,7 +94,7 @@ def predict(stage: str, denoiser: DiffPortrait3DDenoiser, xt: torch.Tensor, t: t
         # Stage 1 has no camera control: F reads F_ref's bank, no ControlNet residuals.
         ctx = context.expand(xt.shape[0], -1, -1)
         try:
-            denoiser.write_reference_bank([inputs.reference], t, ctx)
+            denoiser.write_reference_bank([inputs.reference], t if reference_t is None else reference_t, ctx)
             denoiser.bank.reading = True
             return denoiser.unet(xt, t, encoder_hidden_states=ctx, return_dict=False)[0]
         finally:
@@ -103,9 +104,10 @@ def predict(stage: str, denoiser: DiffPortrait3DDenoiser, xt: torch.Tensor, t: t
 
 def stage_loss(stage: str, denoiser: DiffPortrait3DDenoiser, inputs: StageInputs, context: torch.Tensor,
                alphas_cumprod: torch.Tensor, generator: torch.Generator, uncond_prob: float = 0.0,
-               reference_prob: float = 0.0) -> torch.Tensor:
+               reference_prob: float = 0.0, reference_timestep: int = -1) -> torch.Tensor:
     """Mean eps-MSE over the micro-batch; dropped samples (prob ``uncond_prob``) use the unconditional pass;
-    in stage 0, samples drawn with prob ``reference_prob`` are denoised with the reference bank."""
+    in stage 0, samples drawn with prob ``reference_prob`` are denoised with the reference bank, written at
+    ``reference_timestep`` (-1: the sample's own timestep)."""
     xt, t, eps = noisy(inputs.x0, alphas_cumprod, inputs.group, generator)
     samples = xt.shape[0] // inputs.group
     if stage == "0":
@@ -118,14 +120,16 @@ def stage_loss(stage: str, denoiser: DiffPortrait3DDenoiser, inputs: StageInputs
         drop = torch.rand(samples, generator=generator) < uncond_prob
         plain = None
     if not bool(drop.any()):
-        pred = predict(stage, denoiser, xt, t, context, inputs)
+        ref_t = None if plain is None or reference_timestep < 0 else torch.full_like(t, reference_timestep)
+        pred = predict(stage, denoiser, xt, t, context, inputs, reference_t=ref_t)
         return F.mse_loss(pred.float(), eps.float())
     rows = drop.repeat_interleave(inputs.group).to(xt.device)
     pred = torch.empty_like(xt)
     keep = ~rows
     if bool(keep.any()):
         kept = StageInputs(inputs.x0[keep], inputs.reference[keep], inputs.condition[keep], inputs.group)
-        pred[keep] = predict(stage, denoiser, xt[keep], t[keep], context, kept).to(pred.dtype)
+        ref_t = None if plain is None or reference_timestep < 0 else torch.full_like(t[keep], reference_timestep)
+        pred[keep] = predict(stage, denoiser, xt[keep], t[keep], context, kept, reference_t=ref_t).to(pred.dtype)
     if plain is not None:
         pred[rows] = predict(plain, denoiser, xt[rows], t[rows], context, inputs).to(pred.dtype)
     else:
