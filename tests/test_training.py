@@ -385,3 +385,16 @@ def test_stage0_reference_timestep_is_what_F_ref_gets(dataset_root: Path, tiny_m
         trainer.denoiser.write_reference_bank = spy
         trainer.train_step()
     assert bool((seen[0] == 0).all()) and bool((seen[-1] > 0).any())
+
+
+def test_reference_check_scores_every_pass(dataset_root: Path, tiny_model: Path, capsys) -> None:
+    from training import reference_check
+
+    rows = reference_check.reference_errors(str(tiny_model), str(dataset_root), targets=2, timesteps=(999, 500))
+    assert [r["t"] for r in rows] == [999, 500]
+    for r in rows:
+        assert all(np.isfinite(r[k]) and r[k] > 0 for k in ("none", "right", "wrong", "with_camera"))
+        assert r["right"] != r["none"] and r["right"] != r["wrong"]  # the tiny model's F reads the bank
+    assert "| 999 |" in reference_check.format_table(rows)
+    assert reference_check.main(["--model", str(tiny_model), "--data", str(dataset_root / "nope")]) == 2
+    assert "error:" in capsys.readouterr().err
