@@ -398,3 +398,13 @@ def test_reference_check_scores_every_pass(dataset_root: Path, tiny_model: Path,
     assert "| 999 |" in reference_check.format_table(rows)
     assert reference_check.main(["--model", str(tiny_model), "--data", str(dataset_root / "nope")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_stage0_mixed_batch_trains_both_kinds_of_sample(dataset_root: Path, tiny_model: Path, tmp_path: Path) -> None:
+    trainer = Trainer(config("0", dataset_root, tiny_model, tmp_path, batch_size=8, reference_prob=0.5), resume=False)
+    calls = []
+    write = trainer.denoiser.write_reference_bank
+    trainer.denoiser.write_reference_bank = lambda refs, t, ctx: (calls.append(t.shape[0]), write(refs, t, ctx))[1]
+    assert np.isfinite(trainer.train_step())
+    rows = 8 * trainer.cfg.num_targets
+    assert calls and 0 < calls[0] < rows  # some rows read the bank, the rest were plain

@@ -110,28 +110,27 @@ def stage_loss(stage: str, denoiser: DiffPortrait3DDenoiser, inputs: StageInputs
     ``reference_timestep`` (-1: the sample's own timestep)."""
     xt, t, eps = noisy(inputs.x0, alphas_cumprod, inputs.group, generator)
     samples = xt.shape[0] // inputs.group
+    if stage == "0" and reference_prob <= 0:
+        return F.mse_loss(predict("0", denoiser, xt, t, context, inputs).float(), eps.float())
     if stage == "0":
-        if reference_prob <= 0:
-            return F.mse_loss(predict("0", denoiser, xt, t, context, inputs).float(), eps.float())
-        # stage 0 with the reference: the "dropped" samples are the plain ones, the rest read the bank like stage 1
+        # the drawn samples read the reference bank like stage 1; the others ("dropped") train F alone
         drop = torch.rand(samples, generator=generator) >= reference_prob
-        stage, plain = "1", "0"
+        main, ref_t = "1", (torch.full_like(t, reference_timestep) if reference_timestep >= 0 else None)
     else:
         drop = torch.rand(samples, generator=generator) < uncond_prob
-        plain = None
+        main, ref_t = stage, None
     if not bool(drop.any()):
-        ref_t = None if plain is None or reference_timestep < 0 else torch.full_like(t, reference_timestep)
-        pred = predict(stage, denoiser, xt, t, context, inputs, reference_t=ref_t)
+        pred = predict(main, denoiser, xt, t, context, inputs, reference_t=ref_t)
         return F.mse_loss(pred.float(), eps.float())
     rows = drop.repeat_interleave(inputs.group).to(xt.device)
     pred = torch.empty_like(xt)
     keep = ~rows
     if bool(keep.any()):
         kept = StageInputs(inputs.x0[keep], inputs.reference[keep], inputs.condition[keep], inputs.group)
-        ref_t = None if plain is None or reference_timestep < 0 else torch.full_like(t[keep], reference_timestep)
-        pred[keep] = predict(stage, denoiser, xt[keep], t[keep], context, kept, reference_t=ref_t).to(pred.dtype)
-    if plain is not None:
-        pred[rows] = predict(plain, denoiser, xt[rows], t[rows], context, inputs).to(pred.dtype)
+        pred[keep] = predict(main, denoiser, xt[keep], t[keep], context, kept,
+                             reference_t=None if ref_t is None else ref_t[keep]).to(pred.dtype)
+    if stage == "0":
+        pred[rows] = predict("0", denoiser, xt[rows], t[rows], context, inputs).to(pred.dtype)
     else:
         pred[rows] = predict(stage, denoiser, xt[rows], t[rows], context, inputs, conditional=False).to(pred.dtype)
     return F.mse_loss(pred.float(), eps.float())
