@@ -408,3 +408,16 @@ def test_stage0_mixed_batch_trains_both_kinds_of_sample(dataset_root: Path, tiny
     assert np.isfinite(trainer.train_step())
     rows = 8 * trainer.cfg.num_targets
     assert calls and 0 < calls[0] < rows  # some rows read the bank, the rest were plain
+
+
+def test_high_noise_weight_counts_noisy_rows_more() -> None:
+    from dp3d_core.schedulers import make_scheduler
+    from training.stages import eps_loss
+
+    acp = make_scheduler("ddim").alphas_cumprod
+    eps = torch.zeros(2, 4, 2, 2)
+    pred = torch.stack([torch.ones(4, 2, 2), 2 * torch.ones(4, 2, 2)])  # row errors 1 and 4
+    t = torch.tensor([999, 10])
+    assert float(eps_loss(pred, eps, t, acp, 1.0)) == pytest.approx(2.5)  # plain mean
+    # t=999: 1/SNR ~ 200, capped at 10; t=10: weight 1  ->  (10*1 + 1*4) / 11
+    assert float(eps_loss(pred, eps, t, acp, 10.0)) == pytest.approx(14 / 11)

@@ -52,6 +52,7 @@ class TrainConfig:
     uncond_prob: float = 0.0           # CFG dropout: a sample/clip trains the unconditional pass instead
     reference_prob: float = 0.0        # stage 0: fraction of samples denoised reading the reference bank (F_ref = F)
     reference_timestep: int = -1       # stage 0: timestep of the tied reference pass (-1: the sample's; 0: clean)
+    high_noise_weight: float = 1.0     # cap of the per-row loss weight clamp(1/SNR(t), 1, cap); 1: plain eps-MSE
     mixed_precision: str = "no"        # "no", "fp16", "bf16"
     ema: bool = False
     ema_decay: float = 0.999
@@ -105,6 +106,8 @@ def _check(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"'reference_prob' must be in [0, 1], got {cfg.reference_prob}")
     if not -1 <= cfg.reference_timestep <= 999:
         raise ConfigError(f"'reference_timestep' must be -1 (the sample's timestep) or 0..999, got {cfg.reference_timestep}")
+    if not cfg.high_noise_weight >= 1.0:
+        raise ConfigError(f"'high_noise_weight' must be at least 1 (1: plain eps-MSE), got {cfg.high_noise_weight}")
     if not 0.0 <= cfg.uncond_prob < 1.0:
         raise ConfigError(f"'uncond_prob' must be in [0, 1), got {cfg.uncond_prob}")
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):

@@ -102,16 +102,30 @@ def predict(stage: str, denoiser: DiffPortrait3DDenoiser, xt: torch.Tensor, t: t
     return denoiser.eps_cond(xt, t, context, inputs.reference, inputs.condition)
 
 
+def eps_loss(pred: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
+             high_noise_weight: float = 1.0) -> torch.Tensor:
+    """eps-MSE. With ``high_noise_weight`` > 1 each row is weighted by ``clamp(1/SNR(t), 1, high_noise_weight)``
+    (weights normalised to mean 1 over the batch): up to that cap, a noisy row counts like its x0 error. Plain
+    eps-MSE barely rewards the right colours at high noise, which is where a sample's colours are decided."""
+    if high_noise_weight <= 1:
+        return F.mse_loss(pred.float(), eps.float())
+    acp = alphas_cumprod.to(torch.float64)[t.cpu()]
+    weight = ((1 - acp) / acp).clamp(1.0, float(high_noise_weight)).float().to(pred.device)
+    per_row = ((pred.float() - eps.float()) ** 2).flatten(1).mean(1)
+    return (weight * per_row).sum() / weight.sum()
+
+
 def stage_loss(stage: str, denoiser: DiffPortrait3DDenoiser, inputs: StageInputs, context: torch.Tensor,
                alphas_cumprod: torch.Tensor, generator: torch.Generator, uncond_prob: float = 0.0,
-               reference_prob: float = 0.0, reference_timestep: int = -1) -> torch.Tensor:
+               reference_prob: float = 0.0, reference_timestep: int = -1,
+               high_noise_weight: float = 1.0) -> torch.Tensor:
     """Mean eps-MSE over the micro-batch; dropped samples (prob ``uncond_prob``) use the unconditional pass;
     in stage 0, samples drawn with prob ``reference_prob`` are denoised with the reference bank, written at
-    ``reference_timestep`` (-1: the sample's own timestep)."""
+    ``reference_timestep`` (-1: the sample's own timestep). ``high_noise_weight``: see :func:`eps_loss`."""
     xt, t, eps = noisy(inputs.x0, alphas_cumprod, inputs.group, generator)
     samples = xt.shape[0] // inputs.group
     if stage == "0" and reference_prob <= 0:
-        return F.mse_loss(predict("0", denoiser, xt, t, context, inputs).float(), eps.float())
+        return eps_loss(predict("0", denoiser, xt, t, context, inputs), eps, t, alphas_cumprod, high_noise_weight)
     if stage == "0":
         # the drawn samples read the reference bank like stage 1; the others ("dropped") train F alone
         drop = torch.rand(samples, generator=generator) >= reference_prob
@@ -121,7 +135,7 @@ def stage_loss(stage: str, denoiser: DiffPortrait3DDenoiser, inputs: StageInputs
         main, ref_t = stage, None
     if not bool(drop.any()):
         pred = predict(main, denoiser, xt, t, context, inputs, reference_t=ref_t)
-        return F.mse_loss(pred.float(), eps.float())
+        return eps_loss(pred, eps, t, alphas_cumprod, high_noise_weight)
     rows = drop.repeat_interleave(inputs.group).to(xt.device)
     pred = torch.empty_like(xt)
     keep = ~rows
@@ -133,4 +147,4 @@ def stage_loss(stage: str, denoiser: DiffPortrait3DDenoiser, inputs: StageInputs
         pred[rows] = predict("0", denoiser, xt[rows], t[rows], context, inputs).to(pred.dtype)
     else:
         pred[rows] = predict(stage, denoiser, xt[rows], t[rows], context, inputs, conditional=False).to(pred.dtype)
-    return F.mse_loss(pred.float(), eps.float())
+    return eps_loss(pred, eps, t, alphas_cumprod, high_noise_weight)

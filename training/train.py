@@ -167,7 +167,8 @@ class Trainer:
             return self._vae_loss(batch, generator)
         inputs = self.inputs_for(batch, generator)
         return stage_loss(self.stage, self.denoiser, inputs, self.context(), self.alphas_cumprod, generator,
-                          self.cfg.uncond_prob, self.cfg.reference_prob, self.cfg.reference_timestep)
+                          self.cfg.uncond_prob, self.cfg.reference_prob, self.cfg.reference_timestep,
+                          self.cfg.high_noise_weight)
 
     def _vae_loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         vae = self.components["vae"]
