@@ -326,15 +326,23 @@ def add_request_arguments(parser: argparse.ArgumentParser, size: str, steps: int
     parser.add_argument("--json", metavar="PATH", help="also write the record as JSON ('-': JSON on stdout only)")
 
 
-def write_record(record: dict[str, Any], table: str, json_path: str | None) -> None:
-    """Print the table; with a path, also write the JSON record there ('-': the JSON on stdout instead)."""
+def report(measure: Callable[[], dict[str, Any]], format_table: Callable[[dict[str, Any]], str],
+           json_path: str | None) -> int:
+    """Run a measurement and print its table; with a path, also write the JSON record there ('-': the JSON on
+    stdout instead). A BenchError is one line on stderr and exit status 2."""
+    try:
+        record = measure()
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if json_path == "-":
         print(json.dumps(record, indent=2))
-        return
-    print(table)
+        return 0
+    print(format_table(record))
     if json_path:
         with open(json_path, "w") as f:
             json.dump(record, f, indent=2)
+    return 0
 
 
 def run_bench(size: str = "mid", dtype: str = "fp32", device: str = "cpu", steps: int = 3,
@@ -412,14 +420,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile F, F_ref and F_cam for the fast mode (official mode stays eager)")
     args = parser.parse_args(list(argv) if argv is not None else None)
-    try:
-        record = run_bench(args.size, args.dtype, args.device, args.steps, args.channels_last, args.compile,
-                           args.threads)
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    write_record(record, format_table(record), args.json)
-    return 0
+    return report(lambda: run_bench(args.size, args.dtype, args.device, args.steps, args.channels_last,
+                                    args.compile, args.threads), format_table, args.json)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .bench import (DTYPES, GUIDANCE, SIZES, VIEWS, BenchError, _machine, add_request_arguments,
-                    build_networks, check_request, write_record)
+                    build_networks, check_request, report)
 
 
 @dataclass(frozen=True)
@@ -196,13 +196,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     add_request_arguments(parser, size="tiny", steps=2, steps_help="DDIM steps per call")
     parser.add_argument("--options", nargs="*", metavar="NAME", help=f"subset of: {', '.join(OPTIONS)}")
     args = parser.parse_args(list(argv) if argv is not None else None)
-    try:
-        record = run_options(args.size, args.dtype, args.device, args.steps, args.options)
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    write_record(record, format_table(record), args.json)
-    return 0
+    return report(lambda: run_options(args.size, args.dtype, args.device, args.steps, args.options), format_table,
+                  args.json)
 
 
 if __name__ == "__main__":
