@@ -33,33 +33,33 @@ from .bench import (DTYPES, GUIDANCE, SIZES, VIEWS, BenchError, _machine, add_re
 class Option:
     name: str
     what: str
-    apply: Callable[[Any], None]
+    apply: Callable[[Any, torch.device], None]  # (pipeline, device)
     needs_cuda: bool = False
     offloaded: bool = False
 
 
-def _offload(pipe: Any) -> None:
-    pipe.enable_model_cpu_offload(device=pipe.bench_device)
+def _offload(pipe: Any, device: torch.device) -> None:
+    pipe.enable_model_cpu_offload(device=device)
 
 
-def _smallest(pipe: Any) -> None:
+def _smallest(pipe: Any, device: torch.device) -> None:
     pipe.set_fast_path(batch_passes=False)
     pipe.enable_attention_slicing()
     pipe.enable_vae_slicing()
-    _offload(pipe)
+    _offload(pipe, device)
 
 
 OPTIONS: dict[str, Option] = {o.name: o for o in [
-    Option("default", "fast path, both guidance passes in one 16-row call of F", lambda p: None),
+    Option("default", "fast path, both guidance passes in one 16-row call of F", lambda p, d: None),
     Option("official", "fast path off: eps_cond + eps_uncond one after the other (official passes)",
-           lambda p: p.set_fast_path(enabled=False)),
+           lambda p, d: p.set_fast_path(enabled=False)),
     Option("sequential-passes", "set_fast_path(batch_passes=False): the two passes one after the other",
-           lambda p: p.set_fast_path(batch_passes=False)),
+           lambda p, d: p.set_fast_path(batch_passes=False)),
     Option("attention-slicing", "enable_attention_slicing(): reference/self-attention one row at a time",
-           lambda p: p.enable_attention_slicing()),
-    Option("vae-slicing", "enable_vae_slicing(): decode one view at a time", lambda p: p.enable_vae_slicing()),
-    Option("vae-tiling", "enable_vae_tiling(): diffusers' tiled VAE", lambda p: p.enable_vae_tiling()),
-    Option("channels-last", "enable_channels_last()", lambda p: p.enable_channels_last()),
+           lambda p, d: p.enable_attention_slicing()),
+    Option("vae-slicing", "enable_vae_slicing(): decode one view at a time", lambda p, d: p.enable_vae_slicing()),
+    Option("vae-tiling", "enable_vae_tiling(): diffusers' tiled VAE", lambda p, d: p.enable_vae_tiling()),
+    Option("channels-last", "enable_channels_last()", lambda p, d: p.enable_channels_last()),
     Option("model-offload", "enable_model_cpu_offload(): each network on the GPU only while it runs", _offload,
            needs_cuda=True, offloaded=True),
     Option("smallest", "model offload + sequential passes + attention slicing + VAE slicing", _smallest,
@@ -123,12 +123,12 @@ def _reset(pipe: Any, device: torch.device) -> None:
     pipe.prompt_embedding.to(device)
 
 
-def measure_option(pipe: Any, option: Option, device: torch.device, steps: int) -> dict[str, Any]:
+def measure_option(pipe: Any, option: Option, size: str, device: torch.device, steps: int) -> dict[str, Any]:
     _reset(pipe, device)
     if option.offloaded:
         pipe.to("cpu")
-    option.apply(pipe)
-    reference, conditions = _images(pipe.bench_size)
+    option.apply(pipe, device)
+    reference, conditions = _images(size)
 
     def call() -> None:
         pipe(reference, conditions, num_inference_steps=steps, guidance_scale=GUIDANCE, seed=0, output_type="np")
@@ -159,14 +159,13 @@ def run_options(size: str = "tiny", dtype: str = "fp32", device: str = "cpu", st
     if unknown:
         raise BenchError(f"unknown option(s) {', '.join(unknown)}; choose from {', '.join(OPTIONS)}")
     pipe = build_pipeline(size, DTYPES[dtype], dev)
-    pipe.bench_size, pipe.bench_device = size, dev
     results: dict[str, Any] = {}
     for name in names:
         option = OPTIONS[name]
         if option.needs_cuda and dev.type != "cuda":
             results[name] = {"what": option.what, "skipped": "needs a CUDA device"}
             continue
-        results[name] = measure_option(pipe, option, dev, steps)
+        results[name] = measure_option(pipe, option, size, dev, steps)
     cfg = SIZES[size]
     return {"config": {"size": size, "image": cfg.image, "dtype": dtype, "device": str(dev), "steps": steps,
                        "views": VIEWS, "guidance": GUIDANCE},
