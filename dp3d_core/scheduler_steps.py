@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shlex
@@ -26,6 +25,9 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 from PIL import Image
+
+from .cameras import CameraError
+from .held_out import reference_and_targets
 
 DEFAULT_SCHEDULERS = ("ddim", "dpm++2m", "unipc")
 DEFAULT_STEPS = (5, 8, 10, 15, 20, 25, 30, 40)
@@ -59,8 +61,8 @@ def _open_rgb(path: Path) -> Image.Image:
 
 
 def load_samples(data: str | Path, identities: int, views: int) -> list[Sample]:
-    """The first ``identities`` identities (sorted) with ``views + 1`` views: reference = the first view
-    (``v00``), conditions = the ``cond/`` images of the next ``views`` views, sorted by camera azimuth."""
+    """The first ``identities`` identities with ``views + 1`` views (:mod:`dp3d_core.held_out`): the reference
+    image and the ``cond/`` images of the targets."""
     data = Path(data)
     index = data / "dataset.json"
     try:
@@ -68,20 +70,15 @@ def load_samples(data: str | Path, identities: int, views: int) -> list[Sample]:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise SchedulerStepsError(f"cannot read {index} (a dataset root holds dataset.json with 'labels', the "
                                   f"images and cond/): {exc}") from None
-    by_id: dict[str, list[tuple[str, list[float]]]] = {}
-    for rel, label in labels:
-        by_id.setdefault(str(rel).split("/")[0], []).append((str(rel), label))
     samples = []
-    for name in sorted(by_id):
-        entries = sorted(by_id[name], key=lambda e: e[0])
-        if len(entries) < views + 1:
-            continue
-        # azimuth around the EG3D up axis from the cam2world translation, as training.evaluate sorts views
-        targets = sorted(entries[1:1 + views], key=lambda e: math.atan2(float(e[1][3]), float(e[1][11])))
-        samples.append(Sample(name, _open_rgb(data / entries[0][0]),
-                              [_open_rgb(data / "cond" / rel) for rel, _ in targets]))
-        if len(samples) == identities:
-            break
+    try:
+        for name, reference, targets in reference_and_targets(labels, views):
+            conditions = [_open_rgb(data / "cond" / rel) for rel in targets]
+            samples.append(Sample(name, _open_rgb(data / reference), conditions))
+            if len(samples) == identities:
+                break
+    except CameraError as exc:
+        raise SchedulerStepsError(f"{index}: {exc}") from None
     if not samples:
         raise SchedulerStepsError(f"no identity in {data} has {views + 1} views (reference + {views} condition "
                                   f"images)")

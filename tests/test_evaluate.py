@@ -117,23 +117,13 @@ def test_load_samples_too_few_views_is_a_clear_error(tmp_path: Path) -> None:
         ev.load_samples(tmp_path / "nowhere", identities=1, views=8, size=64)
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread: two threads on a loaded 2-core machine can slow these runs down a hundredfold."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from dp3d_core.tiny import make_tiny_model_folder
     return make_tiny_model_folder(tmp_path_factory.mktemp("tiny") / "model", seed=0, sample_size=8)
 
 
-def test_command_runs_on_tiny_model(tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture,
-                                    one_thread: None) -> None:
+def test_command_runs_on_tiny_model(tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture) -> None:
     from dp3d_core.tiny import make_tiny_model_folder
     data = _tiny_dataset(tmp_path / "data")
     stage0 = make_tiny_model_folder(tmp_path / "stage0", seed=1, sample_size=8)
@@ -158,7 +148,7 @@ def test_command_runs_on_tiny_model(tmp_path: Path, tiny_model: Path, capsys: py
         assert im.mode == "P" and im.size[1] == 5 * (64 + 2) + 2   # no stage-0 model: no "no stage 1" row
 
 
-def test_ablations_change_the_output(tmp_path: Path, tiny_model: Path, one_thread: None) -> None:
+def test_ablations_change_the_output(tmp_path: Path, tiny_model: Path) -> None:
     from dp3d_core.tiny import make_tiny_model_folder
     data = _tiny_dataset(tmp_path / "data", identities=1)
     stage0 = make_tiny_model_folder(tmp_path / "stage0", seed=1, sample_size=8)

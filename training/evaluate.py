@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+
+from dp3d_core.held_out import reference_and_targets
 
 from .data import CONDITION_DIR, DatasetError, ImageLoadError, load_image, read_labels
 from .validate import to_uint8
@@ -132,33 +133,22 @@ class Sample:
     proxies: torch.Tensor | None
 
 
-def azimuth(label: np.ndarray) -> float:
-    """Camera azimuth (radians) around the EG3D up axis from a 25-float label (0 = frontal, +x positive)."""
-    return math.atan2(float(label[3]), float(label[11]))
-
-
 def load_samples(data: str | Path, identities: int, views: int, size: int) -> list[Sample]:
-    """The first ``identities`` identities (sorted by name) with at least ``views + 1`` views."""
+    """The first ``identities`` readable identities with at least ``views + 1`` views (:mod:`dp3d_core.held_out`);
+    an identity with an unreadable image is skipped with a warning."""
     data = Path(data)
     try:
         labels = read_labels(data)
     except (DatasetError, OSError) as exc:
         raise EvaluationError(f"cannot read the dataset at {data}: {exc}") from None
-    by_id: dict[str, list[tuple[str, np.ndarray]]] = {}
-    for rel, label in labels:
-        by_id.setdefault(rel.split("/")[0], []).append((rel, label))
     samples: list[Sample] = []
-    for name in sorted(by_id):
-        entries = sorted(by_id[name], key=lambda e: e[0])
-        if len(entries) < views + 1:
-            continue
-        targets = sorted(entries[1:1 + views], key=lambda e: azimuth(e[1]))
+    for name, reference, targets in reference_and_targets(labels, views):
         try:
             load = lambda p: (load_image(p, size) + 1) / 2  # noqa: E731
-            ref = load(data / entries[0][0])
-            truth = torch.stack([load(data / r) for r, _ in targets])
-            conds = torch.stack([load(data / CONDITION_DIR / r) for r, _ in targets])
-            proxy_paths = [data / PROXY_DIR / r for r, _ in targets]
+            ref = load(data / reference)
+            truth = torch.stack([load(data / r) for r in targets])
+            conds = torch.stack([load(data / CONDITION_DIR / r) for r in targets])
+            proxy_paths = [data / PROXY_DIR / r for r in targets]
             proxies = torch.stack([load(p) for p in proxy_paths]) if all(p.is_file() for p in proxy_paths) else None
         except ImageLoadError as exc:
             print(f"warning: skipping identity {name}: {exc}", file=sys.stderr)
