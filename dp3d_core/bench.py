@@ -361,8 +361,7 @@ def _measure(size: str, dtype: str, dev: torch.device, steps: int, channels_last
         for net in (denoiser.unet, denoiser.reference_unet, denoiser.view_controlnet):
             net.to(memory_format=torch.channels_last)
     if compile:
-        for net in (denoiser.unet, denoiser.reference_unet, denoiser.view_controlnet):
-            net.compile()
+        denoiser.compile_networks()
     inputs = make_inputs(denoiser, size, dev, torch_dtype)
     timesteps = [int(t) for t in torch.linspace(981, 1, steps + 1).round().long()][:steps] if steps > 1 else [981]
     modes = run_modes(denoiser, inputs, timesteps, dev)

@@ -262,16 +262,8 @@ class DiffPortrait3DPipeline(DiffusionPipeline):
             getattr(self, name).to(memory_format=torch.channels_last)
 
     def enable_compile(self, **compile_kwargs: Any) -> None:
-        """``torch.compile`` F, F_ref and F_cam in place (module identity, hooks and processors are kept).
-
-        Each of the 16 reference-attention processors specialises the compiled code (its bank index), more than
-        dynamo's default recompile limit of 8, so the limit is raised.
-        """
-        import torch._dynamo
-
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        for name in ("unet", "reference_unet", "view_controlnet"):
-            getattr(self, name).compile(**compile_kwargs)
+        """``torch.compile`` F, F_ref and F_cam in place (see ``DiffPortrait3DDenoiser.compile_networks``)."""
+        self.denoiser.compile_networks(**compile_kwargs)
 
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None) -> None:
         """diffusers' model CPU offload, with the view modules moved together with F (they run inside F's forward

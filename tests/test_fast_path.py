@@ -215,3 +215,33 @@ def test_model_cpu_offload_moves_view_modules_with_the_unet(components, monkeypa
     assert rel(out, fast) <= RTOL
     assert unet_calls and unet_calls[0] >= 1 and moves[0] == "cpu:0"    # brought to the execution device first
     assert "cpu" in moves[unet_calls[0]:]                                # and sent back when F is offloaded
+
+
+def test_compiled_networks_trace_to_one_graph_each_and_give_the_same_eps(components, inputs):
+    """compile_networks: F_ref, F_cam and F each become ONE dynamo graph (no graph break: the early stop of
+    F_ref is skipped under compile, the processors and view hooks are traced), no recompile between steps, and the
+    same guided eps as the eager networks. Dynamo traces for real; the graphs run as traced (no inductor codegen,
+    which is too slow for a CPU test)."""
+    import torch._dynamo
+
+    nets = {k: copy.deepcopy(v) if isinstance(v, torch.nn.Module) else v for k, v in components.items()}
+    d = make_denoiser(nets)
+    x, ref, cond, context = inputs
+    with torch.no_grad():
+        eager = [d.eps_guided(x, t, context, ref, cond, 3.0) for t in (981, 500)]
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        d.compile_networks(backend=backend)
+        with torch.no_grad():
+            compiled = [d.eps_guided(x, t, context, ref, cond, 3.0) for t in (981, 500)]
+        assert len(graphs) == 3, f"expected one graph each for F_ref, F_cam and F, dynamo made {len(graphs)}"
+        for e, c in zip(eager, compiled):
+            assert rel(c, e) < RTOL
+    finally:
+        torch._dynamo.reset()

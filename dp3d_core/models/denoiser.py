@@ -245,6 +245,18 @@ class DiffPortrait3DDenoiser(nn.Module):
             self.view_state.middle_enabled = False
             self.view_state.middle_from_row = 0
 
+    def compile_networks(self, **compile_kwargs) -> None:
+        """``torch.compile`` F, F_ref and F_cam in place (module identity, hooks and processors are kept).
+
+        Each network traces to ONE graph: the processors and view hooks are traced through, and a compiled F_ref
+        runs to its end instead of raising after its last bank write. ``dynamic=False`` by default: the row
+        counts differ between F_ref (1), F_cam (8) and F (16), and one static graph per shape compiles much
+        faster than dynamo's symbolic-shape retrace of a whole UNet.
+        """
+        compile_kwargs.setdefault("dynamic", False)
+        for net in (self.unet, self.reference_unet, self.view_controlnet):
+            net.compile(**compile_kwargs)
+
     def set_attention_slice(self, slice_size: int | None) -> None:
         """Attention slicing in the reference/self-attentions of F and F_ref: ``slice_size`` rows per SDPA call
         (None: off). Cross-attention and view-module attention are sliced by diffusers' own processors."""
