@@ -9,14 +9,16 @@ with guidance 3 for one window of 8 views, in two modes in ONE run:
 * ``fast``: :meth:`DiffPortrait3DDenoiser.eps_guided` (F_ref once at batch 1, F_cam on the conditional rows only,
   both passes in one 16-row call of F).
 
-Reported per mode: seconds per step (mean over the timed steps; one warm-up step is not timed), seconds per frame
-(timed steps / 8 views, and extrapolated to 50 steps), peak memory of the warm-up step (CUDA: max allocated above
-the weights; CPU: peak RSS rise, reset through /proc/self/clear_refs), FLOPs per step (torch's FlopCounterMode, one
-step) and achieved TFLOP/s; then the fast/official ratios, all from this one run. Timed steps alternate between the
+Reported per mode: seconds per step (mean over the timed steps; a warm-up step is not timed), seconds per frame
+(timed steps / 8 views, and extrapolated to 50 steps), peak memory of one untimed step after the warm-up (CUDA: max
+allocated above the weights; CPU: peak RSS rise, reset through /proc/self/clear_refs), FLOPs per step (torch's
+FlopCounterMode, one step) and achieved TFLOP/s; then the fast/official ratios and how far the fast guided eps is
+from the official one (relative L2, first timestep), all from this one run. Timed steps alternate between the
 modes (official, fast, official, ...) so that load from other processes on a shared machine hits both alike.
 ``--compile``: the fast mode runs ``torch.compile``d F, F_ref and F_cam (the compilation happens in its untimed
 warm-up step); the official mode runs the same networks eagerly (``torch.compiler.set_stance("force_eager")``),
-as the official code does; FLOPs are counted eagerly for both.
+as the official code does. ``--compile both``: the official mode is compiled too (like for like: what the schedule
+alone saves under compile). FLOPs are counted eagerly for both.
 """
 from __future__ import annotations
 
@@ -222,31 +224,35 @@ def _eager():
     return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
-def _mode_context(name: str):
-    return _eager() if name == "official" else contextlib.nullcontext()
+def _mode_context(name: str, eager_official: bool):
+    return _eager() if name == "official" and eager_official else contextlib.nullcontext()
 
 
-def prepare_mode(name: str, denoiser, inputs: dict[str, Any], t: int, device: torch.device) -> dict[str, Any]:
-    """FLOPs of one step, then the warm-up step (not timed), whose peak memory is recorded."""
+def prepare_mode(name: str, denoiser, inputs: dict[str, Any], t: int, device: torch.device,
+                 eager_official: bool = True) -> dict[str, Any]:
+    """FLOPs of one step, a warm-up step (where a compiled mode compiles), then one more untimed step whose peak
+    memory is recorded; returns the record and that step's guided eps."""
     step = _step_fn(name)
     _official_mode(denoiser, name == "official")
     try:
-        with torch.no_grad(), _mode_context(name):
+        with torch.no_grad(), _mode_context(name, eager_official):
             with _eager():
                 flops = count_flops(lambda: step(denoiser, t, inputs))
+            step(denoiser, t, inputs)
             with MemoryMeter(device) as meter:
-                step(denoiser, t, inputs)
+                eps = step(denoiser, t, inputs)
             peak = meter.peak()
     finally:
         _official_mode(denoiser, False)
-    return {"flops_per_step": flops, "peak_memory_bytes": peak, "peak_memory_method": meter.method}
+    return {"flops_per_step": flops, "peak_memory_bytes": peak, "peak_memory_method": meter.method}, eps
 
 
-def timed_step(name: str, denoiser, inputs: dict[str, Any], t: int, device: torch.device) -> float:
+def timed_step(name: str, denoiser, inputs: dict[str, Any], t: int, device: torch.device,
+               eager_official: bool = True) -> float:
     step = _step_fn(name)
     _official_mode(denoiser, name == "official")
     try:
-        with torch.no_grad(), _mode_context(name):
+        with torch.no_grad(), _mode_context(name, eager_official):
             _sync(device)
             start = time.perf_counter()
             step(denoiser, t, inputs)
@@ -256,20 +262,25 @@ def timed_step(name: str, denoiser, inputs: dict[str, Any], t: int, device: torc
         _official_mode(denoiser, False)
 
 
-def run_modes(denoiser, inputs: dict[str, Any], timesteps: list[int], device: torch.device) -> dict[str, dict]:
-    """Both modes. Timed steps alternate official / fast, so a load change on a shared machine hits both."""
+def run_modes(denoiser, inputs: dict[str, Any], timesteps: list[int], device: torch.device,
+              eager_official: bool = True) -> tuple[dict[str, dict], float]:
+    """Both modes, and the relative L2 difference of their guided eps at the first timestep. Timed steps alternate
+    official / fast, so a load change on a shared machine hits both."""
     names = ("official", "fast")
-    modes = {name: prepare_mode(name, denoiser, inputs, timesteps[0], device) for name in names}
+    prepared = {name: prepare_mode(name, denoiser, inputs, timesteps[0], device, eager_official) for name in names}
+    modes = {name: record for name, (record, _) in prepared.items()}
+    official_eps, fast_eps = prepared["official"][1].float(), prepared["fast"][1].float()
+    eps_difference = float((fast_eps - official_eps).norm() / official_eps.norm())
     times: dict[str, list[float]] = {name: [] for name in names}
     for t in timesteps:
         for name in names:
-            times[name].append(timed_step(name, denoiser, inputs, t, device))
+            times[name].append(timed_step(name, denoiser, inputs, t, device, eager_official))
     for name, r in modes.items():
         per_step = sum(times[name]) / len(times[name])
         r.update({"s_per_step": per_step, "s_per_step_min": min(times[name]), "step_times": times[name],
                   "s_per_frame": sum(times[name]) / VIEWS, "s_per_frame_50_steps": per_step * 50 / VIEWS,
                   "achieved_tflops": r["flops_per_step"] / per_step / 1e12, "timed_steps": len(times[name])})
-    return modes
+    return modes, eps_difference
 
 
 def _machine(device: torch.device) -> str:
@@ -346,14 +357,17 @@ def report(measure: Callable[[], dict[str, Any]], format_table: Callable[[dict[s
 
 
 def run_bench(size: str = "mid", dtype: str = "fp32", device: str = "cpu", steps: int = 3,
-              channels_last: bool = False, compile: bool = False, threads: int | None = None) -> dict[str, Any]:
-    """Both modes on one set of networks; returns the JSON-able record."""
+              channels_last: bool = False, compile: str | None = None, threads: int | None = None) -> dict[str, Any]:
+    """Both modes on one set of networks; returns the JSON-able record. ``compile``: None, "fast" (the fast mode
+    compiled, the official one eager) or "both"."""
+    if compile not in (None, "fast", "both"):
+        raise BenchError(f"unknown compile choice {compile!r}; use 'fast' or 'both'")
     dev = check_request(size, dtype, device, steps)
     with _cpu_settings(threads, flush_denormal=dev.type == "cpu"):
         return _measure(size, dtype, dev, steps, channels_last, compile)
 
 
-def _measure(size: str, dtype: str, dev: torch.device, steps: int, channels_last: bool, compile: bool) -> dict:
+def _measure(size: str, dtype: str, dev: torch.device, steps: int, channels_last: bool, compile: str | None) -> dict:
     load_start = _loadavg()
     torch_dtype = DTYPES[dtype]
     denoiser = build_denoiser(size, dev, torch_dtype)
@@ -364,14 +378,14 @@ def _measure(size: str, dtype: str, dev: torch.device, steps: int, channels_last
         denoiser.compile_networks()
     inputs = make_inputs(denoiser, size, dev, torch_dtype)
     timesteps = [int(t) for t in torch.linspace(981, 1, steps + 1).round().long()][:steps] if steps > 1 else [981]
-    modes = run_modes(denoiser, inputs, timesteps, dev)
+    modes, eps_difference = run_modes(denoiser, inputs, timesteps, dev, eager_official=compile != "both")
     o, f = modes["official"], modes["fast"]
     cfg = SIZES[size]
     return {
         "config": {"size": size, "dtype": dtype, "device": str(dev), "steps": steps, "views": VIEWS,
                    "guidance": GUIDANCE, "image": cfg.image, "latent": cfg.latent,
                    "model_channels": official_params(cfg.overrides)["model_channels"],
-                   "channels_last": channels_last, "compile": compile, "threads": torch.get_num_threads()},
+                   "channels_last": channels_last, "compile": compile, "first_timestep": timesteps[0], "threads": torch.get_num_threads()},
         "machine": {"device_name": _machine(dev), "torch": torch.__version__, "python": platform.python_version(),
                     "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                     "loadavg_before_after": [load_start, _loadavg()]},
@@ -379,6 +393,7 @@ def _measure(size: str, dtype: str, dev: torch.device, steps: int, channels_last
         "ratio": {"speedup_official_over_fast": o["s_per_step"] / f["s_per_step"],
                   "speedup_min_times": o["s_per_step_min"] / f["s_per_step_min"],
                   "flops_fast_over_official": f["flops_per_step"] / o["flops_per_step"],
+                  "eps_relative_l2_fast_vs_official": eps_difference,
                   "memory_fast_over_official": (f["peak_memory_bytes"] / o["peak_memory_bytes"]
                                                 if o["peak_memory_bytes"] else None)},
     }
@@ -407,7 +422,8 @@ def format_table(record: dict[str, Any]) -> str:
     mem = "n/a" if r["memory_fast_over_official"] is None else f"{r['memory_fast_over_official']:.2f}"
     lines.append(f"fast vs official: {r['speedup_official_over_fast']:.2f}x faster per step "
                  f"({r['speedup_min_times']:.2f}x on the fastest steps), "
-                 f"{r['flops_fast_over_official']:.2f} of the FLOPs, {mem} of the peak memory")
+                 f"{r['flops_fast_over_official']:.2f} of the FLOPs, {mem} of the peak memory; guided eps differ "
+                 f"by {r['eps_relative_l2_fast_vs_official']:.2e} (relative L2, t={c['first_timestep']})")
     return "\n".join(lines)
 
 
@@ -416,8 +432,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     add_request_arguments(parser, size="mid", steps=3, steps_help="timed denoising steps (after one warm-up step)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile F, F_ref and F_cam for the fast mode (official mode stays eager)")
+    parser.add_argument("--compile", nargs="?", const="fast", choices=("fast", "both"),
+                        help="torch.compile F, F_ref and F_cam for the fast mode (official mode stays eager); "
+                             "'both': the official mode compiled too")
     args = parser.parse_args(list(argv) if argv is not None else None)
     return report(lambda: run_bench(args.size, args.dtype, args.device, args.steps, args.channels_last,
                                     args.compile, args.threads), format_table, args.json)

@@ -60,6 +60,8 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
     Option("vae-slicing", "enable_vae_slicing(): decode one view at a time", lambda p, d: p.enable_vae_slicing()),
     Option("vae-tiling", "enable_vae_tiling(): diffusers' tiled VAE", lambda p, d: p.enable_vae_tiling()),
     Option("channels-last", "enable_channels_last()", lambda p, d: p.enable_channels_last()),
+    Option("compile", "enable_compile(): torch.compile of F, F_ref and F_cam (compiled in the warm-up call)",
+           lambda p, d: p.enable_compile()),
     Option("model-offload", "enable_model_cpu_offload(): each network on the GPU only while it runs", _offload,
            needs_cuda=True, offloaded=True),
     Option("smallest", "model offload + sequential passes + attention slicing + VAE slicing", _smallest,
@@ -117,6 +119,7 @@ def _reset(pipe: Any, device: torch.device) -> None:
     pipe.disable_attention_slicing()
     pipe.disable_vae_slicing()
     pipe.disable_vae_tiling()
+    pipe.disable_compile()
     for name in ("unet", "reference_unet", "view_controlnet", "vae"):
         getattr(pipe, name).to(device=device, memory_format=torch.contiguous_format)
     pipe.view_modules.to(device)

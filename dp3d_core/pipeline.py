@@ -265,6 +265,11 @@ class DiffPortrait3DPipeline(DiffusionPipeline):
         """``torch.compile`` F, F_ref and F_cam in place (see ``DiffPortrait3DDenoiser.compile_networks``)."""
         self.denoiser.compile_networks(**compile_kwargs)
 
+    def disable_compile(self) -> None:
+        """Back to the eager networks (torch has no public undo of ``nn.Module.compile``; it sets this field)."""
+        for name in ("unet", "reference_unet", "view_controlnet"):
+            getattr(self, name)._compiled_call_impl = None
+
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None) -> None:
         """diffusers' model CPU offload, with the view modules moved together with F (they run inside F's forward
         through hooks, so they never trigger an offload hook of their own)."""

@@ -38,6 +38,12 @@ def test_fast_needs_fewer_flops(record: dict) -> None:
     assert record["ratio"]["speedup_official_over_fast"] > 0
 
 
+def test_fast_gives_the_official_guided_eps(record: dict) -> None:
+    """fp32 rounding only (tests/test_fast_path.py has the exact float64 comparison)."""
+    assert record["ratio"]["eps_relative_l2_fast_vs_official"] < 1e-4
+    assert record["config"]["first_timestep"] == 981
+
+
 def test_flop_count_includes_attention(record: dict) -> None:
     """CPU SDPA is counted (torch's counter alone only knows the CUDA kernels)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -80,3 +86,56 @@ def test_pipeline_options_bad_requests(capsys) -> None:
 
     assert bench_options.main(["--options", "nonsense"]) == 2
     assert "unknown option(s) nonsense" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("choice, compiled_modes", [("fast", {"fast"}), ("both", {"official", "fast"})])
+def test_compile_choice_compiles_the_chosen_modes(monkeypatch, choice: str, compiled_modes: set) -> None:
+    """--compile compiles the fast mode only (official eager, as the official code runs); 'both' both. Dynamo
+    traces for real; a recording backend stands in for inductor (too slow here) and notes the mode running."""
+    import torch._dynamo
+
+    from dp3d_core.models import DiffPortrait3DDenoiser
+
+    running: list[str] = []
+    traced: set[str] = set()
+
+    def backend(gm, example_inputs):
+        traced.add(running[-1])
+        return gm.forward
+
+    original = DiffPortrait3DDenoiser.compile_networks
+    monkeypatch.setattr(DiffPortrait3DDenoiser, "compile_networks", lambda self: original(self, backend=backend))
+    for name in ("official", "fast"):
+        step = getattr(bench, f"{name}_step")
+        monkeypatch.setattr(bench, f"{name}_step",
+                            lambda *a, _step=step, _name=name: (running.append(_name), _step(*a))[1])
+    torch._dynamo.reset()
+    try:
+        record = bench.run_bench("tiny", steps=1, compile=choice, threads=1)
+    finally:
+        torch._dynamo.reset()
+    assert traced == compiled_modes
+    assert record["config"]["compile"] == choice
+    assert record["ratio"]["eps_relative_l2_fast_vs_official"] < 1e-4
+    with pytest.raises(bench.BenchError, match="compile"):
+        bench.run_bench("tiny", steps=1, compile="all")
+
+
+def test_compile_option_is_undone_by_disable_compile() -> None:
+    """The compile option of bench_options is reset between options: after disable_compile nothing is traced."""
+    import torch._dynamo
+
+    from dp3d_core import bench_options
+
+    pipe = bench_options.build_pipeline("tiny", torch.float32, torch.device("cpu"))
+    graphs: list = []
+    torch._dynamo.reset()
+    try:
+        pipe.enable_compile(backend=lambda gm, example_inputs: (graphs.append(gm), gm.forward)[1])
+        pipe.disable_compile()
+        reference, conditions = bench_options._images("tiny")
+        pipe(reference, conditions, num_inference_steps=1, guidance_scale=3.0, seed=0, output_type="np")
+    finally:
+        torch._dynamo.reset()
+    assert graphs == []
+    assert all(getattr(pipe, n)._compiled_call_impl is None for n in ("unet", "reference_unet", "view_controlnet"))
