@@ -237,7 +237,8 @@ def run_turntable_job(out_dir: str | os.PathLike, *, frames: int = 16, reference
                       yaw_range_deg: float = 45.0, pitch_deg: float = 0.0, size: int = 512,
                       model: str | os.PathLike | None = None, worker_python: str | os.PathLike | None = None,
                       steps: int | None = None, seed: int | None = None, conditions: str = "procedural",
-                      device: str | None = None, generate: bool = True, previews: bool = True,
+                      device: str | None = None, memory: str | None = None, compile: bool | None = None,
+                      generate: bool = True, previews: bool = True,
                       import_as: tuple[str, ...] = ("CARD",), log: Callable[[str], None] | None = None,
                       context: bpy.types.Context | None = None) -> JobResult:
     """Anchor (reused) + turntable + poses; with ``generate``: conditions, worker, import, GIF, sheet.
@@ -280,6 +281,12 @@ def run_turntable_job(out_dir: str | os.PathLike, *, frames: int = 16, reference
         if device.upper() not in {"AUTO", "CUDA", "MPS", "CPU"}:
             raise JobRunError(f"--device must be auto, cuda, mps or cpu, got {device!r}.")
         settings.device = device.upper()
+    if memory is not None:
+        if memory.upper() not in {"NORMAL", "LOW", "LOWEST"}:
+            raise JobRunError(f"--memory must be normal, low or lowest, got {memory!r}.")
+        settings.memory = memory.upper()
+    if compile is not None:
+        settings.use_compile = compile
     settings.import_as = set(import_as)
     try:
         out = check_writable_folder(Path(out_dir).expanduser().resolve())
@@ -341,6 +348,9 @@ def cli_parser() -> argparse.ArgumentParser:
     parser.add_argument("--conditions", default="procedural",
                         help="'procedural' (render a proxy head) or a folder of condition images (name order)")
     parser.add_argument("--device", help="auto, cuda, mps or cpu (default auto)")
+    parser.add_argument("--memory", help="GPU memory: normal, low (~7.5 GiB at 512 px) or lowest (~4.6 GiB, slower)")
+    parser.add_argument("--compile", action="store_true", default=None,
+                        help="torch.compile the networks (minutes at the first step, faster after)")
     parser.add_argument("--yaw-range", type=float, default=45.0, help="sweep -DEG..+DEG (default 45)")
     parser.add_argument("--pitch", type=float, default=0.0, help="camera elevation in degrees (default 0)")
     parser.add_argument("--poses-only", action="store_true",
@@ -360,6 +370,7 @@ def cli_main(argv: list[str]) -> int:
                                    yaw_range_deg=args.yaw_range, pitch_deg=args.pitch, size=args.size,
                                    model=args.model, worker_python=args.worker_python, steps=args.steps,
                                    seed=args.seed, conditions=args.conditions, device=args.device,
+                                   memory=args.memory, compile=args.compile,
                                    generate=not args.poses_only, log=lambda m: print(f"portrait3d: {m}", flush=True))
     except JobRunError as exc:
         print(f"portrait3d: error: {exc}")

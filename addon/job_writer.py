@@ -268,7 +268,8 @@ def prepare_job(context: bpy.types.Context, *, model: str | os.PathLike | None =
     settings = jobspec.GenerationSettings(steps=s.steps, guidance=s.guidance, eta=s.eta, seed=s.seed, size=size,
                                           scheduler=SCHEDULER_IDS.get(s.scheduler, "ddim"))
     job = jobspec.Job(references=[str(ref.path.resolve())], frames=specs, model=str(model_dir.resolve()),
-                      output=str(out.resolve()), settings=settings, device=s.device.lower())
+                      output=str(out.resolve()), settings=settings, device=s.device.lower(),
+                      memory=s.memory.lower(), compile=s.use_compile)
     try:
         jobspec.write_job(job, job_dir)
         write_dataset(out, poses)

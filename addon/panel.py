@@ -63,6 +63,8 @@ class PORTRAIT3D_PT_generation(_Portrait3DPanel, bpy.types.Panel):
         layout.prop(s, "seed")
         layout.prop(s, "scheduler")
         layout.prop(s, "device")
+        layout.prop(s, "memory")
+        layout.prop(s, "use_compile")
         layout.prop(s, "model_folder")
         layout.prop(s, "condition_source")
         if s.condition_source == 'MESH':

@@ -29,6 +29,12 @@ DEVICES = (
     ("MPS", "MPS", "Apple Silicon GPU"),
     ("CPU", "CPU", "Processor only (very slow)"),
 )
+MEMORY_MODES = (
+    ("NORMAL", "Normal", "Fastest; one 8-view window at 512 px needs about 10 GiB of GPU memory in fp16"),
+    ("LOW", "Low", "Guidance passes one after the other, sliced attention and VAE decode (about 7.5 GiB)"),
+    ("LOWEST", "Lowest", "Low, plus each network on the GPU only while it runs (about 4.6 GiB, several times "
+                         "slower)"),
+)
 IMPORT_MODES = (
     ("CARD", "Card", "A plane in front of the camera showing the frames (emission image sequence)"),
     ("BACKGROUND", "Camera Background", "The camera's background image sequence (viewport only)"),
@@ -95,6 +101,12 @@ class PORTRAIT3D_PG_settings(bpy.types.PropertyGroup):
         description="Project the reference onto the proxy head and start from its views "
                     "(more 3D-consistent, less faithful to fine detail)")
     device: EnumProperty(name="Device", items=DEVICES, default="AUTO")
+    memory: EnumProperty(name="GPU Memory", items=MEMORY_MODES, default="NORMAL",
+                         description="Trade speed for GPU memory (the picture stays the same)")
+    use_compile: BoolProperty(
+        name="Compile", default=False,
+        description="torch.compile the networks: the first step takes minutes, later steps run about 1.4x faster "
+                    "(worth it for long turntables; needs a C compiler, and triton on CUDA)")
     import_as: EnumProperty(name="Import As", items=IMPORT_MODES, options={'ENUM_FLAG'}, default={'CARD'},
                             description="How finished frames come into the scene")
     output_folder: StringProperty(name="Output Folder", subtype='DIR_PATH', options=_PATH_OPTIONS,

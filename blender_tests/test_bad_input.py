@@ -108,6 +108,21 @@ def test_path_with_spaces_and_non_ascii_works(ready, tmp_path):
     assert (tmp_path / "sortie été" / ".job" / "job.json").is_file()
 
 
+
+def test_memory_and_compile_reach_the_job(ready):
+    s = bpy.context.scene.portrait3d
+    job = jobspec.read_job(prepare().job_dir)
+    assert (job.memory, job.compile) == ("normal", False)
+    s.memory, s.use_compile = 'LOWEST', True
+    job = jobspec.read_job(prepare().job_dir)
+    assert (job.memory, job.compile) == ("lowest", True)
+
+
+def test_cli_memory_is_checked(ready, tmp_path):
+    with pytest.raises(job_runner.JobRunError, match="--memory must be normal, low or lowest"):
+        job_runner.run_turntable_job(tmp_path / "cli", frames=2, memory="huge", generate=False)
+
+
 # ---------------------------------------------------------------- reference portrait
 
 

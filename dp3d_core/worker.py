@@ -126,6 +126,22 @@ def load_pipeline(folder: str, device: Any, dtype: Any) -> Any:
     return pipe
 
 
+def apply_speed_options(pipe: Any, memory: str, compile: bool, device: Any, warn: Callable[[str], None]) -> None:
+    """The job's memory mode (dp3d_core.job.MEMORY_MODES) and compile switch; neither changes the picture."""
+    if memory in ("low", "lowest"):
+        pipe.set_fast_path(batch_passes=False)
+        pipe.enable_attention_slicing()
+        pipe.enable_vae_slicing()
+    if memory == "lowest":
+        if device.type == "cpu":
+            warn("memory 'lowest' moves the networks between the CPU and a GPU; on the CPU it is the same as 'low'")
+        else:
+            pipe.enable_model_cpu_offload(device=device)
+    if compile:
+        warn("compiling the networks (torch.compile): the first denoising step takes minutes, later ones are faster")
+        pipe.enable_compile()
+
+
 # ---------------------------------------------------------------- run
 
 def _error_hint(exc: BaseException) -> tuple[str, str]:
@@ -134,7 +150,11 @@ def _error_hint(exc: BaseException) -> tuple[str, str]:
     text = str(exc).strip() or name
     if name == "OutOfMemoryError" or "out of memory" in text.lower():
         return (f"the GPU ran out of memory ({text.splitlines()[0]})",
-                "lower the output size (settings.size) or use dtype fp16; close other programs using the GPU")
+                "set Memory to 'low' (or 'lowest'), lower the output size or use dtype fp16; close other "
+                "programs using the GPU")
+    if type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+        return (f"torch.compile failed ({text.splitlines()[0]})",
+                "turn Compile off for this job (compiling needs a C compiler, and triton on CUDA)")
     if isinstance(exc, MemoryError):
         return "the computer ran out of memory", "lower the output size or close other programs"
     if isinstance(exc, ValueError) and type(exc).__module__.startswith(__package__ or "dp3d_core"):
@@ -176,12 +196,14 @@ def run_job(job_dir: Path, emit: Emitter) -> int:
     conditions = [load_rgb(f.condition, size) for f in frames]
     proxies = [None if f.proxy is None else load_rgb(f.proxy, size) for f in frames]
 
-    import torch  # noqa: F401  (late: job errors above are reported without paying the import)
+    import torch  # late: job errors above are reported without paying the import
     from .pipeline import Cancelled
 
     device = pick_device(job.device)
     dtype = pick_dtype(job.dtype, device, lambda m: emit("warning", message=m))
-    pipe = load_pipeline(job.model, device, dtype)
+    offload = job.memory == "lowest" and device.type != "cpu"
+    pipe = load_pipeline(job.model, torch.device("cpu") if offload else device, dtype)  # offload moves them itself
+    apply_speed_options(pipe, job.memory, job.compile, device, lambda m: emit("warning", message=m))
     s = job.settings
 
     def on_window(step: int, num_steps: int, window: int, num_windows: int) -> dict | None:

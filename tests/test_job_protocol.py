@@ -72,6 +72,7 @@ def test_defaults_documented_values() -> None:
     job = jobmod.job_from_dict(minimal)
     assert job.references == ["ref.png"] and job.settings == GenerationSettings()
     assert job.frames[0].proxy is None and job.device == "auto" and job.dtype == "auto"
+    assert job.memory == "normal" and job.compile is False
 
 
 @pytest.mark.parametrize("mutate, field", [
@@ -81,6 +82,8 @@ def test_defaults_documented_values() -> None:
     (lambda d: d.update(frames=[]), "frames"),
     (lambda d: d.update(device="tpu"), "device"),
     (lambda d: d.update(dtype="int8"), "dtype"),
+    (lambda d: d.update(memory="tiny"), "memory"),
+    (lambda d: d.update(compile="yes"), "compile"),
     (lambda d: d["settings"].update(steps=0), "settings.steps"),
     (lambda d: d["settings"].update(steps=2.5), "settings.steps"),
     (lambda d: d["settings"].update(size=100), "settings.size"),
@@ -155,6 +158,8 @@ def test_hash_stable_and_sensitive(job_dir: Path, tmp_path: Path) -> None:
     assert len(base) == 64
     # NOT sensitive to where the frames go or how they are named
     assert job_hash(make_job(output="elsewhere", frame_pattern="v_{index}.png"), job_dir) == base
+    # nor to the speed and memory switches, which keep the picture (frames already written stay valid)
+    assert job_hash(make_job(memory="lowest", compile=True), job_dir) == base
     # relative vs absolute spelling of the same file
     assert job_hash(make_job(references=[str(job_dir / "ref.png")]), job_dir) == base
     changed = [

@@ -183,9 +183,64 @@ def test_error_hints_are_plain() -> None:
         pass
     message, hint = _error_hint(OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert "ran out of memory" in message and "output size" in hint
+    assert "Memory" in hint
+    CompileError = type("BackendCompilerFailed", (RuntimeError,), {"__module__": "torch._dynamo.exc"})
+    message, hint = _error_hint(CompileError("backend='inductor' raised: no C compiler"))
+    assert message.startswith("torch.compile failed") and "Compile off" in hint
     message, hint = _error_hint(SchedulerError("unknown scheduler 'euler'"))
     assert message == "unknown scheduler 'euler'" and "settings" in hint
     message, hint = _error_hint(ModuleNotFoundError("no torch", name="torch"))
     assert "torch" in message and "worker Python" in hint
     message, hint = _error_hint(RuntimeError("weird"))
     assert message == "RuntimeError: weird" and "stderr" in hint
+
+
+class _RecordingPipeline:
+    """Stands in for DiffPortrait3DPipeline: records which speed/memory switches the worker turns on."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: self.calls.append((name, args, tuple(sorted(kwargs.items()))))
+
+
+@pytest.mark.parametrize("memory, compile, device, expected, warned", [
+    ("normal", False, "cpu", [], 0),
+    ("low", False, "cpu", ["set_fast_path", "enable_attention_slicing", "enable_vae_slicing"], 0),
+    ("lowest", False, "cpu", ["set_fast_path", "enable_attention_slicing", "enable_vae_slicing"], 1),
+    ("lowest", False, "meta", ["set_fast_path", "enable_attention_slicing", "enable_vae_slicing",
+                               "enable_model_cpu_offload"], 0),
+    ("normal", True, "cpu", ["enable_compile"], 1),
+])
+def test_speed_options_turn_on_the_pipeline_switches(memory, compile, device, expected, warned) -> None:
+    import torch
+
+    from dp3d_core.worker import apply_speed_options
+
+    pipe, warnings = _RecordingPipeline(), []
+    apply_speed_options(pipe, memory, compile, torch.device(device), warnings.append)
+    assert [c[0] for c in pipe.calls] == expected
+    assert len(warnings) == warned
+    if memory != "normal":
+        assert pipe.calls[0][2] == (("batch_passes", False),)
+
+
+def test_low_memory_job_gives_the_same_frames(tmp_path: Path, model_folder: Path) -> None:
+    """memory 'low' (sequential passes, sliced attention and VAE) through the real worker: same pixels up to
+    rounding, same job hash, so a normal run's frames count as done for a low-memory rerun."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    normal = make_job_dir(tmp_path / "a", model_folder, frames=2, steps=1)
+    low = make_job_dir(tmp_path / "b", model_folder, frames=2, steps=1)
+    job = read_job(low)
+    job.memory = "low"
+    write_job(job, low)
+    for d in (normal, low):
+        rc, events, err = run_worker(d)
+        assert rc == 0, err
+    for name in sorted(p.name for p in (normal / "out").glob("*.png")):
+        a = np.asarray(Image.open(normal / "out" / name), dtype=np.int16)
+        b = np.asarray(Image.open(low / "out" / name), dtype=np.int16)
+        assert np.abs(a - b).max() <= 1, name
+    assert job_hash(read_job(normal), normal) == job_hash(read_job(low), low)
