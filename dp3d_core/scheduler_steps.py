@@ -28,11 +28,11 @@ from PIL import Image
 
 from .cameras import CameraError
 from .held_out import reference_and_targets
+from .metrics import psnr
 
 DEFAULT_SCHEDULERS = ("ddim", "dpm++2m", "unipc")
 DEFAULT_STEPS = (5, 8, 10, 15, 20, 25, 30, 40)
 THRESHOLDS_DB = (30.0, 25.0)
-PSNR_CAP = 100.0
 
 
 class SchedulerStepsError(ValueError):
@@ -44,12 +44,6 @@ class Sample:
     name: str
     reference: Image.Image
     conditions: list[Image.Image]
-
-
-def psnr(pred: torch.Tensor, truth: torch.Tensor, cap: float = PSNR_CAP) -> torch.Tensor:
-    """PSNR in dB per image ``[N, 3, H, W]`` in [0, 1] (peak 1), capped at ``cap`` for identical images."""
-    mse = ((pred.float() - truth.float()) ** 2).flatten(1).mean(1)
-    return (10 * torch.log10(1.0 / mse.clamp_min(1e-30))).clamp(max=cap)
 
 
 def _open_rgb(path: Path) -> Image.Image:

@@ -10,13 +10,14 @@ import torch
 from PIL import Image
 
 from dp3d_core.cameras import intrinsics_from_focal, sample_lookat, to_label
+from dp3d_core.metrics import PSNR_CAP
 from training import evaluate as ev
 from training.data import write_labels
 
 
 def test_psnr_identical_is_capped_and_known_value() -> None:
     x = torch.rand(2, 3, 16, 16)
-    assert torch.allclose(ev.psnr(x, x), torch.full((2,), ev.PSNR_CAP))
+    assert torch.allclose(ev.psnr(x, x), torch.full((2,), PSNR_CAP))
     # a constant error of 0.1 -> MSE 0.01 -> 20 dB
     y = (x * 0.5 + 0.1)
     assert torch.allclose(ev.psnr(x * 0.5, y), torch.full((2,), 20.0), atol=1e-4)
@@ -70,7 +71,7 @@ def test_consecutive_difference_and_consistency_ratio() -> None:
     views = torch.stack([torch.full((3, 16, 16), v) for v in (0.0, 0.1, 0.3)])
     assert math.isclose(ev.consecutive_difference(views), 0.15, rel_tol=1e-6)
     s = ev.score(views, views)
-    assert s["psnr"] == ev.PSNR_CAP and math.isclose(s["ssim"], 1.0, abs_tol=1e-5)
+    assert s["psnr"] == PSNR_CAP and math.isclose(s["ssim"], 1.0, abs_tol=1e-5)
     assert math.isclose(s["consistency_ratio"], 1.0)
     still = views[:1].expand(3, -1, -1, -1)
     assert ev.score(still, views)["consistency_ratio"] == 0.0

@@ -11,6 +11,7 @@ from PIL import Image
 
 from dp3d_core import scheduler_steps as ss
 from dp3d_core.cameras import intrinsics_from_focal, sample_lookat, to_label
+from dp3d_core.metrics import PSNR_CAP
 from training.data import write_labels
 
 
@@ -42,7 +43,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_psnr_cap_and_known_value() -> None:
     x = torch.rand(2, 3, 8, 8)
-    assert torch.equal(ss.psnr(x, x), torch.full((2,), ss.PSNR_CAP))
+    assert torch.equal(ss.psnr(x, x), torch.full((2,), PSNR_CAP))
     assert torch.allclose(ss.psnr(x * 0.5, x * 0.5 + 0.1), torch.full((2,), 20.0), atol=1e-4)
 
 
@@ -59,7 +60,7 @@ def test_command_table_rows_and_self_comparison_is_the_cap(tmp_path: Path, tiny_
         for n in (1, 2):
             assert f"| {name} | {n} | " in table
     # DDIM at the reference step count, same seed and noise: identical output, so PSNR is the cap
-    assert f"| ddim | 2 | 2 | {ss.PSNR_CAP:.2f} |" in table
+    assert f"| ddim | 2 | 2 | {PSNR_CAP:.2f} |" in table
     assert "Smallest step count within 30 dB of DDIM-2: ddim 2" in table
 
 
@@ -68,8 +69,8 @@ def test_compare_rows(tmp_path: Path, tiny_model: Path) -> None:
     result = ss.compare(tiny_model, data, identities=1, schedulers=("ddim", "dpm++2m"), steps=(1, 3), ref_steps=3)
     rows = {(r.scheduler, r.steps): r for r in result["rows"]}
     assert set(rows) == {("ddim", 1), ("ddim", 3), ("dpm++2m", 1), ("dpm++2m", 3)}
-    assert rows["ddim", 3].psnr == ss.PSNR_CAP
-    assert rows["ddim", 1].psnr < ss.PSNR_CAP and rows["dpm++2m", 1].psnr < ss.PSNR_CAP
+    assert rows["ddim", 3].psnr == PSNR_CAP
+    assert rows["ddim", 1].psnr < PSNR_CAP and rows["dpm++2m", 1].psnr < PSNR_CAP
     assert all(r.seconds > 0 and r.actual_steps >= r.steps for r in rows.values())
 
 

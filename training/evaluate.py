@@ -35,12 +35,12 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from dp3d_core.held_out import reference_and_targets
+from dp3d_core.metrics import psnr
 
 from .data import CONDITION_DIR, DatasetError, ImageLoadError, load_image, read_labels
 from .validate import to_uint8
 
 PROXY_DIR = "proxy"
-PSNR_CAP = 100.0
 
 
 class EvaluationError(ValueError):
@@ -48,13 +48,6 @@ class EvaluationError(ValueError):
 
 
 # ------------------------------------------------------------------ metrics (images [N, 3, H, W] in [0, 1])
-
-def psnr(pred: torch.Tensor, truth: torch.Tensor, cap: float = PSNR_CAP) -> torch.Tensor:
-    """PSNR in dB per image (peak 1), capped at ``cap`` (identical images)."""
-    mse = ((pred.float() - truth.float()) ** 2).flatten(1).mean(1)
-    value = 10 * torch.log10(1.0 / mse.clamp_min(1e-30))
-    return value.clamp(max=cap)
-
 
 def gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
