@@ -72,6 +72,18 @@ def test_render_is_deterministic_resumable_and_loadable(tmp_path: Path) -> None:
     assert again.returncode == 0 and '"views_rendered": 0' in again.stdout
     assert (a / "train" / "id00000" / "v01.png").stat().st_mtime_ns == stamp
 
+    # 3D-aware proxy views of the held-out split, for training.evaluate: one per target, resumable
+    def proxies() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "training.render_dataset", "--out", str(a / "test"), "--proxies",
+                               "--views", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    made = proxies()
+    assert made.returncode == 0 and '"proxy_views_rendered": 1' in made.stdout, made.stderr[-2000:]
+    (identity, target), = [r.split("/") for r, _ in test if not r.endswith("v00.png")]
+    proxy = np.asarray(Image.open(a / "test" / "proxy" / identity / target).convert("RGB"))
+    assert proxy.shape == (32, 32, 3)
+    assert not np.array_equal(proxy, np.asarray(Image.open(a / "test" / "cond" / identity / target).convert("RGB")))
+    assert '"proxy_views_rendered": 0' in proxies().stdout
+
     # deterministic by seed
     other = render(tmp_path / "b")
     assert other.returncode == 0

@@ -30,6 +30,7 @@ from dp3d_core.cameras import CameraError, from_label, to_label
 log = logging.getLogger(__name__)
 
 CONDITION_DIR = "cond"
+PROXY_DIR = "proxy"  # optional 3D-aware proxy views (training.render_dataset --proxies), read by training.evaluate
 DATASET_FILE = "dataset.json"
 
 

@@ -37,10 +37,9 @@ from PIL import Image, ImageDraw
 from dp3d_core.held_out import reference_and_targets
 from dp3d_core.metrics import psnr
 
-from .data import CONDITION_DIR, DatasetError, ImageLoadError, load_image, read_labels
+from .data import CONDITION_DIR, PROXY_DIR, DatasetError, ImageLoadError, load_image, read_labels
 from .validate import to_uint8
 
-PROXY_DIR = "proxy"
 
 
 class EvaluationError(ValueError):

@@ -31,8 +31,11 @@ if __package__ in (None, ""):  # run as a file by Blender: make the repo root im
 
 import numpy as np
 
+from PIL import Image
+
 from dp3d_core.cameras import (HeadAnchor, intrinsics_from_focal, label_to_blender, sample_lookat, to_label)
-from training.data import split_counts, write_labels
+from dp3d_core.held_out import reference_and_targets
+from training.data import PROXY_DIR, DatasetError, read_labels, split_counts, write_labels
 
 YAW_RANGE = 0.75      # radians either side of frontal (about 43 degrees)
 PITCH_RANGE = 0.25    # radians above/below level
@@ -176,6 +179,40 @@ def render_identity(out: Path, index: int, seed: int, views: int, size: int) -> 
     return entries
 
 
+def render_proxies(split: str | Path, views: int = 8, proxy_seed: int = 0, log=print) -> int:
+    """3D-aware proxy views of a rendered split, for ``training.evaluate``: per identity, the reference view it
+    evaluates from (``dp3d_core.held_out``) projected onto the add-on's generic proxy head (Proxy Head Seed
+    ``proxy_seed``, not the identity's own head) and seen from each target camera, exactly as the add-on makes
+    the proxy views of 3D-aware noise. Written to ``split/proxy/<target path>``; resumable (existing files are
+    kept). Returns the number of views rendered."""
+    from addon.condition_render import render_proxy_views
+    from addon.proxy_head import build_proxy_head
+
+    split = Path(split)
+    labels = read_labels(split)
+    label_of = {rel: label for rel, label in labels}
+    rendered = 0
+    for name, reference, targets in reference_and_targets(labels, views):
+        todo = [rel for rel in targets if not (split / PROXY_DIR / rel).is_file()]
+        if not todo:
+            continue
+        with Image.open(split / reference) as im:
+            size = im.width
+        scene, anchor, cam = _scene(size)
+        head = build_proxy_head(proxy_seed, anchor)
+        (split / PROXY_DIR / name).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=split) as tmp:
+            for rel in todo:
+                _place_camera(cam, label_of[rel], anchor, size)
+                paths = render_proxy_views(scene, cam, [scene.frame_current], tmp,
+                                           reference_image_path=split / reference, proxy_object=head,
+                                           reference_label_or_camera=label_of[reference], anchor=anchor, size=size)
+                shutil.move(str(paths[0]), split / PROXY_DIR / rel)
+                rendered += 1
+        log(f"[render_dataset] proxy views of {name} done")
+    return rendered
+
+
 def write_index(out: str | Path) -> None:
     """(Re)write ``dataset.json`` of each split from its finished identities (usable while rendering goes on)."""
     for name in ("train", "test"):
@@ -222,17 +259,29 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.render_dataset", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--identities", type=int, default=100)
-    parser.add_argument("--views", type=int, default=12)
+    parser.add_argument("--views", type=int, default=None, help="views per identity (default 12)")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--test-fraction", type=float, default=0.1)
     parser.add_argument("--index-only", action="store_true", help="only rewrite dataset.json from finished identities")
+    parser.add_argument("--proxies", action="store_true",
+                        help="render the 3D-aware proxy views of the rendered split --out (e.g. DIR/test) for "
+                             "training.evaluate; --views is then the number of target views per identity "
+                             "(default 8, as evaluate)")
     args = parser.parse_args(list(argv))
     if args.index_only:
         write_index(args.out)
         return 0
+    if args.proxies:
+        try:
+            count = render_proxies(args.out, args.views or 8)
+        except DatasetError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(json.dumps({"proxy_views_rendered": count}))
+        return 0
     try:
-        stats = render_dataset(args.out, args.identities, args.views, args.size, args.seed, args.test_fraction)
+        stats = render_dataset(args.out, args.identities, args.views or 12, args.size, args.seed, args.test_fraction)
     except RenderDatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
