@@ -8,7 +8,8 @@ import bpy
 from bpy.props import FloatProperty, StringProperty
 
 from . import frame_import, job_runner, preferences, rig
-from .worker_process import BackgroundCommand, WorkerStartError, check_worker_python
+from .worker_process import (CHECK_TIMEOUT, BackgroundCommand, WorkerCheck, WorkerStartError, check_worker_python,
+                             start_worker_check, worker_check_result)
 from .poses import FramePose, PoseError, output_folder, scene_poses, write_dataset
 from .properties import active_camera, frame_range
 
@@ -296,14 +297,46 @@ class PORTRAIT3D_OT_check_worker(bpy.types.Operator):
     python: StringProperty(name="Python", default="", options={'SKIP_SAVE'},
                            description="Python to check (empty: the Worker Python preference)")
 
-    def execute(self, context):
-        python = self.python or preferences.worker_python(context)
-        result = check_worker_python(python)
+    def _show(self, context, result: WorkerCheck) -> set[str]:
         prefs = preferences.get_preferences(context)
         if prefs is not None:
             prefs.check_result = "\n".join([result.summary] + [f"  {line}" for line in result.lines[:8]])
         self.report({'INFO'} if result.ok else {'ERROR'}, result.summary)
         return {'FINISHED'} if result.ok else {'CANCELLED'}
+
+    def execute(self, context):
+        self._python = self.python or preferences.worker_python(context)
+        if bpy.app.background:
+            return self._show(context, check_worker_python(self._python))
+        try:  # in the UI the check runs in the background: importing torch can take many seconds
+            self._cmd = start_worker_check(self._python)
+        except WorkerStartError as exc:
+            return self._show(context, WorkerCheck(False, str(exc), []))
+        prefs = preferences.get_preferences(context)
+        if prefs is not None:
+            prefs.check_result = f"Checking {self._python}..."
+        wm = context.window_manager
+        self._timer = wm.event_timer_add(0.25, window=context.window)
+        wm.modal_handler_add(self)
+        return {'RUNNING_MODAL'}
+
+    def modal(self, context, event):
+        if event.type != 'TIMER' or event.timer is not self._timer:
+            return {'PASS_THROUGH'}
+        cmd = self._cmd
+        returncode = cmd.poll()
+        if returncode is None and cmd.elapsed < CHECK_TIMEOUT:
+            return {'PASS_THROUGH'}
+        context.window_manager.event_timer_remove(self._timer)
+        if returncode is None:
+            cmd.kill()
+            result = WorkerCheck(False, f"{self._python} did not finish the check within {CHECK_TIMEOUT:.0f} s.",
+                                 cmd.tail(3))
+        else:
+            result = worker_check_result(self._python, returncode, list(cmd.lines))
+        outcome = self._show(context, result)
+        _redraw_ui(context)
+        return outcome
 
 
 class PORTRAIT3D_OT_convert_checkpoint(bpy.types.Operator):

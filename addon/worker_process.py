@@ -337,6 +337,9 @@ print("missing", " ".join(missing) or "-")
 """
 
 
+CHECK_TIMEOUT = 180.0  # seconds; a first torch import on a cold disk can take a minute
+
+
 @dataclass
 class WorkerCheck:
     ok: bool
@@ -344,24 +347,37 @@ class WorkerCheck:
     lines: list[str]
 
 
-def check_worker_python(python: str | os.PathLike, timeout: float = 180.0) -> WorkerCheck:
-    """Import torch and diffusers in ``python``; versions and CUDA device in plain words."""
-    try:
-        result = run_python(python, ["-c", CHECK_SCRIPT], timeout=timeout)
-    except WorkerStartError as exc:
-        return WorkerCheck(False, str(exc), [])
-    lines = [line for line in result.stdout.splitlines() if line.strip()]
+def start_worker_check(python: str | os.PathLike) -> "BackgroundCommand":
+    """Start the import check of ``python`` in the background (read it with :func:`worker_check_result`)."""
+    return BackgroundCommand(python, ["-c", CHECK_SCRIPT])
+
+
+def worker_check_result(python: str | os.PathLike, returncode: int, lines: Sequence[str]) -> WorkerCheck:
+    """Plain-words verdict of a finished check: its exit code and output lines (stdout and stderr)."""
+    lines = [line for line in lines if line.strip()]
     info = dict(line.split(" ", 1) for line in lines if " " in line)
     missing = info.get("missing", "").split() if info.get("missing", "-") != "-" else []
-    if result.returncode != 0 or "missing" not in info:
-        tail = [line for line in result.stderr.splitlines() if line.strip()][-3:]
-        return WorkerCheck(False, f"{python} could not run the check (exit code {result.returncode}). "
-                           "Is it a Python 3 interpreter?", lines + tail)
+    if returncode != 0 or "missing" not in info:
+        return WorkerCheck(False, f"{python} could not run the check (exit code {returncode}). "
+                           "Is it a Python 3 interpreter?", lines[-11:])
     if missing:
         return WorkerCheck(False, f"Missing in {python}: {', '.join(missing)}; {PACKAGES_HINT}.", lines)
     summary = (f"OK: Python {info.get('python', '?').split()[0]}, torch {info.get('torch')}, "
                f"diffusers {info.get('diffusers')}, GPU: {info.get('cuda')}")
     return WorkerCheck(True, summary, lines)
+
+
+def check_worker_python(python: str | os.PathLike, timeout: float = CHECK_TIMEOUT) -> WorkerCheck:
+    """Import torch and diffusers in ``python`` (blocking); versions and CUDA device in plain words."""
+    try:
+        cmd = start_worker_check(python)
+    except WorkerStartError as exc:
+        return WorkerCheck(False, str(exc), [])
+    returncode = cmd.wait(timeout)
+    if returncode is None:
+        cmd.kill()
+        return WorkerCheck(False, f"{python} did not finish the check within {timeout:.0f} s.", cmd.tail(3))
+    return worker_check_result(python, returncode, list(cmd.lines))
 
 
 class BackgroundCommand:

@@ -227,6 +227,17 @@ def test_check_worker_button(scene, bare_python):
     assert "torch" in result.summary and "GPU: none (CPU only)" in result.summary
 
 
+
+def test_worker_check_in_the_background():
+    """The UI runs the check without blocking: start, poll, then the same verdict as the blocking check."""
+    cmd = worker_process.start_worker_check(sys.executable)
+    assert cmd.wait(worker_process.CHECK_TIMEOUT) == 0
+    result = worker_process.worker_check_result(sys.executable, 0, list(cmd.lines))
+    assert result.ok and "GPU: none (CPU only)" in result.summary
+    late = worker_process.check_worker_python(sys.executable, timeout=0.01)
+    assert not late.ok and "did not finish the check within" in late.summary
+
+
 def test_diagnose_plain_words():
     msg, hint = diagnose(1, ["Traceback ...", "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate"])
     assert "out of GPU memory" in msg and "Output Size" in hint
