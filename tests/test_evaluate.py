@@ -164,3 +164,19 @@ def test_ablations_change_the_output(tmp_path: Path, tiny_model: Path) -> None:
 def test_bad_model_folder_is_a_clear_error(tmp_path: Path) -> None:
     data = _tiny_dataset(tmp_path / "data", identities=1)
     assert ev.main(["--model", str(tmp_path / "missing"), "--data", str(data)]) == 2
+
+
+def test_dataset_proxy_renders_are_used_and_shown(tmp_path: Path, tiny_model: Path) -> None:
+    """With <data>/proxy/ renders (training.render_dataset --proxies) the proxy baseline and 3D-aware noise use
+    them, and the grid shows them in a row of their own under the conditions."""
+    data = _tiny_dataset(tmp_path / "data", identities=1)
+    for path in (data / "cond").rglob("*.png"):  # stand-in proxy renders that differ from the conditions
+        target = data / "proxy" / path.relative_to(data / "cond")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(255 - np.asarray(Image.open(path).convert("RGB"))).save(target)
+    result = ev.evaluate(tiny_model, data, identities=1, steps=1)
+    assert result["notes"]["proxy_source"] == "dataset proxy/ renders"
+    assert not torch.allclose(result["outputs"]["proxy"][0], result["samples"][0].conditions)
+    grid = ev.save_eval_grid(result, tmp_path / "grid.png")
+    with Image.open(grid) as im:  # condition, proxy, truth, model, 3D noise, no view modules
+        assert im.size[1] == 6 * (64 + 2) + 2

@@ -261,23 +261,24 @@ def markdown_table(result: dict[str, Any], command: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-GRID_ROWS = (("condition", "proxy"), ("truth", None), ("model", "full"), ("3D noise", "aware_noise"),
-             ("no view mod.", "no_view_modules"), ("no stage 1", "no_stage1"))
+# (label, key): a Sample field (the inputs and the truth; "proxies" only when the dataset has them) or a method
+GRID_ROWS = (("condition", "conditions"), ("proxy", "proxies"), ("truth", "truth"), ("model", "full"),
+             ("3D noise", "aware_noise"), ("no view mod.", "no_view_modules"), ("no stage 1", "no_stage1"))
+SAMPLE_FIELDS = ("conditions", "proxies", "truth")
 
 
 def save_eval_grid(result: dict[str, Any], path: str | Path, identities: int | None = None, pad: int = 2,
                    label_width: int = 72, palette: bool = False) -> Path:
-    """Per identity a block of rows (condition, truth, model, variants), the reference in the first column.
+    """Per identity a block of rows (condition, proxy, truth, model, variants), the reference in the first column.
     ``palette``: save as a 256-colour PNG (about a third of the size, for the docs)."""
     samples: list[Sample] = result["samples"][:identities]
     outputs = result["outputs"]
     rows: list[tuple[str, torch.Tensor | None, torch.Tensor]] = []
     for i, s in enumerate(samples):
-        for j, (label, key) in enumerate(GRID_ROWS):
-            if key is not None and not outputs.get(key):
-                continue
-            images = s.truth if key is None else outputs[key][i]
-            rows.append((label, s.reference if j == 0 else None, images))
+        block = [(label, getattr(s, key) if key in SAMPLE_FIELDS else outputs[key][i] if outputs.get(key) else None)
+                 for label, key in GRID_ROWS]
+        block = [(label, images) for label, images in block if images is not None]
+        rows.extend((label, s.reference if j == 0 else None, images) for j, (label, images) in enumerate(block))
     n_views = rows[0][2].shape[0]
     h, w = rows[0][2].shape[-2:]
     width = label_width + (n_views + 1) * (w + pad) + pad
