@@ -238,6 +238,7 @@ def run_turntable_job(out_dir: str | os.PathLike, *, frames: int = 16, reference
                       model: str | os.PathLike | None = None, worker_python: str | os.PathLike | None = None,
                       steps: int | None = None, seed: int | None = None, conditions: str = "procedural",
                       device: str | None = None, memory: str | None = None, compile: bool | None = None,
+                      proxy_views: bool | None = None,
                       generate: bool = True, previews: bool = True,
                       import_as: tuple[str, ...] = ("CARD",), log: Callable[[str], None] | None = None,
                       context: bpy.types.Context | None = None) -> JobResult:
@@ -287,6 +288,8 @@ def run_turntable_job(out_dir: str | os.PathLike, *, frames: int = 16, reference
         settings.memory = memory.upper()
     if compile is not None:
         settings.use_compile = compile
+    if proxy_views is not None:
+        settings.use_proxy_views = proxy_views
     settings.import_as = set(import_as)
     try:
         out = check_writable_folder(Path(out_dir).expanduser().resolve())
@@ -349,6 +352,9 @@ def cli_parser() -> argparse.ArgumentParser:
                         help="'procedural' (render a proxy head) or a folder of condition images (name order)")
     parser.add_argument("--device", help="auto, cuda, mps or cpu (default auto)")
     parser.add_argument("--memory", help="GPU memory: normal, low (~7.5 GiB at 512 px) or lowest (~4.6 GiB, slower)")
+    parser.add_argument("--proxy-views", action="store_true", default=None,
+                        help="3D-aware noise: start from the portrait projected onto the proxy head (procedural "
+                             "conditions only)")
     parser.add_argument("--compile", action="store_true", default=None,
                         help="torch.compile the networks (minutes at the first step, faster after)")
     parser.add_argument("--yaw-range", type=float, default=45.0, help="sweep -DEG..+DEG (default 45)")
@@ -370,7 +376,7 @@ def cli_main(argv: list[str]) -> int:
                                    yaw_range_deg=args.yaw_range, pitch_deg=args.pitch, size=args.size,
                                    model=args.model, worker_python=args.worker_python, steps=args.steps,
                                    seed=args.seed, conditions=args.conditions, device=args.device,
-                                   memory=args.memory, compile=args.compile,
+                                   memory=args.memory, compile=args.compile, proxy_views=args.proxy_views,
                                    generate=not args.poses_only, log=lambda m: print(f"portrait3d: {m}", flush=True))
     except JobRunError as exc:
         print(f"portrait3d: error: {exc}")

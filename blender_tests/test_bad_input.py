@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 import sys
 import time
 import venv
@@ -116,6 +117,21 @@ def test_memory_and_compile_reach_the_job(ready):
     s.memory, s.use_compile = 'LOWEST', True
     job = jobspec.read_job(prepare().job_dir)
     assert (job.memory, job.compile) == ("lowest", True)
+
+
+def test_proxy_views_reach_the_job(ready):
+    """3D-Aware Noise: one proxy view per frame in the job for rendered conditions; for an image-folder source
+    (no proxy head) a warning and no proxies."""
+    s = bpy.context.scene.portrait3d
+    s.use_proxy_views = True
+    prepared = prepare()
+    assert any("3D-Aware Noise needs a proxy head" in w for w in prepared.warnings)
+    assert all(f.proxy is None for f in prepared.job.frames)
+    s.condition_source = 'PROCEDURAL'
+    job_dir = prepare().job_dir
+    job = jobspec.read_job(job_dir).resolve(job_dir)
+    assert job.frames and all(f.proxy for f in job.frames)
+    assert all(Path(f.proxy).is_file() and f.proxy != f.condition for f in job.frames)
 
 
 def test_cli_memory_is_checked(ready, tmp_path):

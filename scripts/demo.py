@@ -6,8 +6,8 @@
 Builds the extension zip, installs it into an isolated Blender user folder (``build/demo_blender_user/``,
 recreated on every run; your own Blender configuration is never touched), then runs the same job as
 ``blender -c portrait3d``: head anchor + turntable rig -> per-frame camera poses -> procedural proxy
-head condition renders -> job folder -> worker subprocess (this Python) -> frames imported as a card ->
-preview.gif + contact_sheet.png -> scene.blend, all in DIR.
+head condition renders and 3D-aware proxy views -> job folder -> worker subprocess (this Python) -> frames
+imported as a card -> preview.gif + contact_sheet.png -> scene.blend, all in DIR.
 
 Model: ``models/small/`` when the repository has one; otherwise a tiny RANDOM-WEIGHT model folder
 (made once with ``python -m dp3d_core.tiny`` and cached in ``build/demo_tiny_model/``): its frames
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo: model {model}; worker Python {sys.executable}", flush=True)
         result = addon.job_runner.run_turntable_job(
             out, frames=args.frames, reference=str(PORTRAIT), size=args.size, steps=args.steps, model=str(model),
-            worker_python=sys.executable, device="cpu", import_as=("CARD", "BACKGROUND", "SEQUENCER"),
+            worker_python=sys.executable, device="cpu", proxy_views=True, import_as=("CARD", "BACKGROUND", "SEQUENCER"),
             log=lambda m: print(f"demo: {m}", flush=True))
     except (DemoError, RuntimeError) as exc:
         print(f"demo: {exc}", file=sys.stderr)
