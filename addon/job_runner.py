@@ -18,7 +18,7 @@ import bpy
 
 from . import frame_import, job_writer, preferences, rig
 from .poses import FramePose, PoseError, check_writable_folder, scene_poses, write_dataset
-from .previews import PreviewError, make_previews
+from .previews import PreviewError, make_movie, make_previews
 from .properties import active_camera
 from .worker_process import WorkerProcess, WorkerStartError, WorkerStatus, resolve_worker_python
 
@@ -205,11 +205,12 @@ class JobResult:
     frames: list[Path] = field(default_factory=list)
     gif: Path | None = None
     contact_sheet: Path | None = None
+    movie: Path | None = None
     job_dir: Path | None = None
     status: WorkerStatus | None = None
 
     def files(self) -> list[Path]:
-        extra = [p for p in (self.gif, self.contact_sheet) if p is not None]
+        extra = [p for p in (self.gif, self.contact_sheet, self.movie) if p is not None]
         return [self.dataset, *self.frames, *extra, self.blend]
 
 
@@ -329,6 +330,10 @@ def run_turntable_job(out_dir: str | os.PathLike, *, frames: int = 16, reference
                 result.gif, result.contact_sheet = make_previews(run.worker.python, result.frames, out)
             except PreviewError as exc:
                 result.warnings.append(str(exc))
+            try:
+                result.movie = make_movie(result.frames, out)
+            except PreviewError as exc:
+                result.warnings.append(str(exc))
     result.blend = _save_blend(out)
     return result
 
@@ -338,7 +343,7 @@ def cli_parser() -> argparse.ArgumentParser:
         prog="blender -c portrait3d",
         description="Turn one portrait into a camera turntable: build a head anchor and turntable camera, "
                     "render condition images, run the DiffPortrait3D worker, import the frames, and write "
-                    "dataset.json, the frames, preview.gif, contact_sheet.png and scene.blend into --out.")
+                    "dataset.json, the frames, preview.gif, preview.mp4, contact_sheet.png and scene.blend into --out.")
     parser.add_argument("--reference", help="reference portrait image")
     parser.add_argument("--frames", type=int, default=16, help="number of turntable frames (default 16)")
     parser.add_argument("--out", required=True, help="output folder")

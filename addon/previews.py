@@ -1,12 +1,13 @@
-"""Animated GIF and contact sheet of the frames, made by the worker Python (Blender has no PIL).
-
-Blender can write PNGs but no GIF, and an FFMPEG movie needs a sequencer render; the worker
-Python has Pillow anyway (the worker reads images with it), so a tiny ``-c`` script does both.
+"""Previews of the finished frames: an animated GIF and a contact sheet, made by the worker Python (Blender
+has no PIL; the worker Python has Pillow anyway), and an MP4 movie, rendered by Blender's own FFmpeg through a
+temporary sequencer scene.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -14,6 +15,7 @@ from .worker_process import WorkerStartError, run_python
 
 GIF_NAME = "preview.gif"
 SHEET_NAME = "contact_sheet.png"
+MOVIE_NAME = "preview.mp4"
 
 _SCRIPT = r"""
 import json, math, sys
@@ -53,3 +55,56 @@ def make_previews(python: str | os.PathLike, frames: Sequence[str | os.PathLike]
         tail = " | ".join(line for line in result.stderr.splitlines()[-3:] if line.strip())
         raise PreviewError(f"Making the GIF and contact sheet failed (exit code {result.returncode}): {tail}")
     return gif, sheet
+
+
+def make_movie(frames: Sequence[str | os.PathLike], out_dir: str | os.PathLike, fps: int = 12) -> Path:
+    """Write ``preview.mp4`` (H.264) of ``frames`` (PNGs in one folder) into ``out_dir``; return its path.
+
+    A temporary scene holds one image strip and renders it with Blender's FFmpeg; the user's scenes are not
+    touched. The colour view is Standard so the movie shows the frames' own sRGB values.
+    """
+    import bpy
+
+    if not frames:
+        raise PreviewError("No frames for the movie.")
+    paths = [Path(f) for f in frames]
+    if len({p.parent for p in paths}) != 1:
+        raise PreviewError("The movie frames must lie in one folder.")
+    if not bpy.app.build_options.codec_ffmpeg:
+        raise PreviewError("This Blender has no FFmpeg; no preview.mp4 (the GIF and contact sheet still work).")
+    out = Path(out_dir) / MOVIE_NAME
+    scene = bpy.data.scenes.new("DP3D preview movie")
+    image = None
+    try:
+        image = bpy.data.images.load(str(paths[0]), check_existing=False)
+        width, height = image.size
+        sed = scene.sequence_editor_create()
+        strips = sed.strips if hasattr(sed, "strips") else sed.sequences
+        strip = strips.new_image(name="frames", filepath=str(paths[0]), channel=1, frame_start=1)
+        for p in paths[1:]:
+            strip.elements.append(p.name)
+        scene.frame_start, scene.frame_end = 1, len(paths)
+        r = scene.render
+        r.resolution_x, r.resolution_y, r.resolution_percentage = width + width % 2, height + height % 2, 100
+        r.fps, r.fps_base = fps, 1.0
+        r.use_sequencer = True
+        if hasattr(r.image_settings, "media_type"):  # Blender 5: movies are a media type of their own
+            r.image_settings.media_type = 'VIDEO'
+        r.image_settings.file_format = 'FFMPEG'
+        r.ffmpeg.format, r.ffmpeg.codec, r.ffmpeg.constant_rate_factor = 'MPEG4', 'H264', 'HIGH'
+        scene.view_settings.view_transform = 'Standard'
+        scene.view_settings.look = 'None'
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            r.filepath = str(Path(tmp) / "movie")
+            bpy.ops.render.render(animation=True, scene=scene.name)
+            made = sorted(Path(tmp).glob("movie*"))
+            if not made or made[0].stat().st_size == 0:
+                raise PreviewError("Blender rendered no movie file.")
+            shutil.move(str(made[0]), out)  # written in full before it gets its final name
+    except (RuntimeError, OSError) as exc:
+        raise PreviewError(f"Making preview.mp4 failed: {exc}") from None
+    finally:
+        if image is not None:
+            bpy.data.images.remove(image)
+        bpy.data.scenes.remove(scene)
+    return out

@@ -7,7 +7,7 @@ Builds the extension zip, installs it into an isolated Blender user folder (``bu
 recreated on every run; your own Blender configuration is never touched), then runs the same job as
 ``blender -c portrait3d``: head anchor + turntable rig -> per-frame camera poses -> procedural proxy
 head condition renders and 3D-aware proxy views -> job folder -> worker subprocess (this Python) -> frames
-imported as a card -> preview.gif + contact_sheet.png -> scene.blend, all in DIR.
+imported as a card -> preview.gif + preview.mp4 + contact_sheet.png -> scene.blend, all in DIR.
 
 Model: ``models/small/`` when the repository has one; otherwise a tiny RANDOM-WEIGHT model folder
 (made once with ``python -m dp3d_core.tiny`` and cached in ``build/demo_tiny_model/``): its frames
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nDemo output ({time.monotonic() - started:.0f} s): {out}")
     print(f"  {len(result.frames)} frames {result.frames[0].name} .. {result.frames[-1].name}"
           f" ({args.size}x{args.size} px, {args.steps} steps)")
-    for path in (result.dataset, result.gif, result.contact_sheet, result.blend):
+    for path in (result.dataset, result.gif, result.movie, result.contact_sheet, result.blend):
         if path is not None:
             print(f"  {path.name}  ({path.stat().st_size} bytes)")
     print(f"  {result.job_dir.name}/  the job the worker ran (job.json, condition images)")
