@@ -141,6 +141,30 @@ def _redraw_ui(context) -> None:
                 area.tag_redraw()
 
 
+class _WatchesCommand:
+    """Modal-timer plumbing for operators that run a BackgroundCommand without blocking Blender: ``_tick`` is
+    called on every timer event and returns None while the command runs, then the operator's result."""
+
+    _interval = 0.5
+
+    def _watch(self, context, cmd: BackgroundCommand) -> set[str]:
+        self._cmd = cmd
+        wm = context.window_manager
+        self._timer = wm.event_timer_add(self._interval, window=context.window)
+        wm.modal_handler_add(self)
+        return {'RUNNING_MODAL'}
+
+    def modal(self, context, event):
+        if event.type != 'TIMER' or event.timer is not self._timer:
+            return {'PASS_THROUGH'}
+        result = self._tick(context, self._cmd)
+        if result is None:
+            return {'PASS_THROUGH'}
+        context.window_manager.event_timer_remove(self._timer)
+        _redraw_ui(context)
+        return result
+
+
 def _report_end(op, run: job_runner.GenerationRun) -> set[str]:
     s = run.status
     if s.state == "done":
@@ -287,7 +311,7 @@ class PORTRAIT3D_OT_import_frames(bpy.types.Operator):
         return {'FINISHED'}
 
 
-class PORTRAIT3D_OT_check_worker(bpy.types.Operator):
+class PORTRAIT3D_OT_check_worker(_WatchesCommand, bpy.types.Operator):
     """Run the worker Python: import torch and diffusers, show their versions and the GPU"""
 
     bl_idname = "portrait3d.check_worker"
@@ -309,37 +333,26 @@ class PORTRAIT3D_OT_check_worker(bpy.types.Operator):
         if bpy.app.background:
             return self._show(context, check_worker_python(self._python))
         try:  # in the UI the check runs in the background: importing torch can take many seconds
-            self._cmd = start_worker_check(self._python)
+            cmd = start_worker_check(self._python)
         except WorkerStartError as exc:
             return self._show(context, WorkerCheck(False, str(exc), []))
         prefs = preferences.get_preferences(context)
         if prefs is not None:
             prefs.check_result = f"Checking {self._python}..."
-        wm = context.window_manager
-        self._timer = wm.event_timer_add(0.25, window=context.window)
-        wm.modal_handler_add(self)
-        return {'RUNNING_MODAL'}
+        return self._watch(context, cmd)
 
-    def modal(self, context, event):
-        if event.type != 'TIMER' or event.timer is not self._timer:
-            return {'PASS_THROUGH'}
-        cmd = self._cmd
+    def _tick(self, context, cmd: BackgroundCommand) -> set[str] | None:
         returncode = cmd.poll()
         if returncode is None and cmd.elapsed < CHECK_TIMEOUT:
-            return {'PASS_THROUGH'}
-        context.window_manager.event_timer_remove(self._timer)
+            return None
         if returncode is None:
             cmd.kill()
-            result = WorkerCheck(False, f"{self._python} did not finish the check within {CHECK_TIMEOUT:.0f} s.",
-                                 cmd.tail(3))
-        else:
-            result = worker_check_result(self._python, returncode, list(cmd.lines))
-        outcome = self._show(context, result)
-        _redraw_ui(context)
-        return outcome
+            return self._show(context, WorkerCheck(
+                False, f"{self._python} did not finish the check within {CHECK_TIMEOUT:.0f} s.", cmd.tail(3)))
+        return self._show(context, worker_check_result(self._python, returncode, list(cmd.lines)))
 
 
-class PORTRAIT3D_OT_convert_checkpoint(bpy.types.Operator):
+class PORTRAIT3D_OT_convert_checkpoint(_WatchesCommand, bpy.types.Operator):
     """Pick the downloaded official DiffPortrait3D checkpoint and convert it into a model folder (runs in the worker Python)"""
 
     bl_idname = "portrait3d.convert_checkpoint"
@@ -402,28 +415,18 @@ class PORTRAIT3D_OT_convert_checkpoint(bpy.types.Operator):
         cmd = self._start(context)
         if cmd is None:
             return {'CANCELLED'}
-        self._cmd = cmd
         if bpy.app.background:
             cmd.wait()
             return self._finish(context, cmd)
-        wm = context.window_manager
-        self._timer = wm.event_timer_add(0.5, window=context.window)
-        wm.modal_handler_add(self)
-        return {'RUNNING_MODAL'}
+        return self._watch(context, cmd)
 
-    def modal(self, context, event):
-        if event.type != 'TIMER' or event.timer is not self._timer:
-            return {'PASS_THROUGH'}
-        cmd = self._cmd
-        if cmd.poll() is None:
-            last = cmd.tail(1)
-            self._set_status(context, f"Converting... {cmd.elapsed:.0f} s" + (f": {last[0][:80]}" if last else ""))
-            _redraw_ui(context)
-            return {'PASS_THROUGH'}
-        context.window_manager.event_timer_remove(self._timer)
-        result = self._finish(context, cmd)
+    def _tick(self, context, cmd: BackgroundCommand) -> set[str] | None:
+        if cmd.poll() is not None:
+            return self._finish(context, cmd)
+        last = cmd.tail(1)
+        self._set_status(context, f"Converting... {cmd.elapsed:.0f} s" + (f": {last[0][:80]}" if last else ""))
         _redraw_ui(context)
-        return result
+        return None
 
 
 classes = (
