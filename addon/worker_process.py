@@ -209,6 +209,7 @@ class WorkerProcess:
             s.message = f"Wrote frame {ev['scene_frame']}"
         elif ev.kind == "warning":
             s.warnings.append(str(ev["message"]))
+            s.message = str(ev["message"])  # shown until the next progress (e.g. while the networks compile)
         elif ev.kind == "error":
             self._error_event = ev
         elif ev.kind == "done":

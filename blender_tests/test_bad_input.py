@@ -254,6 +254,26 @@ def test_worker_check_in_the_background():
     assert not late.ok and "did not finish the check within" in late.summary
 
 
+def test_worker_warning_shows_as_the_status(tmp_path):
+    """A warning the worker sends before its first step (e.g. 'compiling the networks') is the status text
+    until progress arrives, so a long first step is explained in the panel."""
+    from dp3d_core import protocol
+
+    started = protocol.encode_event("started", job_hash="x", frames_total=2, frames_done=0)
+    warning = protocol.encode_event("warning", message="compiling the networks")
+    fake = fake_worker_python(tmp_path / "py", f"echo '{started}'\necho '{warning}'\nexec sleep 30")
+    worker = worker_process.WorkerProcess(tmp_path / "job", fake)
+    try:
+        deadline = time.monotonic() + 20
+        while worker.status.message != "compiling the networks" and time.monotonic() < deadline:
+            worker.poll()
+            time.sleep(0.05)
+        assert worker.status.message == "compiling the networks"
+        assert worker.status.warnings == ["compiling the networks"]
+    finally:
+        worker.kill()
+
+
 def test_diagnose_plain_words():
     msg, hint = diagnose(1, ["Traceback ...", "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate"])
     assert "out of GPU memory" in msg and "Output Size" in hint
