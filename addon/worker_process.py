@@ -123,7 +123,8 @@ def diagnose(returncode: int | None, stderr: Sequence[str]) -> tuple[str, str]:
         return ("The worker Python is too old or not a CPython 3 interpreter.",
                 "pick a Python 3.10 or newer with torch and diffusers as Worker Python")
     if "out of memory" in text.lower() or "OutOfMemoryError" in text:
-        return ("The worker ran out of GPU memory.", "lower the Output Size, or set Device to CPU")
+        return ("The worker ran out of GPU memory.", "set GPU Memory to Low or Lowest, lower the Output Size, or set "
+                "Device to CPU")
     if returncode is not None and returncode < 0:
         try:
             sig = signal.Signals(-returncode).name

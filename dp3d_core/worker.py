@@ -150,8 +150,8 @@ def _error_hint(exc: BaseException) -> tuple[str, str]:
     text = str(exc).strip() or name
     if name == "OutOfMemoryError" or "out of memory" in text.lower():
         return (f"the GPU ran out of memory ({text.splitlines()[0]})",
-                "set Memory to 'low' (or 'lowest'), lower the output size or use dtype fp16; close other "
-                "programs using the GPU")
+                "set GPU Memory to Low (job.json memory 'low'; or Lowest), lower the output size or use dtype "
+                "fp16; close other programs using the GPU")
     if type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
         return (f"torch.compile failed ({text.splitlines()[0]})",
                 "turn Compile off for this job (compiling needs a C compiler, and triton on CUDA)")
