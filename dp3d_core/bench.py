@@ -229,7 +229,7 @@ def _mode_context(name: str, eager_official: bool):
 
 
 def prepare_mode(name: str, denoiser, inputs: dict[str, Any], t: int, device: torch.device,
-                 eager_official: bool = True) -> dict[str, Any]:
+                 eager_official: bool = True) -> tuple[dict[str, Any], torch.Tensor]:
     """FLOPs of one step, a warm-up step (where a compiled mode compiles), then one more untimed step whose peak
     memory is recorded; returns the record and that step's guided eps."""
     step = _step_fn(name)
@@ -385,7 +385,8 @@ def _measure(size: str, dtype: str, dev: torch.device, steps: int, channels_last
         "config": {"size": size, "dtype": dtype, "device": str(dev), "steps": steps, "views": VIEWS,
                    "guidance": GUIDANCE, "image": cfg.image, "latent": cfg.latent,
                    "model_channels": official_params(cfg.overrides)["model_channels"],
-                   "channels_last": channels_last, "compile": compile, "first_timestep": timesteps[0], "threads": torch.get_num_threads()},
+                   "channels_last": channels_last, "compile": compile, "first_timestep": timesteps[0],
+                   "threads": torch.get_num_threads()},
         "machine": {"device_name": _machine(dev), "torch": torch.__version__, "python": platform.python_version(),
                     "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                     "loadavg_before_after": [load_start, _loadavg()]},

@@ -30,7 +30,6 @@ if __package__ in (None, ""):  # run as a file by Blender: make the repo root im
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
-
 from PIL import Image
 
 from dp3d_core.cameras import (HeadAnchor, intrinsics_from_focal, label_to_blender, sample_lookat, to_label)
