@@ -166,14 +166,15 @@ def import_background(camera: bpy.types.Object, seq: FrameSequence, image: bpy.t
     return bg
 
 
-def _strips(scene: bpy.types.Scene):
+def scene_strips(scene: bpy.types.Scene):
+    """The sequencer strips of ``scene`` (made on first use): ``strips`` in Blender 4.4+, ``sequences`` before."""
     sed = scene.sequence_editor or scene.sequence_editor_create()
     return sed.strips if hasattr(sed, "strips") else sed.sequences
 
 
 def import_strip(scene: bpy.types.Scene, seq: FrameSequence):
     """An image strip in the sequencer starting at ``seq.frame_start``; replaces an earlier one."""
-    strips = _strips(scene)
+    strips = scene_strips(scene)
     old = strips.get(STRIP_NAME)
     channel = old.channel if old is not None else 1
     if old is not None:

@@ -19,7 +19,7 @@ import bpy
 from . import frame_import, job_writer, preferences, rig
 from .poses import FramePose, PoseError, check_writable_folder, scene_poses, write_dataset
 from .previews import PreviewError, make_movie, make_previews
-from .properties import active_camera
+from .properties import DEVICES, MEMORY_MODES, active_camera
 from .worker_process import WorkerProcess, WorkerStartError, WorkerStatus, resolve_worker_python
 
 BLEND_FILE = "scene.blend"
@@ -280,11 +280,11 @@ def run_turntable_job(out_dir: str | os.PathLike, *, frames: int = 16, reference
     if seed is not None:
         settings.seed = seed
     if device is not None:
-        if device.upper() not in {"AUTO", "CUDA", "MPS", "CPU"}:
+        if device.upper() not in {item[0] for item in DEVICES}:
             raise JobRunError(f"--device must be auto, cuda, mps or cpu, got {device!r}.")
         settings.device = device.upper()
     if memory is not None:
-        if memory.upper() not in {"NORMAL", "LOW", "LOWEST"}:
+        if memory.upper() not in {item[0] for item in MEMORY_MODES}:
             raise JobRunError(f"--memory must be normal, low or lowest, got {memory!r}.")
         settings.memory = memory.upper()
     if compile is not None:

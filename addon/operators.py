@@ -9,7 +9,7 @@ from bpy.props import FloatProperty, StringProperty
 
 from . import frame_import, job_runner, preferences, rig
 from .worker_process import (CHECK_TIMEOUT, BackgroundCommand, WorkerCheck, WorkerStartError, check_worker_python,
-                             start_worker_check, worker_check_result)
+                             finish_worker_check, start_worker_check)
 from .poses import FramePose, PoseError, output_folder, scene_poses, write_dataset
 from .properties import active_camera, frame_range
 
@@ -342,14 +342,9 @@ class PORTRAIT3D_OT_check_worker(_WatchesCommand, bpy.types.Operator):
         return self._watch(context, cmd)
 
     def _tick(self, context, cmd: BackgroundCommand) -> set[str] | None:
-        returncode = cmd.poll()
-        if returncode is None and cmd.elapsed < CHECK_TIMEOUT:
+        if cmd.poll() is None and cmd.elapsed < CHECK_TIMEOUT:
             return None
-        if returncode is None:
-            cmd.kill()
-            return self._show(context, WorkerCheck(
-                False, f"{self._python} did not finish the check within {CHECK_TIMEOUT:.0f} s.", cmd.tail(3)))
-        return self._show(context, worker_check_result(self._python, returncode, list(cmd.lines)))
+        return self._show(context, finish_worker_check(self._python, cmd, CHECK_TIMEOUT))
 
 
 class PORTRAIT3D_OT_convert_checkpoint(_WatchesCommand, bpy.types.Operator):

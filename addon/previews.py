@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+from .frame_import import scene_strips
 from .worker_process import WorkerStartError, run_python
 
 GIF_NAME = "preview.gif"
@@ -78,9 +79,7 @@ def make_movie(frames: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
     try:
         image = bpy.data.images.load(str(paths[0]), check_existing=False)
         width, height = image.size
-        sed = scene.sequence_editor_create()
-        strips = sed.strips if hasattr(sed, "strips") else sed.sequences
-        strip = strips.new_image(name="frames", filepath=str(paths[0]), channel=1, frame_start=1)
+        strip = scene_strips(scene).new_image(name="frames", filepath=str(paths[0]), channel=1, frame_start=1)
         for p in paths[1:]:
             strip.elements.append(p.name)
         scene.frame_start, scene.frame_end = 1, len(paths)

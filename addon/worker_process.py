@@ -369,17 +369,23 @@ def worker_check_result(python: str | os.PathLike, returncode: int, lines: Seque
     return WorkerCheck(True, summary, lines)
 
 
+def finish_worker_check(python: str | os.PathLike, cmd: "BackgroundCommand", timeout: float) -> WorkerCheck:
+    """The verdict of a started check that ended, or (still running after ``timeout`` s) is stopped now."""
+    returncode = cmd.poll()
+    if returncode is None:
+        cmd.kill()
+        return WorkerCheck(False, f"{python} did not finish the check within {timeout:.0f} s.", cmd.tail(3))
+    return worker_check_result(python, returncode, list(cmd.lines))
+
+
 def check_worker_python(python: str | os.PathLike, timeout: float = CHECK_TIMEOUT) -> WorkerCheck:
     """Import torch and diffusers in ``python`` (blocking); versions and CUDA device in plain words."""
     try:
         cmd = start_worker_check(python)
     except WorkerStartError as exc:
         return WorkerCheck(False, str(exc), [])
-    returncode = cmd.wait(timeout)
-    if returncode is None:
-        cmd.kill()
-        return WorkerCheck(False, f"{python} did not finish the check within {timeout:.0f} s.", cmd.tail(3))
-    return worker_check_result(python, returncode, list(cmd.lines))
+    cmd.wait(timeout)
+    return finish_worker_check(python, cmd, timeout)
 
 
 class BackgroundCommand:

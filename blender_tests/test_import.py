@@ -43,7 +43,7 @@ def add_camera(scene, size=16):
 
 
 def counts(scene, cam):
-    strips = frame_import._strips(scene)
+    strips = frame_import.scene_strips(scene)
     return (len(bpy.data.objects), len(bpy.data.meshes), len(bpy.data.materials), len(bpy.data.images),
             len(cam.data.background_images), len(strips))
 
@@ -101,7 +101,7 @@ def test_import_operator_uses_output_folder_and_range(scene, frames):
     s.import_as = {'CARD', 'SEQUENCER'}
     assert bpy.ops.portrait3d.import_frames() == {'FINISHED'}
     assert bpy.data.objects.get(frame_import.CARD_NAME) is not None
-    assert frame_import._strips(scene).get(frame_import.STRIP_NAME) is not None
+    assert frame_import.scene_strips(scene).get(frame_import.STRIP_NAME) is not None
     s.frame_end = FIRST + 5  # two frames that do not exist
     with pytest.raises(RuntimeError, match="Frames missing on disk: frame_0009.png, frame_0010.png"):
         bpy.ops.portrait3d.import_frames()

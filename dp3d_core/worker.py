@@ -126,17 +126,21 @@ def load_pipeline(folder: str, device: Any, dtype: Any) -> Any:
     return pipe
 
 
+def offloads(memory: str, device: Any) -> bool:
+    """Whether the memory mode moves the networks to ``device`` only while they run (then they load on the CPU)."""
+    return memory == "lowest" and device.type != "cpu"
+
+
 def apply_speed_options(pipe: Any, memory: str, compile: bool, device: Any, warn: Callable[[str], None]) -> None:
     """The job's memory mode (dp3d_core.job.MEMORY_MODES) and compile switch; neither changes the picture."""
     if memory in ("low", "lowest"):
         pipe.set_fast_path(batch_passes=False)
         pipe.enable_attention_slicing()
         pipe.enable_vae_slicing()
-    if memory == "lowest":
-        if device.type == "cpu":
-            warn("memory 'lowest' moves the networks between the CPU and a GPU; on the CPU it is the same as 'low'")
-        else:
-            pipe.enable_model_cpu_offload(device=device)
+    if offloads(memory, device):
+        pipe.enable_model_cpu_offload(device=device)
+    elif memory == "lowest":
+        warn("memory 'lowest' moves the networks between the CPU and a GPU; on the CPU it is the same as 'low'")
     if compile:
         warn("compiling the networks (torch.compile): the first denoising step takes minutes, later ones are faster")
         pipe.enable_compile()
@@ -201,8 +205,8 @@ def run_job(job_dir: Path, emit: Emitter) -> int:
 
     device = pick_device(job.device)
     dtype = pick_dtype(job.dtype, device, lambda m: emit("warning", message=m))
-    offload = job.memory == "lowest" and device.type != "cpu"
-    pipe = load_pipeline(job.model, torch.device("cpu") if offload else device, dtype)  # offload moves them itself
+    # offloaded networks are moved to the device by the offload hooks, one at a time
+    pipe = load_pipeline(job.model, torch.device("cpu") if offloads(job.memory, device) else device, dtype)
     apply_speed_options(pipe, job.memory, job.compile, device, lambda m: emit("warning", message=m))
     s = job.settings
 

@@ -143,8 +143,5 @@ def stage_loss(stage: str, denoiser: DiffPortrait3DDenoiser, inputs: StageInputs
         kept = StageInputs(inputs.x0[keep], inputs.reference[keep], inputs.condition[keep], inputs.group)
         pred[keep] = predict(main, denoiser, xt[keep], t[keep], context, kept,
                              reference_t=None if ref_t is None else ref_t[keep]).to(pred.dtype)
-    if stage == "0":
-        pred[rows] = predict("0", denoiser, xt[rows], t[rows], context, inputs).to(pred.dtype)
-    else:
-        pred[rows] = predict(stage, denoiser, xt[rows], t[rows], context, inputs, conditional=False).to(pred.dtype)
+    pred[rows] = predict(stage, denoiser, xt[rows], t[rows], context, inputs, conditional=False).to(pred.dtype)
     return eps_loss(pred, eps, t, alphas_cumprod, high_noise_weight)
