@@ -73,7 +73,7 @@ class LivePreview:
         self.size = int(size)
         self.every_seconds = every_seconds
         self.max_overhead = max_overhead
-        self.last_time = time.monotonic()
+        self.last_time = float("-inf")  # the first step after the start gets a preview at once
         self.last_cost = 0.0
 
     @staticmethod

@@ -214,6 +214,7 @@ class DiffPortrait3DPipeline(DiffusionPipeline):
             latents.append(z)
         return torch.cat(latents).float() * vae.config.scaling_factor
 
+    @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
         """``[N, 4, h, w]`` latents -> ``[N, H, W, 3]`` float32 in [0, 1], ``vae_batch_size`` views per call."""
         out = []

@@ -346,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     except WorkerError as exc:
         emit("error", message=str(exc), hint=exc.hint)
     except KeyboardInterrupt:
-        emit("error", message="the worker was interrupted", hint="run the job again: it continues from its last saved denoising step")
+        emit("error", message="the worker was interrupted",
+             hint="run the job again: it continues from its last saved denoising step")
     except Exception as exc:  # noqa: BLE001  (the protocol promises one error event, never a raw traceback)
         traceback.print_exc(file=sys.stderr)
         message, hint = _error_hint(exc)
