@@ -205,7 +205,7 @@ class Checkpoints:
     def read_manifest(self) -> dict[str, Any] | None:
         """The manifest as written, or None when there is none (a broken one raises StateError)."""
         try:
-            text = self.manifest_path.read_text(encoding="utf-8")
+            text = self.manifest_path.read_bytes()
         except FileNotFoundError:
             return None
         except OSError as exc:
