@@ -223,16 +223,20 @@ class Checkpoints:
         there was no checkpoint at all). Never raises for a bad checkpoint."""
         self.sweep(keep=None)
         try:
-            manifest = self.read_manifest()
-            if manifest is None:
-                return None
-            state = self._validated(manifest)
+            state = self.read()
         except StateError as exc:
             if warn is not None:
                 warn(f"ignored the saved denoising state in {self.folder}: {exc}; this run starts from step 0")
             return None
-        self.sweep(keep=manifest["tensors"]["file"])
+        if state is not None:
+            self.sweep(keep=None)
         return state
+
+    def read(self) -> DenoisingState | None:
+        """The saved state, None when there is none; raises :class:`StateError` (saying why) for a checkpoint that
+        must not be used. Changes no file."""
+        manifest = self.read_manifest()
+        return None if manifest is None else self._validated(manifest)
 
     def _validated(self, manifest: dict[str, Any]) -> DenoisingState:
         if manifest.get("format") != FORMAT:

@@ -178,8 +178,8 @@ def clear_cancel(job_dir: str | os.PathLike) -> None:
 
 # ---------------------------------------------------------------- atomic files
 
-# Test hook: "SUBSTRING:SECONDS" makes write_atomic pause half-way through writing any file whose name contains
-# SUBSTRING, so a test can kill the process in the middle of that write.
+# Test hook: "SUBSTRING:SECONDS" makes write_atomic pause half-way through writing any file whose path (with
+# forward slashes) contains SUBSTRING, so a test can kill the process in the middle of that write.
 TEST_PAUSE_ENV = "DP3D_TEST_PAUSE_WRITE"
 
 
@@ -187,7 +187,7 @@ def _test_pause(path: Path) -> None:
     spec = os.environ.get(TEST_PAUSE_ENV)
     if spec:
         needle, _, seconds = spec.rpartition(":")
-        if needle and needle in path.name:
+        if needle and needle in path.as_posix():
             time.sleep(float(seconds))
 
 
