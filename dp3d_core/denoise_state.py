@@ -308,6 +308,8 @@ class Checkpoints:
 
     def remove(self) -> None:
         """Delete the checkpoint (the manifest first, so a kill half-way leaves nothing loadable)."""
+        if not self.folder.is_dir():
+            return
         self.manifest_path.unlink(missing_ok=True)
         if self.folder.is_dir():
             for path in self.folder.iterdir():

@@ -213,7 +213,7 @@ class StateKeeper:
         self.policy.start(self.saved_step, time.monotonic())
         self.preview_args = (job_dir, names, live_preview.preview_size(s.size, lat))
         self.preview: live_preview.LivePreview | None = None
-        self.warned = False
+        self.warned: set[str] = set()
         # a fresh run drops the previews of an earlier job; a resumed one keeps its own
         live_preview.reset_folder(job_dir, keep_previews=self.resume is not None)
         if self.resume is not None:
@@ -222,35 +222,59 @@ class StateKeeper:
     def on_step(self, pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> None:
         state = kwargs.get("state")
         if state is None:
-            if not self.warned:
-                self.warned = True
-                self.emit("warning", message="this scheduler's state cannot be saved, so this run keeps no "
-                                             "checkpoints: a cancel or crash restarts it from step 0")
+            self.warn_once("scheduler", "this scheduler's state cannot be saved, so this run keeps no checkpoints: "
+                                        "a cancel or crash restarts it from step 0")
             return None
         now = time.monotonic()
         if self.policy.due(state.step, state.total_steps, now):
-            cost = self.checkpoints.save(state)
-            self.saved_step = state.step
-            self.policy.saved(state.step, time.monotonic(), cost)
+            self.save(state)
         if self.preview is None:
             job_dir, names, size = self.preview_args
             matrix = live_preview.fit_latent_to_rgb(state.reference_latents, np.stack(self.references))
             self.preview = live_preview.LivePreview(job_dir, names, matrix, size,
                                                     live_preview.LivePreview.every_seconds_from_env())
         if self.preview.due(now):
-            self.preview.write(kwargs["pred_x0"])
-            self.emit("preview", step=state.step, total_steps=state.total_steps, folder=str(self.preview.folder))
+            try:
+                self.preview.write(kwargs["pred_x0"])
+            except OSError as exc:
+                self.preview.last_time = time.monotonic()
+                self.warn_once("preview", f"could not write the live previews ({exc.strerror or exc}); the run "
+                                          "goes on without them")
+            else:
+                self.emit("preview", step=state.step, total_steps=state.total_steps,
+                          folder=str(self.preview.folder))
         return None
+
+    def save(self, state: Any) -> None:
+        """Checkpoint ``state``; a full or read-only disk costs resumability, never the run."""
+        started = time.monotonic()
+        try:
+            cost = self.checkpoints.save(state)
+        except OSError as exc:
+            cost = time.monotonic() - started
+            self.warn_once("checkpoint", f"could not save the denoising checkpoint in {self.checkpoints.folder} "
+                                         f"({exc.strerror or exc}); the run goes on, but if it is interrupted "
+                                         f"it restarts from step {self.saved_step}")
+        else:
+            self.saved_step = state.step
+        self.policy.saved(state.step, time.monotonic(), cost)
+
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            self.emit("warning", message=message)
 
     def keep(self, state: Any) -> None:
         """A cancelled run: save the state of its last completed step unless that is already on disk."""
         if state is not None and state.step > self.saved_step:
-            self.checkpoints.save(state)
-            self.saved_step = state.step
+            self.save(state)
 
     def finished(self) -> None:
         """Every frame is written: the checkpoint is no longer needed."""
-        self.checkpoints.remove()
+        try:
+            self.checkpoints.remove()
+        except OSError as exc:  # the frames are done; a leftover checkpoint is ignored or removed next time
+            self.emit("warning", message=f"could not remove the finished job's checkpoint ({exc.strerror or exc})")
 
 
 def decode_missing(pipe: Any, latents: Any, names: list[str], done: set[str]) -> Any:

@@ -214,3 +214,21 @@ def test_policy() -> None:
     assert not p.due(5, 50, now=100.0)                   # never the same step twice
     env = CheckpointPolicy.from_env({"DP3D_CHECKPOINT_EVERY_STEPS": "1", "DP3D_CHECKPOINT_EVERY_SECONDS": "0"})
     assert (env.every_steps, env.every_seconds) == (1, 0.0)
+
+
+def test_worker_without_a_writable_state_folder_still_finishes(tmp_path: Path, monkeypatch) -> None:
+    """A checkpoint that cannot be written (here: ``state`` is a file; the same path as a full or read-only disk)
+    costs resumability, not the run: one warning, and every frame is written."""
+    from dp3d_core.tiny import make_tiny_model_folder
+    from tests.test_worker import kinds, make_job_dir, run_worker
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    job_dir = make_job_dir(tmp_path, make_tiny_model_folder(tmp_path / "model"), frames=2, steps=2)
+    (job_dir / STATE_DIR).write_text("not a folder")
+    rc, events, err = run_worker(job_dir)
+    assert rc == 0, err
+    warnings = [e["message"] for e in events if e.kind == "warning"]
+    assert sum("could not save the denoising checkpoint" in m for m in warnings) == 1, warnings  # once per run
+    assert all("state" in m for m in warnings), warnings
+    assert kinds(events).count("frame") == 2 and "preview" in kinds(events)
+    assert len(list((job_dir / "preview").glob("frame_*.png"))) == 2
