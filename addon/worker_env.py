@@ -179,6 +179,7 @@ class SetupOptions:
     share_from: Path | None = None         # studio: reuse the packages of an existing Python (e.g. a central torch)
     online: bool = False                   # Blender's online access
     requirements: Path = REQUIREMENTS_FILE
+    extra_requirements: list[str] = field(default_factory=list)  # studio: more packages, e.g. ["xformers==0.0.30"]
     system: str = field(default_factory=platform.system)
 
 
@@ -262,6 +263,10 @@ def plan_setup(opts: SetupOptions) -> list[Step]:
         raise SetupError(problem)
     if not Path(opts.requirements).is_file():
         raise SetupError(f"The worker requirements file {opts.requirements} is missing: reinstall the extension.")
+    bad = [spec for spec in opts.extra_requirements if spec.startswith("-") or not re.match(r"^[A-Za-z0-9]", spec)]
+    if bad:
+        raise SetupError(f"Extra Packages must be package names with optional versions (e.g. 'xformers==0.0.30'), "
+                         f"not {' '.join(bad)}.")
     env_dir = Path(opts.env_dir)
     if env_dir.exists() and not (env_dir / MARKER_NAME).is_file() and any(env_dir.iterdir()):
         raise SetupError(f"{env_dir} exists but was not made by Set Up Worker; move it away and try again.")
@@ -269,8 +274,10 @@ def plan_setup(opts: SetupOptions) -> list[Step]:
     steps = [
         Step("Checking the base Python", [str(base), "-c", _BASE_CHECK], check=check_base_output(base)),
         Step("Preparing the environment folder", action=_prepare_folder),
+        # Sharing: pip (and setuptools) come from the shared Python too, so the venv's own older copies
+        # cannot shadow what the shared packages need.
         Step("Creating the virtual environment", [str(base), "-m", "venv", *(_venv_clear(env_dir, base)),
-                                                  str(env_dir)]),
+                                                  *(["--without-pip"] if opts.share_from else []), str(env_dir)]),
     ]
     if opts.share_from is not None:
         steps += [Step("Finding the shared packages", [str(opts.share_from), "-c", _SITE_QUERY]),
@@ -282,6 +289,7 @@ def plan_setup(opts: SetupOptions) -> list[Step]:
         Step(f"Installing torch ({build})", [py, *PIP_INSTALL, torch_requirement(opts.requirements),
                                             *pip_source_args(opts, for_torch=True)], pip=True),
         Step("Installing the worker requirements", [py, *PIP_INSTALL, "-r", str(opts.requirements),
+                                                    *opts.extra_requirements,
                                                     *pip_source_args(opts, for_torch=False)], pip=True),
         Step("Checking the imports", [py, "-c", IMPORT_CHECK]),
         Step("Marking the environment ready", action=_mark_ready),

@@ -12,7 +12,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -55,8 +55,10 @@ def default_scheduler_config() -> dict[str, Any]:
     return dict(DEFAULT_SCHEDULER_CONFIG)
 
 
-def save_model_folder(components: dict[str, Any], path: str | Path, overwrite: bool = False) -> Path:
+def save_model_folder(components: dict[str, Any], path: str | Path, overwrite: bool = False,
+                      on_saved: Callable[[str], None] | None = None) -> Path:
     """Write ``components`` (name -> module / scheduler) as a model folder; a missing scheduler gets the default.
+    ``on_saved(name)`` is called after each component is written (the converter's progress).
 
     The folder is written next to ``path`` first and moved into place, so a failed save leaves nothing half-written.
     """
@@ -80,6 +82,8 @@ def save_model_folder(components: dict[str, Any], path: str | Path, overwrite: b
                 continue
             items[name].save_pretrained(str(staging / name))
             index[name] = list(COMPONENTS[name])
+            if on_saved is not None:
+                on_saved(name)
         (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         staging.chmod(0o755)  # mkdtemp makes it private
         if path.exists():

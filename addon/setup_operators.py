@@ -1,0 +1,229 @@
+"""Preferences > Set Up Worker: make the worker environment in the background, then check it.
+
+The work itself (plan, subprocesses, pip progress, ready stamp) is in ``worker_env`` (no bpy). Here: reading the
+preferences, Blender's online-access rule, the modal timer, the log Text datablock, and what happens at the end:
+on success the Worker Python preference is set and Check Worker runs by itself; on failure or cancel nothing in
+the preferences changes and the status line says what happened and where the log is.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import bpy
+
+from . import preferences, worker_env
+from .operators import _redraw_ui
+
+LOG_TEXT = "Portrait3D Worker Setup"
+_active: worker_env.SetupRun | None = None
+# What the preferences show about the last setup (kept out of the preferences themselves, which a failed or
+# cancelled setup must leave as they were).
+last_result = {"state": "", "message": "", "log": ""}
+_detection: worker_env.Detection | None = None
+
+
+def active_setup() -> worker_env.SetupRun | None:
+    return _active if _active is not None and _active.state == "running" else None
+
+
+def detection() -> worker_env.Detection:
+    """This machine's GPU kind, detected once per session (nvidia-smi / rocminfo / platform)."""
+    global _detection
+    if _detection is None:
+        _detection = worker_env.detect_accelerator()
+    return _detection
+
+
+def env_dir() -> Path:
+    return preferences.user_data_dir() / worker_env.ENV_FOLDER
+
+
+def log_path() -> Path:
+    return preferences.user_data_dir() / "logs" / "worker_setup.log"
+
+
+def _path_or_none(value: str) -> Path | None:
+    value = value.strip()
+    return Path(bpy.path.abspath(value)).expanduser() if value else None
+
+
+def setup_options(prefs) -> worker_env.SetupOptions:
+    accelerator = prefs.setup_accelerator
+    if accelerator == 'AUTO':
+        accelerator = detection().accelerator
+    base = _path_or_none(prefs.setup_base_python) or worker_env.default_base_python()
+    return worker_env.SetupOptions(
+        env_dir=env_dir(), base_python=base, accelerator=accelerator,
+        wheel_folder=_path_or_none(prefs.setup_wheel_folder), index_url=prefs.setup_index_url.strip(),
+        share_from=_path_or_none(prefs.setup_share_from), online=bool(bpy.app.online_access),
+        extra_requirements=prefs.setup_extra_packages.split())
+
+
+def log_text(reset: bool = False) -> bpy.types.Text:
+    text = bpy.data.texts.get(LOG_TEXT) or bpy.data.texts.new(LOG_TEXT)
+    if reset:
+        text.clear()
+    return text
+
+
+class PORTRAIT3D_OT_setup_worker(bpy.types.Operator):
+    """Make the worker's Python environment in the extension's user folder: a virtual environment with torch for
+    this machine's GPU and the pinned worker packages. Runs in the background; press again to repair or update"""
+
+    bl_idname = "portrait3d.setup_worker"
+    bl_label = "Set Up Worker"
+    bl_options = {'REGISTER'}
+
+    @classmethod
+    def poll(cls, context):
+        if active_setup() is not None:
+            cls.poll_message_set("A worker setup is already running")
+            return False
+        return True
+
+    def _fail(self, message: str) -> set[str]:
+        last_result.update(state="failed", message=message, log="")
+        self.report({'ERROR'}, message)
+        return {'CANCELLED'}
+
+    def execute(self, context):
+        global _active
+        prefs = preferences.get_preferences(context)
+        if prefs is None:
+            return self._fail("Set Up Worker needs the extension enabled (Preferences > Add-ons > Portrait 3D).")
+        if active_setup() is not None:
+            return self._fail("A worker setup is already running: wait for it or press Cancel Setup.")
+        try:
+            options = setup_options(prefs)
+            steps = worker_env.plan_setup(options)
+            run = worker_env.SetupRun(options, steps, log_path())
+        except worker_env.SetupError as exc:
+            if str(exc) == "offline":
+                return self._fail(worker_env.offline_message("download the worker packages (or set a Wheel "
+                                                             "Folder to install offline)",
+                                                             bpy.app.online_access_override))
+            return self._fail(str(exc))
+        except OSError as exc:
+            return self._fail(f"Cannot write into {env_dir().parent}: {exc.strerror or exc}. Check the disk.")
+        _active = run
+        self._run = run
+        self._text = log_text(reset=True)
+        last_result.update(state="running", message="", log=str(run.log_path))
+        if bpy.app.background:  # no event loop: block until done
+            run.wait(on_update=self._update)
+            return self._finish(context)
+        wm = context.window_manager
+        self._timer = wm.event_timer_add(0.25, window=context.window)
+        wm.modal_handler_add(self)
+        return {'RUNNING_MODAL'}
+
+    def invoke(self, context, event):
+        return self.execute(context)
+
+    def _update(self, run: worker_env.SetupRun) -> None:
+        lines = run.new_lines()
+        if lines:
+            try:
+                self._text.write("\n".join(lines) + "\n")
+            except ReferenceError:  # the file was reloaded: the Text is gone; the log file still has it all
+                self._text = log_text()
+                self._text.write("\n".join(lines) + "\n")
+
+    def modal(self, context, event):
+        if event.type != 'TIMER' or event.timer is not self._timer:
+            return {'PASS_THROUGH'}
+        self._run.poll()
+        self._update(self._run)
+        _redraw_ui(context)
+        if self._run.state == "running":
+            return {'PASS_THROUGH'}
+        context.window_manager.event_timer_remove(self._timer)
+        return self._finish(context)
+
+    def _finish(self, context) -> set[str]:
+        run = self._run
+        self._update(run)
+        log = f"The log is in the Text '{LOG_TEXT}' and in {run.log_path}."
+        if run.state != "done":
+            last_result.update(state=run.state, message=f"{run.message} {log}", log=str(run.log_path))
+            self.report({'WARNING'} if run.state == "cancelled" else {'ERROR'}, f"{run.message} {log}")
+            return {'CANCELLED'}
+        python = worker_env.env_python(run.options.env_dir)
+        prefs = preferences.get_preferences(context)
+        prefs.worker_python = str(python)
+        last_result.update(state="done", message=f"Worker environment ready: {python}", log=str(run.log_path))
+        self.report({'INFO'}, f"Worker environment ready; Worker Python is now {python}. Checking it...")
+        _redraw_ui(context)
+        bpy.ops.portrait3d.check_worker(python=str(python))
+        return {'FINISHED'}
+
+
+class PORTRAIT3D_OT_cancel_setup(bpy.types.Operator):
+    """Stop the running worker setup now (the environment stays marked not ready; Set Up Worker continues it)"""
+
+    bl_idname = "portrait3d.cancel_setup"
+    bl_label = "Cancel Setup"
+    bl_options = {'REGISTER'}
+
+    @classmethod
+    def poll(cls, context):
+        if active_setup() is None:
+            cls.poll_message_set("No worker setup is running")
+            return False
+        return True
+
+    def execute(self, context):
+        run = active_setup()
+        if run is None:
+            self.report({'WARNING'}, "No worker setup is running")
+            return {'CANCELLED'}
+        run.cancel()
+        return {'FINISHED'}
+
+
+def draw_worker_section(layout, prefs) -> None:
+    """The Worker part of the preferences: environment state, Set Up Worker, its options, Worker Python."""
+    box = layout.box()
+    box.label(text="Worker (runs the generator in its own Python)", icon='CONSOLE')
+    run = active_setup()
+    if run is not None:
+        box.progress(factor=run.fraction, type='BAR', text=run.status_text()[:120])
+        box.operator("portrait3d.cancel_setup", icon='CANCEL')
+    else:
+        state, words = worker_env.env_state(env_dir())
+        box.label(text=words, icon='CHECKMARK' if state == "ready" else 'INFO')
+        if last_result["state"] in ("failed", "cancelled"):
+            for i, line in enumerate(_wrap(last_result["message"])):
+                box.label(text=line, icon='ERROR' if i == 0 else 'BLANK1')
+        box.operator("portrait3d.setup_worker", icon='PACKAGE',
+                     text="Set Up Worker" if state in ("missing",) else "Set Up Worker (repair / update)")
+    row = box.row()
+    row.prop(prefs, "setup_accelerator")
+    found = detection()
+    box.label(text=f"Detected: {found.description}", icon='INFO')
+    if not bpy.app.online_access:
+        box.label(text=worker_env.offline_message("download packages", bpy.app.online_access_override)
+                  + " A Wheel Folder works offline.", icon='INTERNET_OFFLINE')
+    box.prop(prefs, "show_setup_options", icon='TRIA_DOWN' if prefs.show_setup_options else 'TRIA_RIGHT',
+             emboss=False)
+    if prefs.show_setup_options:
+        col = box.column()
+        col.prop(prefs, "setup_base_python")
+        col.prop(prefs, "setup_wheel_folder")
+        col.prop(prefs, "setup_index_url")
+        col.prop(prefs, "setup_share_from")
+        col.prop(prefs, "setup_extra_packages")
+
+
+def _wrap(text: str, width: int = 110) -> list[str]:
+    words, lines, line = text.split(), [], ""
+    for w in words:
+        if len(line) + len(w) + 1 > width:
+            lines.append(line)
+            line = w
+        else:
+            line = f"{line} {w}".strip()
+    return lines + ([line] if line else [])
+
+
+classes = (PORTRAIT3D_OT_setup_worker, PORTRAIT3D_OT_cancel_setup)
