@@ -99,9 +99,9 @@ class PORTRAIT3D_OT_setup_worker(bpy.types.Operator):
             run = worker_env.SetupRun(options, steps, log_path())
         except worker_env.SetupError as exc:
             if str(exc) == "offline":
-                return self._fail(worker_env.offline_message("download the worker packages (or set a Wheel "
-                                                             "Folder to install offline)",
-                                                             bpy.app.online_access_override))
+                return self._fail(worker_env.offline_message("download the worker packages",
+                                                             bpy.app.online_access_override)
+                                  + " Or set a Wheel Folder (Studio Options) to install offline.")
             return self._fail(str(exc))
         except OSError as exc:
             return self._fail(f"Cannot write into {env_dir().parent}: {exc.strerror or exc}. Check the disk.")

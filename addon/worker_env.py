@@ -46,6 +46,13 @@ IMPORT_CHECK = ("import torch, diffusers, safetensors, PIL, numpy, huggingface_h
                 "print('imports ok: torch', torch.__version__, 'diffusers', diffusers.__version__)")
 _BASE_CHECK = ("import sys; print('python-version', '.'.join(map(str, sys.version_info[:3]))); "
                "import venv, ensurepip; print('venv-ok')")
+# Exit 3 when the index cannot be reached at all (an HTTP error still proves the server is there).
+_INDEX_PROBE = ("import sys, urllib.request, urllib.error\n"
+                "try:\n    urllib.request.urlopen(sys.argv[1], timeout=20).close()\n"
+                "except urllib.error.HTTPError as e:\n    print('index answered', e.code)\n"
+                "except Exception as e:\n    print('unreachable:', type(e).__name__, e); sys.exit(3)\n"
+                "print('index reachable')")
+PYPI_SIMPLE = "https://pypi.org/simple/"
 _SITE_QUERY = "import site, sys; print('\\n'.join(p for p in site.getsitepackages() if p))"
 
 
@@ -284,6 +291,12 @@ def plan_setup(opts: SetupOptions) -> list[Step]:
                   Step("Linking the shared packages", action=_link_shared)]
     else:
         steps += [Step("Unlinking shared packages", action=_unlink_shared)]
+    if opts.online:
+        url = opts.index_url.strip() or torch_index_url(opts.accelerator, opts.system) or PYPI_SIMPLE
+        steps.append(Step("Checking the package index", [str(base), "-c", _INDEX_PROBE, url],
+                          check=lambda rc, lines, url=url: None if rc == 0 else (
+                              f"The package index {url} cannot be reached. Check the network (or the Index URL), "
+                              "or install from a Wheel Folder; then press Set Up Worker again.")))
     build = {"CUDA": "NVIDIA CUDA", "ROCM": "AMD ROCm", "MPS": "Apple MPS", "CPU": "CPU"}[opts.accelerator]
     steps += [
         Step(f"Installing torch ({build})", [py, *PIP_INSTALL, torch_requirement(opts.requirements),

@@ -1,0 +1,249 @@
+"""From a fresh Blender to frames, through the installed extension and nothing else (issue 11).
+
+One module installs the built zip into a fresh extension repository (fresh user folder) and then plays the new
+user: the model list shows the bundled model as the default; Set Up Worker refuses bad settings with one message
+each and the preferences untouched; fails cleanly on an unreachable index; is cancelled in the middle of a
+download; then succeeds (a second run over the failed one), sets Worker Python and runs Check Worker by itself;
+Generate with only the reference image set returns frames from the bundled model.
+
+Set Up Worker runs for real (real venv, real pip, the shipped requirements file). To stay fast and offline it uses
+two of its studio options: *Use Packages From* = this test's own Python (torch, diffusers, ... are shared into the
+new environment instead of downloaded) and a *Wheel Folder* built here with one tiny pure-Python package, which
+pip really installs. The full download of the real requirements is the opt-in slow test at the end
+(PORTRAIT3D_SLOW_SETUP=1, needs the internet).
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import subprocess
+import sys
+import threading
+import zipfile
+from pathlib import Path
+
+import bpy
+import pytest
+
+from helpers import PORTRAIT
+from loopback import StallingIndex, closed_port, wait_for
+
+PACKAGE_ID = "portrait3d"
+TINY = "p3dtinypkg"
+TEST_PYTHON = Path(sys.executable)
+
+
+def make_wheel(folder: Path, name: str = TINY, version: str = "1.0") -> Path:
+    """A real, installable pure-Python wheel (written by hand: no build tools, no network)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dist = f"{name}-{version}.dist-info"
+    files = {f"{name}/__init__.py": f"VERSION = {version!r}\n",
+             f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: portrait3d-tests\nRoot-Is-Purelib: true\n"
+                              "Tag: py3-none-any\n"}
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(text.encode())}")
+    record.append(f"{dist}/RECORD,,")
+    wheel = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for path, text in files.items():
+            z.writestr(path, text)
+        z.writestr(f"{dist}/RECORD", "\n".join(record) + "\n")
+    return wheel
+
+
+@pytest.fixture(scope="module")
+def ext(extension_zip, tmp_path_factory):
+    """The zip installed and enabled in a fresh local repository; yields the extension's module."""
+    prefs = bpy.context.preferences
+    prefs.use_preferences_save = False
+    directory = tmp_path_factory.mktemp("first_repo")
+    assert bpy.ops.preferences.extension_repo_add(
+        name="p3d_first", type='LOCAL', use_custom_directory=True, custom_directory=str(directory)) == {'FINISHED'}
+    repo = next(r for r in prefs.extensions.repos if Path(r.directory).resolve() == directory.resolve())
+    assert bpy.ops.extensions.package_install_files(filepath=str(extension_zip), repo=repo.module,
+                                                    enable_on_install=True) == {'FINISHED'}
+    module_name = f"bl_ext.{repo.module}.{PACKAGE_ID}"
+    mod = sys.modules[module_name]
+    mod.module_name = module_name
+    online = prefs.system.use_online_access
+    yield mod
+    prefs.system.use_online_access = online
+    bpy.ops.extensions.package_uninstall(repo_directory=str(directory), pkg_id=PACKAGE_ID)
+    for index, r in enumerate(prefs.extensions.repos):
+        if Path(r.directory).resolve() == directory.resolve():
+            bpy.ops.preferences.extension_repo_remove(index=index)
+            break
+
+
+def prefs_of(ext):
+    return bpy.context.preferences.addons[ext.module_name].preferences
+
+
+SETTINGS = ("worker_python", "default_model", "models_folder")
+
+
+def snapshot(ext) -> dict:
+    p = prefs_of(ext)
+    return {name: getattr(p, name) for name in SETTINGS}
+
+
+def set_setup_options(ext, **values) -> None:
+    p = prefs_of(ext)
+    defaults = dict(setup_accelerator='CPU', setup_base_python="", setup_wheel_folder="", setup_index_url="",
+                    setup_share_from=str(TEST_PYTHON), setup_extra_packages=TINY + "==1.0")
+    for name, value in {**defaults, **values}.items():
+        setattr(p, name, value)
+
+
+def setup_error(ext) -> str:
+    try:
+        bpy.ops.portrait3d.setup_worker()
+    except RuntimeError as exc:
+        return str(exc)
+    raise AssertionError("Set Up Worker did not report an error")
+
+
+def test_fresh_install_uses_the_bundled_model(ext):
+    installed = Path(ext.core.CORE_PARENT)
+    bundled = ext.model_manager.bundled_model()
+    assert bundled == installed / "models" / "small" and (bundled / "model_index.json").is_file()
+    assert prefs_of(ext).default_model == "" and prefs_of(ext).worker_python == ""
+    assert ext.model_operators.default_path() == bundled
+    entries = ext.model_operators.entries(refresh=True)
+    first = entries[0]
+    assert (first.source, first.resolution, first.problem, first.managed) == ("bundled", 64, "", False)
+    assert 15e6 < first.size_bytes < 20e6
+    bpy.context.scene.property_unset("portrait3d")
+    assert ext.job_writer.model_folder(bpy.context) == bundled
+    state, words = ext.worker_env.env_state(ext.setup_operators.env_dir())
+    assert state == "missing" and "Set Up Worker" in words
+
+
+def test_setup_refusals_leave_the_preferences_alone(ext, tmp_path):
+    before = snapshot(ext)
+    bpy.context.preferences.system.use_online_access = False
+    set_setup_options(ext, setup_base_python=str(tmp_path / "no-python"))
+    msg = setup_error(ext)
+    assert "Base Python not found" in msg and "Blender's own" in msg
+
+    old = tmp_path / "old" / "python"
+    old.parent.mkdir()
+    old.write_text("#!/bin/sh\necho 'python-version 3.7.9'\necho venv-ok\n")  # stands in for a Python 3.7
+    old.chmod(0o755)
+    wheels = tmp_path / "wheels"
+    make_wheel(wheels)
+    set_setup_options(ext, setup_base_python=str(old), setup_wheel_folder=str(wheels))
+    msg = setup_error(ext)
+    assert "Python 3.7.9" in msg and "3.10 or newer" in msg and "log" in msg.lower()
+    log = Path(ext.setup_operators.last_result["log"])
+    assert "python-version 3.7.9" in log.read_text() and "NOT ready" in log.read_text()
+    assert "python-version 3.7.9" in bpy.data.texts[ext.setup_operators.LOG_TEXT].as_string()
+
+    set_setup_options(ext)  # no wheel folder, online access off
+    msg = setup_error(ext)
+    assert "Online access required to download the worker packages. Enable online access in System " \
+        "preferences. Or set a Wheel Folder" in msg
+    assert snapshot(ext) == before
+    assert ext.worker_env.env_state(ext.setup_operators.env_dir())[0] != "ready"
+
+
+@pytest.fixture(autouse=True)
+def isolated_pip(monkeypatch):
+    """This machine's pip configuration (extra indexes, find-links) must not leak into the tests."""
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    for var in ("PIP_FIND_LINKS", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_NO_INDEX"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PIP_RETRIES", "0")
+
+
+def test_unreachable_index_fails_with_one_message(ext):
+    before = snapshot(ext)
+    bpy.context.preferences.system.use_online_access = True
+    set_setup_options(ext, setup_index_url=f"http://127.0.0.1:{closed_port()}/simple")
+    msg = setup_error(ext)
+    assert "/simple cannot be reached" in msg and "Wheel Folder" in msg
+    assert ext.setup_operators.last_result["state"] == "failed"
+    env = ext.setup_operators.env_dir()
+    assert ext.worker_env.env_state(env)[0] == "incomplete" and not (env / ext.worker_env.STAMP_NAME).exists()
+    assert snapshot(ext) == before
+
+
+def test_cancel_in_the_middle_of_a_download(ext, tmp_path):
+    before = snapshot(ext)
+    index = StallingIndex(make_wheel(tmp_path / "served"))
+    bpy.context.preferences.system.use_online_access = True
+    set_setup_options(ext, setup_index_url=index.url + "/simple")
+
+    def cancel_when_downloading():
+        if index.download_started.wait(180):
+            ext.setup_operators.active_setup().cancel()
+
+    canceller = threading.Thread(target=cancel_when_downloading, daemon=True)
+    canceller.start()
+    try:
+        assert bpy.ops.portrait3d.setup_worker() == {'CANCELLED'}  # reported as a warning, not an error
+    finally:
+        canceller.join(5)
+        index.close()
+    assert index.download_started.is_set()
+    msg = ext.setup_operators.last_result["message"]
+    assert "cancelled" in msg.lower() and "not ready" in msg
+    assert ext.setup_operators.last_result["state"] == "cancelled"
+    env = ext.setup_operators.env_dir()
+    assert ext.worker_env.env_state(env)[0] == "incomplete"
+    assert snapshot(ext) == before
+
+
+def test_second_run_sets_up_the_worker_and_generate_returns_frames(ext, tmp_path):
+    wheels = tmp_path / "wheels"
+    make_wheel(wheels)
+    bpy.context.preferences.system.use_online_access = False  # a wheel folder works offline
+    set_setup_options(ext, setup_wheel_folder=str(wheels))
+    assert bpy.ops.portrait3d.setup_worker() == {'FINISHED'}
+    env = ext.setup_operators.env_dir()
+    python = ext.worker_env.env_python(env)
+    p = prefs_of(ext)
+    assert ext.worker_env.env_state(env)[0] == "ready"
+    assert p.worker_python == str(python)
+    assert p.check_result.startswith("OK: Python 3.11"), p.check_result  # Check Worker ran by itself
+    out = subprocess.run([str(python), "-c", f"import {TINY}, sys; print({TINY}.VERSION, sys.prefix)"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["1.0", str(env)]  # really installed into the new environment
+    log = bpy.data.texts[ext.setup_operators.LOG_TEXT].as_string()
+    assert f"Successfully installed {TINY}-1.0" in log and "imports ok: torch" in log
+
+    # The new user's scene: anchor, turntable, the photo. Model folder, worker, device stay untouched; only the
+    # job's size is cut to fit CI time (the 64 px model at its own size, 4 frames, 2 steps).
+    scene = bpy.context.scene
+    for obj in list(bpy.data.objects):
+        bpy.data.objects.remove(obj)
+    scene.property_unset("portrait3d")
+    bpy.ops.wm.save_as_mainfile(filepath=str(tmp_path / "shot.blend"))
+    s = scene.portrait3d
+    s.turntable_frames, s.output_size, s.steps = 4, 64, 2
+    assert bpy.ops.portrait3d.add_head_anchor() == {'FINISHED'}
+    assert bpy.ops.portrait3d.add_turntable() == {'FINISHED'}
+    s.reference_image = str(PORTRAIT)
+    untouched = ("model_folder", "device", "memory", "condition_source")
+    assert all(not s.is_property_set(name) for name in untouched)
+    assert bpy.ops.portrait3d.generate() == {'FINISHED'}
+    run = ext.job_runner.last_run()
+    assert run.status.state == "done", (run.status.message, run.status.log_tail)
+    assert Path(run.prepared.job.model) == ext.model_manager.bundled_model().resolve()
+    frames = sorted((tmp_path / "portrait3d").glob("frame_*.png"))
+    assert len(frames) == 4
+    img = bpy.data.images.load(str(frames[0]))
+    assert tuple(img.size) == (64, 64)
+
+
+@pytest.mark.skipif(os.environ.get("PORTRAIT3D_SLOW_SETUP") != "1",
+                    reason="opt-in: PORTRAIT3D_SLOW_SETUP=1 downloads the real worker requirements (GBs)")
+def test_slow_full_setup_from_the_internet(ext):
+    bpy.context.preferences.system.use_online_access = True
+    set_setup_options(ext, setup_accelerator='AUTO', setup_share_from="", setup_extra_packages="")
+    assert bpy.ops.portrait3d.setup_worker() == {'FINISHED'}
+    assert prefs_of(ext).check_result.startswith("OK:")
