@@ -280,23 +280,26 @@ def plan_setup(opts: SetupOptions) -> list[Step]:
     py = str(env_python(env_dir))
     steps = [
         Step("Checking the base Python", [str(base), "-c", _BASE_CHECK], check=check_base_output(base)),
+    ]
+    if opts.online:  # fail before the expensive work
+        url = opts.index_url.strip() or torch_index_url(opts.accelerator, opts.system) or PYPI_SIMPLE
+        steps.append(Step("Checking the package index", [str(base), "-c", _INDEX_PROBE, url],
+                          check=lambda rc, lines, url=url: None if rc == 0 else (
+                              f"The package index {url} cannot be reached. Check the network (or the Index URL), "
+                              "or install from a Wheel Folder; then press Set Up Worker again.")))
+    steps += [
         Step("Preparing the environment folder", action=_prepare_folder),
         # Sharing: pip (and setuptools) come from the shared Python too, so the venv's own older copies
         # cannot shadow what the shared packages need.
         Step("Creating the virtual environment", [str(base), "-m", "venv", *(_venv_clear(env_dir, base)),
                                                   *(["--without-pip"] if opts.share_from else []), str(env_dir)]),
+        Step("Recording the environment", action=_prepare_folder),  # again: venv --clear empties the folder
     ]
     if opts.share_from is not None:
         steps += [Step("Finding the shared packages", [str(opts.share_from), "-c", _SITE_QUERY]),
                   Step("Linking the shared packages", action=_link_shared)]
     else:
         steps += [Step("Unlinking shared packages", action=_unlink_shared)]
-    if opts.online:
-        url = opts.index_url.strip() or torch_index_url(opts.accelerator, opts.system) or PYPI_SIMPLE
-        steps.append(Step("Checking the package index", [str(base), "-c", _INDEX_PROBE, url],
-                          check=lambda rc, lines, url=url: None if rc == 0 else (
-                              f"The package index {url} cannot be reached. Check the network (or the Index URL), "
-                              "or install from a Wheel Folder; then press Set Up Worker again.")))
     build = {"CUDA": "NVIDIA CUDA", "ROCM": "AMD ROCm", "MPS": "Apple MPS", "CPU": "CPU"}[opts.accelerator]
     steps += [
         Step(f"Installing torch ({build})", [py, *PIP_INSTALL, torch_requirement(opts.requirements),

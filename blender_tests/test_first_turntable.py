@@ -168,7 +168,7 @@ def test_unreachable_index_fails_with_one_message(ext):
     assert "/simple cannot be reached" in msg and "Wheel Folder" in msg
     assert ext.setup_operators.last_result["state"] == "failed"
     env = ext.setup_operators.env_dir()
-    assert ext.worker_env.env_state(env)[0] == "incomplete" and not (env / ext.worker_env.STAMP_NAME).exists()
+    assert ext.worker_env.env_state(env)[0] == "missing"  # refused before any folder was made
     assert snapshot(ext) == before
 
 
@@ -238,6 +238,109 @@ def test_second_run_sets_up_the_worker_and_generate_returns_frames(ext, tmp_path
     assert len(frames) == 4
     img = bpy.data.images.load(str(frames[0]))
     assert tuple(img.size) == (64, 64)
+
+
+# ---------------------------------------------------------------- models (after the worker exists)
+
+def test_download_from_a_hub_mirror(ext, tmp_path):
+    from loopback import HubServer
+
+    p = prefs_of(ext)
+    assert ext.worker_env.managed_env_of(p.worker_python) is not None  # the worker made above
+    server = HubServer(ext.model_manager.bundled_model(), repo_id="studio/small-copy")
+    models = ext.preferences.models_dir()
+    try:
+        bpy.context.preferences.system.use_online_access = False
+        msg = ""
+        try:
+            bpy.ops.portrait3d.download_model(repo_id="studio/small-copy", endpoint=server.url)
+        except RuntimeError as exc:
+            msg = str(exc)
+        assert "Online access required to download models" in msg and not server.requests
+
+        bpy.context.preferences.system.use_online_access = True
+        try:
+            bpy.ops.portrait3d.download_model(repo_id="studio/missing", endpoint=server.url)
+        except RuntimeError as exc:
+            msg = str(exc)
+        assert "Download failed" in msg and "studio/missing" in msg and "log:" in msg
+        assert not (models / "missing").exists()
+
+        assert bpy.ops.portrait3d.download_model(repo_id="studio/small-copy", endpoint=server.url) == {'FINISHED'}
+    finally:
+        server.close()
+    out = models / "small-copy"
+    assert p.default_model == str(out)
+    assert not (models / ".small-copy.partial").exists()
+    for f in ext.model_manager.bundled_model().rglob("*"):
+        if f.is_file():
+            assert (out / f.relative_to(ext.model_manager.bundled_model())).read_bytes() == f.read_bytes()
+    entry = next(e for e in ext.model_operators.entries() if e.path == out)
+    assert (entry.source, entry.resolution, entry.managed, entry.problem) == ("downloaded", 64, True, "")
+    assert any(line.startswith("progress ") and '"files_done": 14' in line
+               for line in (ext.preferences.user_data_dir() / "logs" / "download.log").read_text().splitlines())
+
+
+def test_delete_only_what_it_made(ext, tmp_path):
+    from helpers import fake_model_folder
+
+    p = prefs_of(ext)
+    mine = fake_model_folder(tmp_path / "my model")
+    assert bpy.ops.portrait3d.model_add_folder(directory=str(mine)) == {'FINISHED'}
+    entry = next(e for e in ext.model_operators.entries() if e.path == mine)
+    assert (entry.source, entry.managed) == ("added", False)
+    with pytest.raises(RuntimeError, match="not made by Portrait 3D"):
+        bpy.ops.portrait3d.model_delete(path=str(mine))
+    assert (mine / "model_index.json").is_file()
+    with pytest.raises(RuntimeError, match="bundled model"):
+        bpy.ops.portrait3d.model_delete(path=str(ext.model_manager.bundled_model()))
+    assert bpy.ops.portrait3d.model_remove_from_list(path=str(mine)) == {'FINISHED'}
+    assert mine.is_dir() and all(e.path != mine for e in ext.model_operators.entries())
+
+    downloaded = ext.preferences.models_dir() / "small-copy"
+    assert p.default_model == str(downloaded)
+    assert bpy.ops.portrait3d.model_delete(path=str(downloaded)) == {'FINISHED'}
+    assert not downloaded.exists() and p.default_model == ""
+    assert ext.model_operators.default_path() == ext.model_manager.bundled_model()
+    assert bpy.ops.portrait3d.model_set_default(path=str(ext.model_manager.bundled_model())) == {'FINISHED'}
+    assert p.default_model == ""  # the bundled model is the default by leaving the preference empty
+
+
+def test_conversion_reports_progress_and_cancels_cleanly(ext, fixtures_dir):
+    parity = fixtures_dir / "parity"
+    ckpt, config = parity / "parity_state_dict.safetensors", parity / "parity_config.json"
+    models = ext.preferences.models_dir()
+    task_cls = ext.model_operators.ModelTask
+
+    def cancel_when_writing():
+        def writing():
+            task = task_cls.current
+            return task is not None and any('"phase": "write"' in line for line in list(task.cmd.lines))
+        if wait_for(writing, timeout=300, interval=0.02):
+            task_cls.current.cancel()
+
+    canceller = threading.Thread(target=cancel_when_writing, daemon=True)
+    canceller.start()
+    result = bpy.ops.portrait3d.convert_checkpoint(filepath=str(ckpt), config=str(config), model_name="parity")
+    canceller.join(5)
+    assert result == {'CANCELLED'}
+    assert "Conversion cancelled; nothing was written" in prefs_of(ext).convert_status
+    assert not (models / "parity").exists()
+    assert not [c for c in models.iterdir() if c.name.startswith(".parity")]  # no staging folder left
+
+    assert bpy.ops.portrait3d.convert_checkpoint(filepath=str(ckpt), config=str(config),
+                                                 model_name="parity") == {'FINISHED'}
+    out = models / "parity"
+    assert prefs_of(ext).default_model == str(out) and ext.model_manager.read_marker(out)["source"] == "convert"
+    progress = ext.model_manager.ByteProgress()
+    lines = (ext.preferences.user_data_dir() / "logs" / "convert.log").read_text().splitlines()
+    phases = [progress.phase for line in lines if progress.feed(line)]
+    assert phases[0] == "read" and phases[-1] == "write" and "convert" in phases
+    assert progress.done == progress.total > 0 and progress.fraction == 1.0
+    writes = [json_line for json_line in lines if '"phase": "write"' in json_line]
+    assert len(writes) >= 4  # one per component written, bytes counting up
+    entry = next(e for e in ext.model_operators.entries(refresh=True) if e.path == out)
+    assert (entry.source, entry.managed, entry.problem) == ("converted", True, "")
 
 
 @pytest.mark.skipif(os.environ.get("PORTRAIT3D_SLOW_SETUP") != "1",
