@@ -284,10 +284,16 @@ class _ModelTaskOperator(_WatchesCommand):
             return {'CANCELLED'}
         if model_manager.read_marker(task.out) is None:
             model_manager.write_marker(task.out, source=self.kind)
+        entries(context, refresh=True)
+        problem = _check(task.out)
+        if problem:  # e.g. a checkpoint without VAE or CLIP weights: usable only after adding them
+            message = f"{task.out.name} was written but cannot generate yet: {problem}. It was not made the default."
+            self._set_status(context, message)
+            self.report({'WARNING'}, message)
+            return {'FINISHED'}
         prefs = preferences.get_preferences(context)
         if prefs is not None:
             prefs.default_model = str(task.out)
-        entries(context, refresh=True)
         message = f"{task.out.name} is ready ({task.cmd.elapsed:.0f} s) and is now the default model"
         self._set_status(context, message)
         self.report({'INFO'}, message)
