@@ -29,6 +29,8 @@ def register() -> None:
 
 def unregister() -> None:
     job_runner.stop_all()
+    setup_operators.stop_all()
+    model_operators.stop_all()
     cli.unregister()
     del bpy.types.WindowManager.portrait3d_progress
     del bpy.types.Scene.portrait3d

@@ -43,6 +43,13 @@ class ModelTask:
         self.cmd.kill()
 
 
+def stop_all() -> None:
+    """Stop a running conversion or download (the add-on is being disabled)."""
+    if ModelTask.current is not None:
+        ModelTask.current.cancel()
+        ModelTask.current = None
+
+
 def _check(path: Path) -> str:
     try:
         check_model_folder(path)

@@ -26,6 +26,14 @@ def active_setup() -> worker_env.SetupRun | None:
     return _active if _active is not None and _active.state == "running" else None
 
 
+def stop_all() -> None:
+    """Cancel a running setup (the add-on is being disabled or Blender quits)."""
+    run = active_setup()
+    if run is not None:
+        run.cancel()
+        run.poll()
+
+
 def detection() -> worker_env.Detection:
     """This machine's GPU kind, detected once per session (nvidia-smi / rocminfo / platform)."""
     global _detection

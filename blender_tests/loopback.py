@@ -61,6 +61,7 @@ class HubServer(_Server):
         self.folder = Path(folder)
         self.repo_id = repo_id
         self.files = sorted(p.relative_to(self.folder).as_posix() for p in self.folder.rglob("*") if p.is_file())
+        self.fail: set[str] = set()  # files answered with 404 (a broken mirror), to test resuming
         server = self
 
         class Handler(_Quiet):
@@ -79,7 +80,7 @@ class HubServer(_Server):
                 prefix = f"/{server.repo_id}/resolve/"
                 if path.startswith(prefix):
                     _rev, _, name = path[len(prefix):].partition("/")
-                    if name not in server.files:
+                    if name not in server.files or name in server.fail:
                         return self._send(404, b"not found", {"X-Error-Code": "EntryNotFound"}, head)
                     data = (server.folder / name).read_bytes()
                     headers = {"ETag": f'"{hashlib.sha256(data).hexdigest()}"', "X-Repo-Commit": server.COMMIT,

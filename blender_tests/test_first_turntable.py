@@ -77,6 +77,7 @@ def ext(extension_zip, tmp_path_factory):
         if Path(r.directory).resolve() == directory.resolve():
             bpy.ops.preferences.extension_repo_remove(index=index)
             break
+    bpy.ops.wm.read_factory_settings(use_empty=True)  # leave no scene, file path or settings to later tests
 
 
 def prefs_of(ext):
@@ -266,7 +267,20 @@ def test_download_from_a_hub_mirror(ext, tmp_path):
         assert "Download failed" in msg and "studio/missing" in msg and "log:" in msg
         assert not (models / "missing").exists()
 
+        # A mirror that breaks halfway: the files before the break stay in the hidden partial folder ...
+        broken = "unet/diffusion_pytorch_model.safetensors"
+        server.fail.add(broken)
+        with pytest.raises(RuntimeError, match="Download failed"):
+            bpy.ops.portrait3d.download_model(repo_id="studio/small-copy", endpoint=server.url)
+        partial = models / ".small-copy.partial"
+        assert (partial / "model_index.json").is_file() and not (models / "small-copy").exists()
+        assert all(e.path != models / "small-copy" for e in ext.model_operators.entries())
+        # ... and the next run resumes: files already fetched are checked (HEAD), not downloaded again.
+        server.fail.clear()
+        server.requests.clear()
         assert bpy.ops.portrait3d.download_model(repo_id="studio/small-copy", endpoint=server.url) == {'FINISHED'}
+        gets = [r for r in server.requests if r.startswith("GET ") and "/resolve/" in r]
+        assert not any(r.endswith("/model_index.json") for r in gets) and any(r.endswith(broken) for r in gets)
     finally:
         server.close()
     out = models / "small-copy"
