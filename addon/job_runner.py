@@ -20,6 +20,7 @@ from . import frame_import, job_writer, preferences, rig
 from .poses import FramePose, PoseError, check_writable_folder, scene_poses, write_dataset
 from .previews import PreviewError, make_movie, make_previews
 from .properties import DEVICES, MEMORY_MODES, active_camera
+from .worker_env import not_ready_problem
 from .worker_process import WorkerProcess, WorkerStartError, WorkerStatus, resolve_worker_python
 
 BLEND_FILE = "scene.blend"
@@ -152,6 +153,8 @@ def start_generation(context: bpy.types.Context | None = None, *, worker_python:
     p = progress_state(context)
     try:
         python = str(resolve_worker_python(worker_python_setting(context, worker_python)))
+        if (problem := not_ready_problem(python)) is not None:  # a setup was cancelled or failed halfway
+            raise WorkerStartError(problem)
         prepared = job_writer.prepare_job(context, model=model)
         worker = WorkerProcess(prepared.job_dir, python)
     except (job_writer.JobSetupError, WorkerStartError) as exc:

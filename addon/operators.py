@@ -7,7 +7,7 @@ from pathlib import Path
 import bpy
 from bpy.props import FloatProperty, StringProperty
 
-from . import frame_import, job_runner, preferences, rig
+from . import frame_import, job_runner, preferences, rig, worker_env
 from .worker_process import (CHECK_TIMEOUT, BackgroundCommand, WorkerCheck, WorkerStartError, check_worker_python,
                              finish_worker_check, start_worker_check)
 from .poses import FramePose, PoseError, output_folder, scene_poses, write_dataset
@@ -330,6 +330,9 @@ class PORTRAIT3D_OT_check_worker(_WatchesCommand, bpy.types.Operator):
 
     def execute(self, context):
         self._python = self.python or preferences.worker_python(context)
+        problem = worker_env.not_ready_problem(self._python) if self._python else None
+        if problem:
+            return self._show(context, WorkerCheck(False, problem, []))
         if bpy.app.background:
             return self._show(context, check_worker_python(self._python))
         try:  # in the UI the check runs in the background: importing torch can take many seconds

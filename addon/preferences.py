@@ -86,10 +86,19 @@ def get_preferences(context: bpy.types.Context | None = None) -> PORTRAIT3D_AP_p
 
 
 def worker_python(context: bpy.types.Context | None = None) -> str:
-    """The preference, else the PORTRAIT3D_WORKER_PYTHON environment variable, else ''."""
+    """The preference, else the PORTRAIT3D_WORKER_PYTHON environment variable, else the environment Set Up
+    Worker made when it is ready, else ''."""
+    from . import worker_env
+
     prefs = get_preferences(context)
     value = prefs.worker_python.strip() if prefs else ""
-    return bpy.path.abspath(value) if value else os.environ.get(WORKER_PYTHON_ENV, "").strip()
+    if value:
+        return bpy.path.abspath(value)
+    value = os.environ.get(WORKER_PYTHON_ENV, "").strip()
+    if value or prefs is None:
+        return value
+    env = user_data_dir() / worker_env.ENV_FOLDER
+    return str(worker_env.env_python(env)) if worker_env.env_state(env)[0] == "ready" else ""
 
 
 def default_model(context: bpy.types.Context | None = None) -> str:

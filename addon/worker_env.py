@@ -104,6 +104,15 @@ def env_state(env_dir: str | os.PathLike, requirements: str | os.PathLike = REQU
     return "ready", f"Worker environment ready (torch for {stamp.get('accelerator', '?')}, {stamp.get('ready_at', '')})."
 
 
+def not_ready_problem(python: str | os.PathLike) -> str | None:
+    """Why ``python`` must not be used as the worker: an environment of Set Up Worker without its ready stamp."""
+    env_dir = managed_env_of(python)
+    if env_dir is None:
+        return None
+    state, words = env_state(env_dir)
+    return None if state in ("ready", "outdated") else words
+
+
 def managed_env_of(python: str | os.PathLike) -> Path | None:
     """The environment folder when ``python`` is the interpreter of an environment this add-on made."""
     p = Path(python)

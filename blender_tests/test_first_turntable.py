@@ -197,6 +197,10 @@ def test_cancel_in_the_middle_of_a_download(ext, tmp_path):
     env = ext.setup_operators.env_dir()
     assert ext.worker_env.env_state(env)[0] == "incomplete"
     assert snapshot(ext) == before
+    # The half-made environment is never used: not picked automatically, refused when pointed at.
+    assert ext.preferences.worker_python() == ""
+    with pytest.raises(RuntimeError, match="incomplete"):
+        bpy.ops.portrait3d.check_worker(python=str(ext.worker_env.env_python(env)))
 
 
 def test_second_run_sets_up_the_worker_and_generate_returns_frames(ext, tmp_path):
