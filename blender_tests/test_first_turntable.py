@@ -124,6 +124,56 @@ def test_fresh_install_uses_the_bundled_model(ext):
     assert state == "missing" and "Set Up Worker" in words
 
 
+class FakeLayout:
+    """Stands in for a UILayout: records what draw() shows and checks every property and operator it names."""
+
+    def __init__(self, log=None):
+        self.log = [] if log is None else log
+
+    def _child(self, *args, **kwargs):
+        return FakeLayout(self.log)
+
+    box = row = column = split = _child
+
+    def separator(self, **kwargs):
+        pass
+
+    def label(self, text="", **kwargs):
+        self.log.append(("label", text))
+
+    def prop(self, data, name, **kwargs):
+        assert name in data.bl_rna.properties, name
+        self.log.append(("prop", name))
+
+    def progress(self, factor=0.0, type="BAR", text=""):
+        self.log.append(("progress", text))
+
+    def operator(self, idname, **kwargs):
+        module, name = idname.split(".")
+        assert hasattr(getattr(bpy.ops, module), name) and getattr(getattr(bpy.ops, module), name).get_rna_type()
+        self.log.append(("operator", idname))
+        return type("Props", (), {})()
+
+
+def draw_preferences(ext) -> list:
+    p = prefs_of(ext)
+    layout = FakeLayout()
+    type(p).draw(type("Self", (), {"layout": layout, **{k: getattr(p, k) for k in p.bl_rna.properties.keys()
+                                                         if k != "rna_type"}, "bl_rna": p.bl_rna})(), bpy.context)
+    return layout.log
+
+
+def test_preferences_show_worker_state_and_models(ext):
+    log = draw_preferences(ext)
+    labels = [text for kind, text in log if kind == "label"]
+    assert ("operator", "portrait3d.setup_worker") in log and ("operator", "portrait3d.check_worker") in log
+    assert any(t.startswith("No worker environment yet") for t in labels)
+    assert any(t.startswith("Detected: ") for t in labels)
+    assert any(t.startswith("small  (bundled, 17.6 MB, 64 px)") for t in labels)
+    for op in ("portrait3d.get_official_weights", "portrait3d.download_model", "portrait3d.model_add_folder"):
+        assert ("operator", op) in log
+
+
 def test_setup_refusals_leave_the_preferences_alone(ext, tmp_path):
     before = snapshot(ext)
     bpy.context.preferences.system.use_online_access = False
