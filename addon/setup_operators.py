@@ -7,6 +7,7 @@ the preferences changes and the status line says what happened and where the log
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import bpy
@@ -115,11 +116,11 @@ class PORTRAIT3D_OT_setup_worker(bpy.types.Operator):
             return self._fail(f"Cannot write into {env_dir().parent}: {exc.strerror or exc}. Check the disk.")
         _active = run
         self._run = run
-        self._text = log_text(reset=True)
+        log_text(reset=True)
         last_result.update(state="running", message="", log=str(run.log_path))
         if bpy.app.background:  # no event loop: block until done
-            run.wait(on_update=self._update)
-            return self._finish(context)
+            run.wait(on_update=_pump)
+            return _complete(run, context, self.report)
         wm = context.window_manager
         self._timer = wm.event_timer_add(0.25, window=context.window)
         wm.modal_handler_add(self)
@@ -128,42 +129,61 @@ class PORTRAIT3D_OT_setup_worker(bpy.types.Operator):
     def invoke(self, context, event):
         return self.execute(context)
 
-    def _update(self, run: worker_env.SetupRun) -> None:
-        lines = run.new_lines()
-        if lines:
-            try:
-                self._text.write("\n".join(lines) + "\n")
-            except ReferenceError:  # the file was reloaded: the Text is gone; the log file still has it all
-                self._text = log_text()
-                self._text.write("\n".join(lines) + "\n")
-
     def modal(self, context, event):
         if event.type != 'TIMER' or event.timer is not self._timer:
             return {'PASS_THROUGH'}
         self._run.poll()
-        self._update(self._run)
+        _pump(self._run)
         _redraw_ui(context)
         if self._run.state == "running":
             return {'PASS_THROUGH'}
         context.window_manager.event_timer_remove(self._timer)
-        return self._finish(context)
+        return _complete(self._run, context, self.report)
 
-    def _finish(self, context) -> set[str]:
-        run = self._run
-        self._update(run)
-        log = f"The log is in the Text '{LOG_TEXT}' and in {run.log_path}."
-        if run.state != "done":
-            last_result.update(state=run.state, message=f"{run.message} {log}", log=str(run.log_path))
-            self.report({'WARNING'} if run.state == "cancelled" else {'ERROR'}, f"{run.message} {log}")
-            return {'CANCELLED'}
-        python = worker_env.env_python(run.options.env_dir)
-        prefs = preferences.get_preferences(context)
+    def cancel(self, context):
+        """Blender ended the modal (its window closed, a file was loaded): keep following the run from a timer."""
+        bpy.app.timers.register(functools.partial(_follow, self._run), first_interval=0.25)
+
+
+def _pump(run: worker_env.SetupRun) -> None:
+    """New output lines into the log Text (found by name: a file reload may have replaced it)."""
+    lines = run.new_lines()
+    if lines:
+        log_text().write("\n".join(lines) + "\n")
+
+
+def _complete(run: worker_env.SetupRun, context, report) -> set[str]:
+    """The end of a setup: on success set Worker Python and run Check Worker; otherwise change no preference."""
+    _pump(run)
+    log = f"The log is in the Text '{LOG_TEXT}' and in {run.log_path}."
+    if run.state != "done":
+        last_result.update(state=run.state, message=f"{run.message} {log}", log=str(run.log_path))
+        report({'WARNING'} if run.state == "cancelled" else {'ERROR'}, f"{run.message} {log}")
+        return {'CANCELLED'}
+    python = worker_env.env_python(run.options.env_dir)
+    prefs = preferences.get_preferences(context)
+    if prefs is not None:
         prefs.worker_python = str(python)
-        last_result.update(state="done", message=f"Worker environment ready: {python}", log=str(run.log_path))
-        self.report({'INFO'}, f"Worker environment ready; Worker Python is now {python}. Checking it...")
-        _redraw_ui(context)
+    last_result.update(state="done", message=f"Worker environment ready: {python}", log=str(run.log_path))
+    report({'INFO'}, f"Worker environment ready; Worker Python is now {python}. Checking it...")
+    _redraw_ui(context)
+    window = context.window or next(iter(context.window_manager.windows), None)
+    if window is not None and not bpy.app.background:
+        with context.temp_override(window=window):
+            bpy.ops.portrait3d.check_worker(python=str(python))
+    else:
         bpy.ops.portrait3d.check_worker(python=str(python))
-        return {'FINISHED'}
+    return {'FINISHED'}
+
+
+def _follow(run: worker_env.SetupRun) -> float | None:
+    """bpy.app.timers callback for a run whose modal operator was ended by Blender."""
+    run.poll()
+    _pump(run)
+    if run.state == "running":
+        return 0.25
+    _complete(run, bpy.context, lambda kinds, message: print(f"Portrait 3D: {message}"))
+    return None
 
 
 class PORTRAIT3D_OT_cancel_setup(bpy.types.Operator):
