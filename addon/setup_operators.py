@@ -8,6 +8,7 @@ the preferences changes and the status line says what happened and where the log
 from __future__ import annotations
 
 import functools
+import threading
 from pathlib import Path
 
 import bpy
@@ -35,12 +36,26 @@ def stop_all() -> None:
         run.poll()
 
 
-def detection() -> worker_env.Detection:
-    """This machine's GPU kind, detected once per session (nvidia-smi / rocminfo / platform)."""
+def _detect() -> None:
     global _detection
+    _detection = worker_env.detect_accelerator()
+
+
+_detector = threading.Thread(target=_detect, name="portrait3d-detect-gpu", daemon=True)
+
+
+def detection(wait: bool = True) -> worker_env.Detection | None:
+    """This machine's GPU kind (nvidia-smi / rocminfo / platform), detected once per session in a thread so a slow
+    nvidia-smi never stalls drawing; ``wait=False`` returns None while it runs."""
     if _detection is None:
-        _detection = worker_env.detect_accelerator()
-    return _detection
+        if not _detector.is_alive():
+            try:
+                _detector.start()
+            except RuntimeError:  # already ran
+                pass
+        if wait:
+            _detector.join(timeout=15.0)
+    return _detection or (worker_env.Detection("CPU", "detection did not finish: assuming CPU") if wait else None)
 
 
 def env_dir() -> Path:
@@ -227,8 +242,8 @@ def draw_worker_section(layout, prefs) -> None:
                      text="Set Up Worker" if state in ("missing",) else "Set Up Worker (repair / update)")
     row = box.row()
     row.prop(prefs, "setup_accelerator")
-    found = detection()
-    box.label(text=f"Detected: {found.description}", icon='INFO')
+    found = detection(wait=False)
+    box.label(text=f"Detected: {found.description}" if found else "Detecting the GPU...", icon='INFO')
     if not bpy.app.online_access:
         box.label(text=worker_env.offline_message("download packages", bpy.app.online_access_override)
                   + " A Wheel Folder works offline.", icon='INTERNET_OFFLINE')

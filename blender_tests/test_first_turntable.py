@@ -164,6 +164,7 @@ def draw_preferences(ext) -> list:
 
 
 def test_preferences_show_worker_state_and_models(ext):
+    ext.setup_operators.detection(wait=True)
     log = draw_preferences(ext)
     labels = [text for kind, text in log if kind == "label"]
     assert ("operator", "portrait3d.setup_worker") in log and ("operator", "portrait3d.check_worker") in log
