@@ -26,8 +26,8 @@ from pathlib import Path
 import bpy
 import pytest
 
-from helpers import PORTRAIT
-from loopback import StallingIndex, closed_port, wait_for
+from blender_tests.helpers import PORTRAIT
+from blender_tests.loopback import StallingIndex, closed_port, wait_for
 
 PACKAGE_ID = "portrait3d"
 TINY = "p3dtinypkg"
@@ -299,7 +299,7 @@ def test_second_run_sets_up_the_worker_and_generate_returns_frames(ext, tmp_path
 # ---------------------------------------------------------------- models (after the worker exists)
 
 def test_download_from_a_hub_mirror(ext, tmp_path):
-    from loopback import HubServer
+    from blender_tests.loopback import HubServer
 
     p = prefs_of(ext)
     assert ext.worker_env.managed_env_of(p.worker_python) is not None  # the worker made above
@@ -351,7 +351,7 @@ def test_download_from_a_hub_mirror(ext, tmp_path):
 
 
 def test_delete_only_what_it_made(ext, tmp_path):
-    from helpers import fake_model_folder
+    from blender_tests.helpers import fake_model_folder
 
     p = prefs_of(ext)
     mine = fake_model_folder(tmp_path / "my model")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from addon import model_manager as mm
-from helpers import fake_model_folder
+from blender_tests.helpers import fake_model_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
