@@ -111,6 +111,8 @@ def draw_models_section(layout, prefs) -> None:
         row = box.row()
         row.operator("portrait3d.get_official_weights", icon='URL')
         row.operator("portrait3d.download_model", icon='IMPORT')
+        row = box.row()
+        row.operator("portrait3d.convert_checkpoint", text="Convert a Downloaded Checkpoint...", icon='IMPORT')
         row.operator("portrait3d.model_add_folder", icon='FILE_FOLDER')
     if prefs.convert_status:
         box.label(text=prefs.convert_status[:200])
