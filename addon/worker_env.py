@@ -56,6 +56,9 @@ PYPI_SIMPLE = "https://pypi.org/simple/"
 _SITE_QUERY = "import site, sys; print('\\n'.join(p for p in site.getsitepackages() if p))"
 
 
+CANCELLED = "Setup cancelled; the worker environment is not ready (press Set Up Worker to continue it later)."
+
+
 class SetupError(RuntimeError):
     """Setup cannot start; the message says what to do."""
 
@@ -554,6 +557,8 @@ class SetupRun:
             self._reader = threading.Thread(target=self._read, args=(self._proc.stdout,), daemon=True,
                                             name="portrait3d-setup-output")
             self._reader.start()
+            if self._cancel:  # cancelled (from another thread) while this step was starting
+                self._kill(self._proc)
             return
 
     def _end(self, state: str, message: str) -> None:
@@ -575,6 +580,8 @@ class SetupRun:
 
     def poll(self) -> str:
         """Advance: settle a finished step and start the next. Returns the state."""
+        if self.state == "running" and self._cancel and (self._proc is None or self._proc.poll() is not None):
+            self._end("cancelled", CANCELLED)
         if self.state != "running" or self._proc is None:
             return self.state
         step = self.step
@@ -589,8 +596,7 @@ class SetupRun:
             self.pip.feed(line)
         self.last_output = list(self._output)
         if self._cancel:
-            self._end("cancelled", "Setup cancelled; the worker environment is not ready (press Set Up Worker to "
-                                   "continue it later).")
+            self._end("cancelled", CANCELLED)
             return self.state
         failure = step.check(rc, self.last_output) if step.check else None
         if failure is None and rc != 0:
@@ -609,8 +615,12 @@ class SetupRun:
             return
         self._cancel = True
         proc = self._proc
-        if proc is None or proc.poll() is not None:
-            self._end("cancelled", "Setup cancelled; the worker environment is not ready.")
+        if proc is not None:
+            self._kill(proc)  # poll() then settles the run as cancelled
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen) -> None:
+        if proc.poll() is not None:
             return
         try:
             if os.name == "nt":

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -195,3 +197,50 @@ def test_stamp_decides_readiness(tmp_path):
     assert we.managed_env_of(we.env_python(env)) is None
     (env / we.MARKER_NAME).write_text("{}")
     assert we.managed_env_of(we.env_python(env)) == env
+
+
+def _run(tmp_path, steps):
+    opts = we.SetupOptions(env_dir=tmp_path / "env", base_python=Path(sys.executable))
+    return we.SetupRun(opts, steps, tmp_path / "logs" / "setup.log")
+
+
+def test_runner_runs_steps_in_order_and_logs(tmp_path):
+    seen = []
+    run = _run(tmp_path, [we.Step("one", [sys.executable, "-c", "print('hello from one')"]),
+                          we.Step("two", action=lambda r: seen.append(list(r.last_output)))])
+    assert run.wait(timeout=120) == "done" and run.fraction == 1.0
+    assert seen == [["hello from one"]]
+    log = (tmp_path / "logs" / "setup.log").read_text()
+    assert "== step 1/2: one" in log and "hello from one" in log and "== done" in log
+
+
+def test_runner_cancel_kills_the_step_and_what_it_started(tmp_path):
+    child_pid = tmp_path / "child.pid"
+    script = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
+              f"time.sleep(120)']); open({str(child_pid)!r}, 'w').write(str(p.pid)); print('started', flush=True); "
+              "time.sleep(120)")
+    run = _run(tmp_path, [we.Step("slow", [sys.executable, "-c", script]),
+                          we.Step("never", action=lambda r: pytest.fail("ran after cancel"))])
+    import time
+    end = time.monotonic() + 60
+    while "started" not in run.last_output and time.monotonic() < end:
+        run.poll()
+        time.sleep(0.05)
+    run.cancel()
+    assert run.wait(timeout=60) == "cancelled" and run.message == we.CANCELLED
+    pid = int(child_pid.read_text())
+    for _ in range(100):  # the grandchild dies with its process group
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the step's child process survived the cancel")
+    assert "NOT ready" in (tmp_path / "logs" / "setup.log").read_text()
+
+
+def test_runner_failure_is_one_message(tmp_path):
+    run = _run(tmp_path, [we.Step("boom", [sys.executable, "-c", "import sys; print('bad thing'); sys.exit(4)"])])
+    assert run.wait(timeout=60) == "failed"
+    assert run.message == "boom failed (exit code 4): bad thing"
