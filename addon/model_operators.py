@@ -3,6 +3,7 @@ weights and convert them, download from a hub). Conversion and download run in t
 background with real progress (bytes done, ETA) and can be cancelled."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import bpy
@@ -29,7 +30,7 @@ class ModelTask:
         self.cancelled = False
 
     def update(self) -> None:
-        for line in reversed(self.cmd.tail(30)):
+        for line in reversed(list(self.cmd.lines)):
             if line.startswith(model_manager.PROGRESS_PREFIX):
                 self.progress.feed(line)
                 break
@@ -41,6 +42,18 @@ class ModelTask:
     def cancel(self) -> None:
         self.cancelled = True
         self.cmd.kill()
+
+    def cleanup(self) -> None:
+        """After a cancel or failure: a conversion's hidden staging folder goes; a download's partial folder stays
+        (the next download of the same name resumes it)."""
+        if self.kind == "convert":
+            model_manager.remove_partial_outputs(self.models_dir, self.out.name)
+
+    def cancelled_words(self) -> str:
+        if self.kind == "convert":
+            return f"Conversion cancelled; nothing was written to {self.out}."
+        return (f"Download cancelled; {self.out.name} is not in the list. Download it again with the same name to "
+                "resume.")
 
 
 def stop_all() -> None:
@@ -250,16 +263,11 @@ class _ModelTaskOperator(_WatchesCommand):
             self.report({'ERROR'}, f"{exc} (Set Up Worker in these preferences makes a worker Python.)")
             return {'CANCELLED'}
         ModelTask.current = self._task = ModelTask(self.kind, cmd, out, models_dir)
-        self._set_status(context, self._task.words())
+        _set_status(context, self._task.words())
         if bpy.app.background:
             cmd.wait()
             return self._finish(context)
         return self._watch(context, cmd)
-
-    def _set_status(self, context, text: str) -> None:
-        prefs = preferences.get_preferences(context)
-        if prefs is not None:
-            prefs.convert_status = text
 
     def _tick(self, context, cmd: BackgroundCommand) -> set[str] | None:
         self._task.update()
@@ -269,50 +277,69 @@ class _ModelTaskOperator(_WatchesCommand):
         return self._finish(context)
 
     def _finish(self, context) -> set[str]:
-        task = self._task
+        return finish_task(self._task, context, self.report)
+
+    def cancel(self, context):
+        """Blender ended the modal (its window closed): keep following the task from a timer."""
+        bpy.app.timers.register(functools.partial(_follow, self._task), first_interval=0.5)
+
+
+def _set_status(context, text: str) -> None:
+    prefs = preferences.get_preferences(context)
+    if prefs is not None:
+        prefs.convert_status = text
+
+
+def finish_task(task: ModelTask, context, report) -> set[str]:
+    """The end of a conversion or download: log, clean up or mark and make default; one message."""
+    if ModelTask.current is task:
         ModelTask.current = None
-        task.update()
-        rc = task.cmd.poll()
-        log = preferences.user_data_dir() / "logs" / f"{self.kind}.log"
-        try:
-            log.parent.mkdir(parents=True, exist_ok=True)
-            log.write_text("\n".join(task.cmd.lines) + "\n")
-        except OSError:
-            pass
-        entries(context, refresh=True)
-        if task.cancelled or rc != 0:
-            self._cleanup(task)
-            if task.cancelled:
-                message = self._cancelled_words(task)
-            else:
-                errors = [line[len("error: "):] for line in task.cmd.lines if line.startswith("error: ")]
-                message = (f"{'Conversion' if self.kind == 'convert' else 'Download'} failed: "
-                           f"{errors[-1] if errors else ' | '.join(task.cmd.tail(2))} (log: {log})")
-            self._set_status(context, message)
-            self.report({'WARNING'} if task.cancelled else {'ERROR'}, message)
-            return {'CANCELLED'}
-        if model_manager.read_marker(task.out) is None:
-            model_manager.write_marker(task.out, source=self.kind)
-        entries(context, refresh=True)
-        problem = _check(task.out)
-        if problem:  # e.g. a checkpoint without VAE or CLIP weights: usable only after adding them
-            message = f"{task.out.name} was written but cannot generate yet: {problem}. It was not made the default."
-            self._set_status(context, message)
-            self.report({'WARNING'}, message)
-            return {'FINISHED'}
-        prefs = preferences.get_preferences(context)
-        if prefs is not None:
-            prefs.default_model = str(task.out)
-        message = f"{task.out.name} is ready ({task.cmd.elapsed:.0f} s) and is now the default model"
-        self._set_status(context, message)
-        self.report({'INFO'}, message)
-        return {'FINISHED'}
-
-    def _cleanup(self, task: ModelTask) -> None:
+    task.update()
+    rc = task.cmd.poll()
+    log = preferences.user_data_dir() / "logs" / f"{task.kind}.log"
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("\n".join(task.cmd.lines) + "\n")
+    except OSError:
         pass
+    if task.cancelled or rc != 0:
+        task.cleanup()
+        entries(context, refresh=True)
+        if task.cancelled:
+            message = task.cancelled_words()
+        else:
+            errors = [line[len("error: "):] for line in task.cmd.lines if line.startswith("error: ")]
+            message = (f"{'Conversion' if task.kind == 'convert' else 'Download'} failed: "
+                       f"{errors[-1] if errors else ' | '.join(task.cmd.tail(2))} (log: {log})")
+        _set_status(context, message)
+        report({'WARNING'} if task.cancelled else {'ERROR'}, message)
+        return {'CANCELLED'}
+    if model_manager.read_marker(task.out) is None:
+        model_manager.write_marker(task.out, source=task.kind)
+    entries(context, refresh=True)
+    problem = _check(task.out)
+    if problem:  # e.g. a checkpoint without VAE or CLIP weights: usable only after adding them
+        message = f"{task.out.name} was written but cannot generate yet: {problem}. It was not made the default."
+        _set_status(context, message)
+        report({'WARNING'}, message)
+        return {'FINISHED'}
+    prefs = preferences.get_preferences(context)
+    if prefs is not None:
+        prefs.default_model = str(task.out)
+    message = f"{task.out.name} is ready ({task.cmd.elapsed:.0f} s) and is now the default model"
+    _set_status(context, message)
+    report({'INFO'}, message)
+    return {'FINISHED'}
 
-    def _cancelled_words(self, task: ModelTask) -> str:
-        return "Cancelled"
+
+def _follow(task: ModelTask) -> float | None:
+    task.update()
+    if task.cmd.poll() is None:
+        _redraw_ui(bpy.context)
+        return 0.5
+    finish_task(task, bpy.context, lambda kinds, message: print(f"Portrait 3D: {message}"))
+    _redraw_ui(bpy.context)
+    return None
 
 
 class PORTRAIT3D_OT_convert_checkpoint(_ModelTaskOperator, bpy.types.Operator):
@@ -353,11 +380,6 @@ class PORTRAIT3D_OT_convert_checkpoint(_ModelTaskOperator, bpy.types.Operator):
             args += ["--config", str(Path(bpy.path.abspath(self.config)))]
         return self._begin(context, args, out)
 
-    def _cleanup(self, task: ModelTask) -> None:
-        model_manager.remove_partial_outputs(task.models_dir, task.out.name)
-
-    def _cancelled_words(self, task: ModelTask) -> str:
-        return f"Conversion cancelled; nothing was written to {task.out}."
 
 
 class PORTRAIT3D_OT_get_official_weights(bpy.types.Operator):
@@ -414,9 +436,6 @@ class PORTRAIT3D_OT_download_model(_ModelTaskOperator, bpy.types.Operator):
             args += ["--endpoint", self.endpoint.strip()]
         return self._begin(context, args, out)
 
-    def _cancelled_words(self, task: ModelTask) -> str:
-        return (f"Download cancelled; {task.out.name} is not in the list. Download it again with the same name to "
-                "resume.")
 
 
 classes = (
