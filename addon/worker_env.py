@@ -303,7 +303,7 @@ def plan_setup(opts: SetupOptions) -> list[Step]:
         Step("Preparing the environment folder", action=_prepare_folder),
         # Sharing: pip (and setuptools) come from the shared Python too, so the venv's own older copies
         # cannot shadow what the shared packages need.
-        Step("Creating the virtual environment", [str(base), "-m", "venv", *(_venv_clear(env_dir, base)),
+        Step("Creating the virtual environment", [str(base), "-m", "venv", *(_venv_clear(env_dir, base, opts.share_from is not None)),
                                                   *(["--without-pip"] if opts.share_from else []), str(env_dir)]),
         Step("Recording the environment", action=_prepare_folder),  # again: venv --clear empties the folder
     ]
@@ -325,13 +325,15 @@ def plan_setup(opts: SetupOptions) -> list[Step]:
     return steps
 
 
-def _venv_clear(env_dir: Path, base: Path) -> list[str]:
-    """Recreate from scratch when the folder was made from another base Python (a venv is tied to its base)."""
+def _venv_clear(env_dir: Path, base: Path, shared: bool) -> list[str]:
+    """Recreate from scratch when the folder was made from another base Python (a venv is tied to its base) or
+    with the other package layout (shared packages bring their own pip and setuptools; a plain venv has its own)."""
     try:
         marker = json.loads((env_dir / MARKER_NAME).read_text())
     except (OSError, ValueError):
         return []
-    return [] if marker.get("base_python") == str(base) else ["--clear"]
+    same = marker.get("base_python") == str(base) and bool(marker.get("shared")) == shared
+    return [] if same else ["--clear"]
 
 
 def _prepare_folder(run: "SetupRun") -> None:
@@ -339,7 +341,8 @@ def _prepare_folder(run: "SetupRun") -> None:
     env_dir.mkdir(parents=True, exist_ok=True)
     clear_stamp(env_dir)  # from here on the environment is not ready until the last step
     _write_json_atomic(env_dir / MARKER_NAME, {"made_by": "Portrait 3D Set Up Worker",
-                                               "base_python": str(run.options.base_python)})
+                                               "base_python": str(run.options.base_python),
+                                               "shared": run.options.share_from is not None})
 
 
 def _site_packages(env_dir: Path) -> Path:

@@ -244,3 +244,17 @@ def test_runner_failure_is_one_message(tmp_path):
     run = _run(tmp_path, [we.Step("boom", [sys.executable, "-c", "import sys; print('bad thing'); sys.exit(4)"])])
     assert run.wait(timeout=60) == "failed"
     assert run.message == "boom failed (exit code 4): bad thing"
+
+
+def test_venv_is_recreated_when_base_or_layout_changes(tmp_path):
+    opts = _opts(tmp_path, online=True)
+    venv_argv = lambda o: next(s for s in we.plan_setup(o) if s.name == "Creating the virtual environment").argv  # noqa
+    assert "--clear" not in venv_argv(opts)                    # nothing there yet
+    opts.env_dir.mkdir()
+    (opts.env_dir / we.MARKER_NAME).write_text(json.dumps({"base_python": str(opts.base_python), "shared": False}))
+    assert "--clear" not in venv_argv(opts)                    # same base, same layout: repair in place
+    shared = _opts(tmp_path, online=True, share_from=opts.base_python)
+    assert "--clear" in venv_argv(shared) and "--without-pip" in venv_argv(shared)
+    other = tmp_path / "other-python"
+    other.write_text("")
+    assert "--clear" in venv_argv(we.SetupOptions(env_dir=opts.env_dir, base_python=other, online=True))
