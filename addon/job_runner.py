@@ -20,7 +20,7 @@ from . import frame_import, job_writer, preferences, rig
 from .poses import FramePose, PoseError, check_writable_folder, scene_poses, write_dataset
 from .previews import PreviewError, make_movie, make_previews
 from .properties import DEVICES, MEMORY_MODES, active_camera
-from .worker_env import not_ready_problem
+from .worker_env import NO_WORKER, not_ready_problem
 from .worker_process import WorkerProcess, WorkerStartError, WorkerStatus, resolve_worker_python
 
 BLEND_FILE = "scene.blend"
@@ -152,7 +152,10 @@ def start_generation(context: bpy.types.Context | None = None, *, worker_python:
         raise JobRunError("A generation is already running: wait for it or press Cancel first.")
     p = progress_state(context)
     try:
-        python = str(resolve_worker_python(worker_python_setting(context, worker_python)))
+        setting = worker_python_setting(context, worker_python)
+        if not setting.strip():
+            raise WorkerStartError(NO_WORKER)
+        python = str(resolve_worker_python(setting))
         if (problem := not_ready_problem(python)) is not None:  # a setup was cancelled or failed halfway
             raise WorkerStartError(problem)
         prepared = job_writer.prepare_job(context, model=model)

@@ -56,6 +56,8 @@ PYPI_SIMPLE = "https://pypi.org/simple/"
 _SITE_QUERY = "import site, sys; print('\\n'.join(p for p in site.getsitepackages() if p))"
 
 
+NO_WORKER = ("No worker Python set: press Set Up Worker in Preferences > Add-ons > Portrait 3D (it installs one into "
+             "the extension's user folder), or set Worker Python to a Python with torch and diffusers.")
 CANCELLED = "Setup cancelled; the worker environment is not ready (press Set Up Worker to continue it later)."
 
 

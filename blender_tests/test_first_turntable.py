@@ -108,7 +108,10 @@ def setup_error(ext) -> str:
     raise AssertionError("Set Up Worker did not report an error")
 
 
-def test_fresh_install_uses_the_bundled_model(ext):
+def test_fresh_install_uses_the_bundled_model(ext, monkeypatch):
+    monkeypatch.delenv("PORTRAIT3D_WORKER_PYTHON", raising=False)
+    with pytest.raises(RuntimeError, match="No worker Python set: press Set Up Worker"):  # the first wall, now
+        bpy.ops.portrait3d.generate()                                                  # with the way over it
     installed = Path(ext.core.CORE_PARENT)
     bundled = ext.model_manager.bundled_model()
     assert bundled == installed / "models" / "small" and (bundled / "model_index.json").is_file()
