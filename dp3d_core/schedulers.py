@@ -52,9 +52,14 @@ def official_ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> 
     return timesteps[::-1].copy()
 
 
+def float64_betas(beta_start: float, beta_end: float, num_train_timesteps: int) -> np.ndarray:
+    """ldm's "linear" betas: linspace(sqrt(b0), sqrt(b1))**2 in float64."""
+    return np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float64) ** 2
+
+
 def float64_alphas_cumprod(beta_start: float, beta_end: float, num_train_timesteps: int) -> torch.Tensor:
-    """ldm's schedule: betas = linspace(sqrt(b0), sqrt(b1))**2 in float64, cumprod in float64, stored float32."""
-    betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float64) ** 2
+    """ldm's schedule: cumprod(1 - betas) in float64, stored float32."""
+    betas = float64_betas(beta_start, beta_end, num_train_timesteps)
     return torch.from_numpy(np.cumprod(1.0 - betas)).to(torch.float32)
 
 
