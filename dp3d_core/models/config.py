@@ -62,6 +62,16 @@ def official_params(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     return params
 
 
+def diffportrait360_params(overrides: dict[str, Any] | None = None, back_head: bool = False) -> dict[str, Any]:
+    """The DiffPortrait360 yamls' parameters (view model, or ``back_head``: the back-head model), as
+    :func:`official_params`: the same networks, view modules in the DiffPortrait360 layout with a 24-row
+    positional table (the back-head model has none)."""
+    params = official_params(overrides)
+    params["unet_additional_kwargs"]["motion_module_kwargs"]["temporal_position_encoding_max_len"] = 24
+    params["view_module_layout"] = None if back_head else "diffportrait360"
+    return params
+
+
 def _check_supported(params: dict[str, Any]) -> None:
     unsupported = {
         "use_spatial_transformer": (True,),
