@@ -88,26 +88,24 @@ class Float16ScheduleDDIMScheduler(OfficialDDIMScheduler):
     """DDIM exactly as the official DiffPortrait360 sampler runs it: that model holds its noise-schedule buffers
     in float16 (its README quirks S1, S2), so every schedule number is a float16 number.
 
-    ``alphas_cumprod`` = the float64 schedule rounded to float16; per step the official ``make_schedule`` /
+    ``alphas_cumprod16`` = the float64 schedule rounded to float16; per step the official ``make_schedule`` /
     ``p_sample_ddim`` arithmetic: ``sqrt(1 - a_t)`` taken IN float16, sigma in float64 from the float16 values,
     then everything as float32 scalars (``ddim_constants``). Against the float32 schedule the final latent of a
-    4-step run moves by up to 9e-3, far above the parity tolerance, hence this class.
+    4-step run moves by up to 9e-3, far above the parity tolerance, hence this class. ``alphas_cumprod`` stays the
+    float32 table: the official q_sample tables are float64 square roots rounded to float16, not roots of the
+    rounded values, so the 3D-aware noise derives them from it (``aware_initial_latent(float16_schedule=True)``).
     """
 
     @functools.wraps(DDIMScheduler.__init__)
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        cfg = self.config
-        self.alphas_cumprod16 = float64_alphas_cumprod(
-            cfg.beta_start, cfg.beta_end, cfg.num_train_timesteps).double().to(torch.float16)
-        self.alphas_cumprod = self.alphas_cumprod16.float()
-        self.final_alpha_cumprod = torch.tensor(1.0) if cfg.set_alpha_to_one else self.alphas_cumprod[0]
+        self.alphas_cumprod16 = self.alphas_cumprod.double().to(torch.float16)
 
     def ddim_constants(self, timestep: int, eta: float) -> tuple[float, float, float, float]:
         """(a_t, a_prev, sqrt(1 - a_t), sigma_t) as the official sampler hands them to p_sample_ddim (float32)."""
         prev = timestep - self.config.num_train_timesteps // self.num_inference_steps
         a_t = self.alphas_cumprod16[timestep]
-        a_prev = self.alphas_cumprod16[prev] if prev >= 0 else self.final_alpha_cumprod.to(torch.float16)
+        a_prev = self.alphas_cumprod16[prev] if prev >= 0 else self.final_alpha_cumprod.double().to(torch.float16)
         one_minus = 1.0 - a_t  # float16
         sqrt_one_minus = np.sqrt(one_minus.numpy())  # float16 arithmetic, as make_schedule does
         # make_schedule divides a float64 array by this float16 tensor: torch computes that as the float16
