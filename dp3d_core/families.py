@@ -124,8 +124,8 @@ def detect_family(keys: Iterable[str]) -> Family:
     if not (has[UNET] and has[REFERENCE] and has[POSE]):
         missing = [p for p, ok in has.items() if not ok]
         sample = ", ".join(keys[:3])
-        raise FamilyError(f"not a DiffPortrait3D or DiffPortrait360 checkpoint: no {', '.join(missing)} keys (first "
-                          f"keys: {sample}); expected {_expected()}")
+        raise FamilyError(f"not a DiffPortrait3D checkpoint (nor a DiffPortrait360 one): no {', '.join(missing)} "
+                          f"keys (first keys: {sample}); expected {_expected()}")
     if stray_motion:
         raise FamilyError(f"unrecognised motion-module keys (e.g. {stray_motion[0]}); expected {_expected()}")
     hint = any(k.startswith(REFERENCE_HINT) for k in keys)
