@@ -58,6 +58,13 @@ class Family:
             return "a DiffPortrait360 back-head model (no view modules)"
         return "a DiffPortrait360 view model (20 view modules, no middle one)"
 
+    @property
+    def pipeline_class(self) -> str:
+        """The pipeline that runs a model folder of this family (``model_index.json``'s ``_class_name``)."""
+        if self.name == DIFFPORTRAIT3D:
+            return "DiffPortrait3DPipeline"
+        return "BackHeadPipeline" if self.variant == BACK_HEAD else "DiffPortrait360Pipeline"
+
     def index_fields(self) -> dict[str, str]:
         """The ``model_index.json`` fields that name this family."""
         fields = {"family": self.name}

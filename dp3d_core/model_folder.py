@@ -16,7 +16,6 @@ from typing import Any, Iterable
 
 import torch
 
-PIPELINE_CLASS = "DiffPortrait3DPipeline"
 COMPONENTS: dict[str, tuple[str, str]] = {
     "unet": ("diffusers", "UNet2DConditionModel"),
     "reference_unet": ("diffusers", "UNet2DConditionModel"),
@@ -76,8 +75,9 @@ def save_model_folder(components: dict[str, Any], path: str | Path, overwrite: b
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         from .families import FAMILY_3D
-        index: dict[str, Any] = {"_class_name": PIPELINE_CLASS, "_diffusers_version": _diffusers_version(),
-                                 **(family or FAMILY_3D).index_fields()}
+        family = family or FAMILY_3D
+        index: dict[str, Any] = {"_class_name": family.pipeline_class, "_diffusers_version": _diffusers_version(),
+                                 **family.index_fields()}
         items = dict(components)
         items.setdefault("scheduler", DDIMScheduler.from_config(default_scheduler_config()))
         for name in COMPONENTS:
@@ -118,12 +118,18 @@ def read_model_index(path: str | Path) -> dict[str, Any]:
 
 
 def load_model_folder(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                      components: Iterable[str] | None = None) -> dict[str, Any]:
-    """Load the components (all by default) of a model folder: name -> module (eval mode) or scheduler."""
+                      components: Iterable[str] | None = None, family: Any = None) -> dict[str, Any]:
+    """Load the components (all by default) of a model folder: name -> module (eval mode) or scheduler.
+
+    ``family``: the :class:`dp3d_core.families.Family` the caller can run; a folder of another is refused."""
     from .schedulers import make_scheduler
 
     path = Path(path)
     index = read_model_index(path)
+    found = model_family(index)
+    if family is not None and found != family:
+        raise ModelFolderError(f"{path} holds {found.describe()}, but {family.describe()} is needed here; pick "
+                               f"the matching model folder (convert the matching official checkpoint into it)")
     wanted = list(components) if components is not None else default_components(index)
     classes = _classes()
     loaded: dict[str, Any] = {}

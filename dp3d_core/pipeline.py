@@ -129,13 +129,15 @@ class DiffPortrait3DPipeline(DiffusionPipeline):
                         torch_dtype: torch.dtype = torch.float32, **kwargs: Any) -> "DiffPortrait3DPipeline":
         """Load a local model folder (see :mod:`dp3d_core.model_folder`); nothing is downloaded.
 
-        Raises ``ModelFolderError`` naming a missing or broken component.
+        Raises ``ModelFolderError`` naming a missing or broken component, or a folder of another model family.
         """
+        from .families import FAMILY_3D
         from .model_folder import load_model_folder
 
         if kwargs:
             raise TypeError(f"unsupported argument(s) {sorted(kwargs)}; this pipeline takes device and torch_dtype")
-        return cls(**load_model_folder(pretrained_model_name_or_path, device=device, dtype=torch_dtype))
+        return cls(**load_model_folder(pretrained_model_name_or_path, device=device, dtype=torch_dtype,
+                                       family=FAMILY_3D))
 
     def save_pretrained(self, save_directory: Any, overwrite: bool = False, **kwargs: Any) -> None:
         """Write the pipeline as a model folder (the format ``from_pretrained`` reads)."""

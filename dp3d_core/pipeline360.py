@@ -35,6 +35,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
 from .families import BACK_HEAD, FAMILY_360_BACK_HEAD, FAMILY_360_VIEWS, VIEWS, Family
+from .model_folder import load_model_folder
 from .pipeline import DiffPortrait3DPipeline, ImageInput, PipelineError, image_size
 from .schedulers import OfficialDDIMScheduler, make_scheduler
 
@@ -48,16 +49,6 @@ def _float16_ddim(scheduler: SchedulerMixin) -> SchedulerMixin:
     if isinstance(scheduler, OfficialDDIMScheduler):
         return make_scheduler("ddim", dict(scheduler.config), float16_schedule=True)
     return scheduler
-
-
-def _load(path: Any, family: Family, device: Any, torch_dtype: torch.dtype) -> dict[str, Any]:
-    from .model_folder import ModelFolderError, load_model_folder, model_family
-
-    found = model_family(path)
-    if found != family:
-        raise ModelFolderError(f"{path} holds {found.describe()}; expected {family.describe()} "
-                               f"(convert the matching official checkpoint into it)")
-    return load_model_folder(path, device=device, dtype=torch_dtype)
 
 
 class _Float16Schedule:
@@ -96,7 +87,8 @@ class BackHeadPipeline(_Float16Schedule, DiffPortrait3DPipeline):
         """Load a DiffPortrait360 back-head model folder; nothing is downloaded."""
         if kwargs:
             raise TypeError(f"unsupported argument(s) {sorted(kwargs)}; this pipeline takes device and torch_dtype")
-        return cls(**_load(pretrained_model_name_or_path, FAMILY_360_BACK_HEAD, device, torch_dtype))
+        return cls(**load_model_folder(pretrained_model_name_or_path, device=device, dtype=torch_dtype,
+                                       family=FAMILY_360_BACK_HEAD))
 
     @property
     def clip_length(self) -> int:
@@ -161,7 +153,8 @@ class DiffPortrait360Pipeline(_Float16Schedule, DiffPortrait3DPipeline):
         if back_head is not None:
             head = (back_head if isinstance(back_head, BackHeadPipeline)
                     else BackHeadPipeline.from_pretrained(back_head, device=device, torch_dtype=torch_dtype))
-        return cls(**_load(pretrained_model_name_or_path, FAMILY_360_VIEWS, device, torch_dtype), back_head=head)
+        return cls(**load_model_folder(pretrained_model_name_or_path, device=device, dtype=torch_dtype,
+                                       family=FAMILY_360_VIEWS), back_head=head)
 
     def to(self, *args: Any, **kwargs: Any) -> "DiffPortrait360Pipeline":
         super().to(*args, **kwargs)

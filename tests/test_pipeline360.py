@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from dp3d_core.model_folder import ModelFolderError
-from dp3d_core.pipeline import Cancelled, PipelineError, plan_windows, window_weights
+from dp3d_core.pipeline import Cancelled, DiffPortrait3DPipeline, PipelineError, plan_windows, window_weights
 from dp3d_core.pipeline360 import BackHeadPipeline, DiffPortrait360Pipeline
 from dp3d_core.schedulers import Float16ScheduleDDIMScheduler, OfficialDDIMScheduler
 
@@ -198,13 +199,15 @@ def test_bad_inputs_and_wrong_folders(pipe: DiffPortrait360Pipeline, folders, tm
         pipe(front, conds, num_inference_steps=1)
     with pytest.raises(PipelineError, match="one portrait"):
         pipe([front, front], conds, back_image=front, num_inference_steps=1)
-    with pytest.raises(ModelFolderError, match="DiffPortrait360 view model.*expected a DiffPortrait360 back-head"):
+    with pytest.raises(ModelFolderError, match="holds a DiffPortrait360 view model.*back-head model .* is needed"):
         BackHeadPipeline.from_pretrained(folders[0])
-    with pytest.raises(ModelFolderError, match="back-head model.*expected a DiffPortrait360 view model"):
+    with pytest.raises(ModelFolderError, match="holds a DiffPortrait360 back-head model.*view model .* is needed"):
         DiffPortrait360Pipeline.from_pretrained(folders[1])
+    with pytest.raises(ModelFolderError, match="holds a DiffPortrait360 view model.*DiffPortrait3D model .* is needed"):
+        DiffPortrait3DPipeline.from_pretrained(folders[0])  # the DiffPortrait3D pipeline never runs it silently
     from dp3d_core.tiny import make_tiny_model_folder
     dp3d = make_tiny_model_folder(tmp_path / "dp3d", sample_size=8)
-    with pytest.raises(ModelFolderError, match="DiffPortrait3D model"):
+    with pytest.raises(ModelFolderError, match="holds a DiffPortrait3D model"):
         DiffPortrait360Pipeline.from_pretrained(dp3d)
 
 
@@ -216,6 +219,10 @@ def test_save_pretrained_keeps_the_family(pipe: DiffPortrait360Pipeline, tmp_pat
     pipe.back_head.save_pretrained(tmp_path / "back_head")
     assert model_family(tmp_path / "views") == FAMILY_360_VIEWS
     assert model_family(tmp_path / "back_head") == FAMILY_360_BACK_HEAD
+    index = json.loads((tmp_path / "views" / "model_index.json").read_text())
+    assert (index["_class_name"], index["family"], index["variant"]) == \
+        ("DiffPortrait360Pipeline", "DiffPortrait360", "views")
+    assert not (tmp_path / "back_head" / "view_modules").exists()
     again = DiffPortrait360Pipeline.from_pretrained(tmp_path / "views", back_head=tmp_path / "back_head")
     front, back_cond, conds = images(1, 0)[0], images(1, 1)[0], images(8, 2)
     run = dict(back_condition_image=back_cond, num_inference_steps=1, seed=3, output_type="latent")
