@@ -129,7 +129,7 @@ def check_frame_names(folder: str | os.PathLike, names: Iterable[str]) -> None:
         size = len(os.fsencode(name))
         if size + TEMP_NAME_OVERHEAD > name_max:
             raise PreflightError(
-                f"The frame name {shown!r} is {size} bytes long; this file system allows "
+                f"The frame name {shown!r} is too long for this file system: {size} bytes, of at most "
                 f"{name_max - TEMP_NAME_OVERHEAD} for a frame (its temporary name needs {TEMP_NAME_OVERHEAD} more).",
                 "Use a shorter frame name pattern.")
         if (out / name).is_dir():

@@ -42,6 +42,7 @@ from .job import Job, JobError, job_hash, read_job
 from .protocol import EXIT_CANCELLED, EXIT_ERROR, EXIT_OK, encode_event
 
 
+_IMPORTED_AT = time.time()  # as close to the process start as this module gets (see drop_stale_cancel)
 LOG_FILE = "worker.log"
 # A cancel file this much older than the worker's start still counts (coarse file-system clocks, and a cancel
 # pressed while the worker process was starting).
@@ -185,7 +186,12 @@ def configure_cpu_threads(env: dict | None = None) -> None:
 
 
 def drop_stale_cancel(job_dir: Path, started_wall: float, warn: Callable[[str], None]) -> None:
-    """Remove a cancel file written before this worker started (a killed run's leftover), with a warning."""
+    """Remove a cancel file written before this worker started (a killed run's leftover), with a warning.
+
+    The add-on removes the cancel file before it starts a worker, so one older than this process came from a
+    run that never honoured it (killed, crashed). CANCEL_CLOCK_SLACK_S keeps a cancel pressed while Python was
+    starting.
+    """
     path = Path(job_dir) / protocol.CANCEL_FILE
     try:
         mtime = path.stat().st_mtime
@@ -238,9 +244,8 @@ def _remove_stale_temp_files(out_dir: Path, names: list[str]) -> None:
 def run_job(job_dir: Path, emit: Emitter) -> int:
     """Run the job in ``job_dir``; returns the exit code. Emits every event itself."""
     started = time.monotonic()
-    started_wall = time.time()
     warn = lambda m: emit("warning", message=m)  # noqa: E731
-    drop_stale_cancel(job_dir, started_wall, warn)
+    drop_stale_cancel(job_dir, _IMPORTED_AT, warn)
     job: Job = read_job(job_dir).resolve(job_dir)
     frames = job.ordered_frames()
     out_dir = Path(job.output)
@@ -302,15 +307,8 @@ def run_job(job_dir: Path, emit: Emitter) -> int:
     return EXIT_OK
 
 
-def main(argv: list[str] | None = None) -> int:
-    configure_cpu_threads()
-    argv = sys.argv[1:] if argv is None else argv
-    emit = Emitter(protocol_stream())
-    if len(argv) != 1 or argv[0] in ("-h", "--help"):
-        emit("error", message="usage: python -m dp3d_core.worker <job dir>",
-             hint="the add-on starts the worker with the job folder as the only argument")
-        return EXIT_ERROR
-    job_dir = Path(argv[0])
+def run(job_dir: Path, emit: Emitter) -> int:
+    """:func:`run_job` with every failure turned into one plain ``error`` event; returns the exit code."""
     try:
         code = run_job(job_dir, emit)
         if code == EXIT_CANCELLED:
@@ -332,6 +330,17 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc(file=sys.stderr)
         emit("error", message=failure.message, hint=failure.hint_with_log, log=failure.log)
     return EXIT_ERROR
+
+
+def main(argv: list[str] | None = None) -> int:
+    configure_cpu_threads()
+    argv = sys.argv[1:] if argv is None else argv
+    emit = Emitter(protocol_stream())
+    if len(argv) != 1 or argv[0] in ("-h", "--help"):
+        emit("error", message="usage: python -m dp3d_core.worker <job dir>",
+             hint="the add-on starts the worker with the job folder as the only argument")
+        return EXIT_ERROR
+    return run(Path(argv[0]), emit)
 
 
 if __name__ == "__main__":

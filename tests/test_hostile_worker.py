@@ -1,14 +1,17 @@
 """Hostile jobs for ``python -m dp3d_core.worker``: each fails with one plain message, before any work.
 
-Every subprocess case asserts: a non-zero exit, exactly one ``error`` event and no ``progress`` event (no
-denoising step ran), a message and hint without exception class names, ``Errno`` or a traceback, nothing
-written into the output folder and nothing changed anywhere else under the test's folder. The cases the
-pre-work checks catch finish before torch is imported, so the file stays fast. Cases that need a full disk, a
-read-only folder as root, or a real out-of-memory are exercised through the same translation table in-process.
+Every case asserts: a non-zero exit code, exactly one ``error`` event and no ``progress`` event (no denoising
+step ran), a message and hint without exception class names, ``Errno`` or a traceback, nothing written into the
+output folder and no file changed anywhere else under the test's folder. Most cases run the worker's entry
+(:func:`dp3d_core.worker.run`, what ``main`` runs after setting up its streams) in-process to stay fast on a
+loaded machine; the ones marked ``subprocess`` run the real ``python -m dp3d_core.worker`` and also check its
+exit status and stderr. Cases that need a full disk, a read-only folder as root, or a real out-of-memory go
+through the same checks and translation table in-process.
 """
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import re
@@ -38,13 +41,16 @@ def plain(text: str) -> bool:
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    """Every file and folder under ``root`` with (size, mtime_ns) (folders: size 0)."""
+    """Every file under ``root`` with (size, mtime_ns), every folder with (0, 0): the probe file the checks write
+    and remove changes a folder's mtime, nothing else."""
     out = {}
     for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
+        for name in dirnames:
+            out[str((Path(dirpath) / name).relative_to(root))] = (0, 0)
+        for name in filenames:
             p = Path(dirpath) / name
             st = p.lstat()
-            out[str(p.relative_to(root))] = (0 if p.is_dir() else st.st_size, st.st_mtime_ns)
+            out[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns)
     return out
 
 
@@ -71,6 +77,7 @@ def make_job(root: Path, model: Path = SMALL_MODEL, frames: int = 3, **overrides
 
 
 def run_worker(job_dir: Path, timeout: float = 300):
+    """The real worker process: (exit code, events, stderr)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, "-m", "dp3d_core.worker", str(job_dir)], capture_output=True, text=True,
                        timeout=timeout, env=env, cwd=ROOT)
@@ -79,10 +86,19 @@ def run_worker(job_dir: Path, timeout: float = 300):
     return r.returncode, events, r.stderr
 
 
-def assert_refused(root: Path, job_dir: Path, *expected: str, before: dict | None = None) -> str:
+def run_in_process(job_dir: Path):
+    """``worker.run`` in this process: (exit code, events, '')."""
+    from dp3d_core import worker
+
+    stream = io.StringIO()
+    rc = worker.run(Path(job_dir), worker.Emitter(stream))
+    return rc, [parse_event(line) for line in stream.getvalue().splitlines()], ""
+
+
+def assert_refused(root: Path, job_dir: Path, *expected: str, subprocess: bool = False) -> str:
     """Run the worker on ``job_dir``; assert the hostile-case contract; return message + hint."""
-    before = snapshot(root) if before is None else before
-    rc, events, stderr = run_worker(job_dir)
+    before = snapshot(root)
+    rc, events, stderr = (run_worker if subprocess else run_in_process)(job_dir)
     assert rc == protocol.EXIT_ERROR, (rc, events, stderr)
     errors = [e for e in events if e.kind == "error"]
     assert len(errors) == 1 and events[-1].kind == "error", events
@@ -100,6 +116,18 @@ def assert_refused(root: Path, job_dir: Path, *expected: str, before: dict | Non
     return text
 
 
+def assert_refused_keeping_out(root: Path, job_dir: Path, *expected: str) -> None:
+    """Like assert_refused for an output folder that already holds something: it is left exactly as it was."""
+    before = snapshot(root)
+    rc, events, _ = run_in_process(job_dir)
+    assert rc == protocol.EXIT_ERROR and [e.kind for e in events] == ["error"], events
+    text = f"{events[0]['message']} {events[0]['hint']}"
+    assert plain(text), text
+    for word in expected:
+        assert word in text, (word, text)
+    assert snapshot(root) == before
+
+
 # ---------------------------------------------------------------- the output folder and frame names
 
 
@@ -109,7 +137,7 @@ def test_output_folder_under_a_file(tmp_path):
     data = json.loads((job / "job.json").read_text())
     data["output"] = str(tmp_path / "blocker" / "out")
     (job / "job.json").write_text(json.dumps(data))
-    assert_refused(tmp_path, job, "is a file", "choose another output folder")
+    assert_refused(tmp_path, job, "is a file", "choose another output folder", subprocess=True)
 
 
 def test_output_folder_is_a_file(tmp_path):
@@ -126,7 +154,7 @@ def test_read_only_output_folder(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out").chmod(0o555)
     try:
-        assert_refused(tmp_path, job, "permission denied")
+        assert_refused(tmp_path, job, "permission denied", subprocess=True)
     finally:
         (tmp_path / "out").chmod(0o755)
 
@@ -138,7 +166,7 @@ def test_frame_name_too_long_for_the_file_system(tmp_path):
 
 def test_ten_million_character_frame_pattern(tmp_path):
     job = make_job(tmp_path, frame_pattern="x" * 10_000_000 + "{index}.png")
-    text = assert_refused(tmp_path, job, "frame_pattern", "at most 200")
+    text = assert_refused(tmp_path, job, "frame_pattern", "at most 200", subprocess=True)
     assert len(text) < 600
 
 
@@ -150,12 +178,7 @@ def test_frame_pattern_with_control_characters_or_folders(tmp_path, pattern):
 def test_frame_path_is_a_folder(tmp_path):
     job = make_job(tmp_path)
     (tmp_path / "out" / "frame_0002.png").mkdir(parents=True)
-    before = snapshot(tmp_path)
-    rc, events, _ = run_worker(job)
-    assert rc == protocol.EXIT_ERROR and [e.kind for e in events] == ["error"]
-    text = f"{events[0]['message']} {events[0]['hint']}"
-    assert plain(text) and "is a folder" in text and "frame_0002.png" in text
-    assert snapshot(tmp_path) == before
+    assert_refused_keeping_out(tmp_path, job, "is a folder", "frame_0002.png")
 
 
 # ---------------------------------------------------------------- the job file
@@ -165,7 +188,7 @@ def test_deeply_nested_job_json(tmp_path):
     job = tmp_path / "job"
     job.mkdir()
     (job / "job.json").write_text("[" * 200_000 + "]" * 200_000)
-    assert_refused(tmp_path, job, "nested too deeply")
+    assert_refused(tmp_path, job, "nested too deeply", subprocess=True)
 
 
 def test_job_json_not_utf8(tmp_path):
@@ -176,7 +199,10 @@ def test_job_json_not_utf8(tmp_path):
 
 
 def test_too_many_frames_names_the_limit(tmp_path):
-    job = make_job(tmp_path, frames=MAX_FRAMES + 1)
+    job = make_job(tmp_path)
+    data = json.loads((job / "job.json").read_text())
+    data["frames"] = [dict(data["frames"][0], index=i, scene_frame=i + 1) for i in range(MAX_FRAMES + 1)]
+    (job / "job.json").write_text(json.dumps(data))
     assert_refused(tmp_path, job, str(MAX_FRAMES), str(MAX_FRAMES + 1), "split")
 
 
@@ -219,7 +245,7 @@ def test_pickled_weights_are_refused_with_the_conversion_command(tmp_path):
     (model / "vae" / "diffusion_pytorch_model.safetensors").unlink()
     (model / "vae" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04 pickle stand-in")
     job = make_job(tmp_path, model=model)
-    assert_refused(tmp_path, job, "pickled", "vae/", "python -m dp3d_core.convert_pickles")
+    assert_refused(tmp_path, job, "pickled", "vae/", "python -m dp3d_core.convert_pickles", subprocess=True)
 
 
 def test_damaged_safetensors_header(tmp_path):
@@ -292,8 +318,12 @@ def test_stale_cancel_file_is_ignored_with_a_warning(tmp_path):
 
 
 def test_fresh_cancel_is_honoured_before_loading_and_removed(tmp_path):
+    """A cancel written while the worker starts (stamped later than its start) stops it before the model loads."""
     job = make_job(tmp_path)
-    (job / protocol.CANCEL_FILE).write_text("cancel\n")
+    cancel = job / protocol.CANCEL_FILE
+    cancel.write_text("cancel\n")
+    later = time.time() + 30
+    os.utime(cancel, (later, later))
     rc, events, _ = run_worker(job)
     assert rc == protocol.EXIT_CANCELLED
     assert [e.kind for e in events] == ["started", "done"] and events[-1]["cancelled"] is True
