@@ -44,7 +44,7 @@ def write_demo_job(folder: Path, model: Path, frames: int, steps: int, size: int
 
 def run_worker(job_dir: Path, env: dict[str, str]) -> float:
     r = subprocess.run([sys.executable, "-m", "dp3d_core.worker", str(job_dir)], capture_output=True, text=True,
-                       env=env, cwd=ROOT, timeout=3600)
+                       env=env, cwd=env["PYTHONPATH"], timeout=3600)
     events = [e for e in map(parse_event, r.stdout.splitlines()) if e is not None]
     done = [e for e in events if e.kind == "done"]
     if r.returncode != 0 or not done:
@@ -78,8 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="extra environment for the worker (e.g. OMP_WAIT_POLICY=ACTIVE)")
+    parser.add_argument("--worker-source", default=str(ROOT),
+                        help="folder holding the dp3d_core to run as the worker (e.g. an older version's checkout)")
     args = parser.parse_args(argv)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=args.worker_source)
     for item in args.env:
         name, _, value = item.partition("=")
         env[name] = value
@@ -91,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, {platform.system()}",
         "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "frames": args.frames, "steps": args.steps, "size": args.size, "env": args.env,
+        "worker_source": args.worker_source,
         "idle_s": idle, "loaded_s": loaded,
         "slowdown": [round(b / a, 2) for a, b in zip(idle, loaded)],
     }

@@ -63,7 +63,7 @@ def _path_of(exc: OSError) -> str:
 
 # ---------------------------------------------------------------- the table
 
-def _oom_backend(text: str) -> str | None:
+def oom_backend(text: str) -> str | None:
     """The device whose allocator said 'out of memory' in ``text``, or None."""
     low = text.lower()
     if "mps backend out of memory" in low:
@@ -95,6 +95,12 @@ _OOM = {
     "cpu": ("The computer ran out of memory (RAM).",
             "Lower the Output Size or the number of frames, or close other programs, and run it again."),
 }
+
+
+def out_of_memory(text: str) -> Failure | None:
+    """The out-of-memory Failure for an allocator's raw text (any backend), or None when it is not one."""
+    backend = oom_backend(text)
+    return None if backend is None else Failure(*_OOM[backend])
 
 
 def _os_failure(exc: OSError) -> Failure | None:
@@ -130,7 +136,7 @@ def translate(exc: BaseException) -> Failure:
     first = clip(text.splitlines()[0] if text else "")
     if isinstance(exc, MemoryError):
         return Failure(*_OOM["cpu"])
-    backend = _oom_backend(text) if (isinstance(exc, RuntimeError) or "OutOfMemory" in type(exc).__name__) else None
+    backend = oom_backend(text) if (isinstance(exc, RuntimeError) or "OutOfMemory" in type(exc).__name__) else None
     if backend is not None:
         return Failure(*_OOM[backend])
     if isinstance(exc, RecursionError):

@@ -310,7 +310,7 @@ def test_stale_cancel_file_is_ignored_with_a_warning(tmp_path):
     import hashlib
     protocol.record_frame(out, "frame_0001.png", digest, 0, 1, hashlib.sha256((out / "frame_0001.png").read_bytes())
                           .hexdigest())
-    rc, events, _ = run_worker(job)
+    rc, events, _ = run_in_process(job)
     assert rc == protocol.EXIT_OK, events
     warnings = [e["message"] for e in events if e.kind == "warning"]
     assert any("ignored a cancel request left over" in w for w in warnings), warnings
@@ -324,7 +324,7 @@ def test_fresh_cancel_is_honoured_before_loading_and_removed(tmp_path):
     cancel.write_text("cancel\n")
     later = time.time() + 30
     os.utime(cancel, (later, later))
-    rc, events, _ = run_worker(job)
+    rc, events, _ = run_in_process(job)
     assert rc == protocol.EXIT_CANCELLED
     assert [e.kind for e in events] == ["started", "done"] and events[-1]["cancelled"] is True
     assert not (job / protocol.CANCEL_FILE).exists(), "an honoured cancel must not stop the next run"
