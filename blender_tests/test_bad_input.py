@@ -84,7 +84,7 @@ def test_output_folder_not_writable(ready, tmp_path):
     blocker.write_text("x")
     bpy.context.scene.portrait3d.output_folder = str(blocker / "out")  # a folder inside a file cannot exist
     msg = generate_error()
-    assert "cannot be created" in msg and "is a file, not a folder" in msg
+    assert "Cannot write to the output folder" in msg and "is a file, not a folder" in msg
 
 
 def test_condition_folder_with_too_few_images(ready, tmp_path):

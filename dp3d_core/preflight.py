@@ -75,7 +75,7 @@ def probe_output_folder(folder: str | os.PathLike) -> Path:
     out = Path(os.path.abspath(os.path.expanduser(os.fspath(folder))))
     base = existing_ancestor(out)
     if not base.is_dir():
-        raise PreflightError(f"The output folder {clip(out)} cannot be created: {clip(base)} is a file, "
+        raise PreflightError(f"Cannot write to the output folder {clip(out)}: {clip(base)} is a file, "
                              "not a folder.", "Choose another output folder, or move that file away.")
     created: list[Path] = []
     probe = out / PROBE_NAME
@@ -84,14 +84,16 @@ def probe_output_folder(folder: str | os.PathLike) -> Path:
             os.mkdir(part)
             created.append(part)
         if not out.is_dir():
-            raise PreflightError(f"The output folder {clip(out)} is a file, not a folder.",
+            raise PreflightError(f"Cannot write to the output folder {clip(out)}: it is a file, not a folder.",
                                  "Choose a folder (or a new name) as the output folder.")
         with open(probe, "xb") as f:
             f.write(b"probe")
     except FileExistsError:  # a stale probe from a killed run: writable enough to be replaced
         pass
     except OSError as exc:
-        raise PreflightError.from_failure(translate(exc)) from None
+        failure = translate(exc)
+        raise PreflightError(f"Cannot write to the output folder {clip(out)}: {failure.message}", failure.hint) \
+            from None
     finally:
         try:
             probe.unlink()
@@ -306,7 +308,7 @@ def check_image(path: str | os.PathLike, what: str, min_side: int = 64) -> None:
     """A header check (no decoding): exists, is a file, a format the worker reads, big enough."""
     p = Path(path)
     if not p.exists():
-        raise PreflightError(f"The {what} {clip(p)} does not exist.", "Pick an existing PNG or JPEG image.")
+        raise PreflightError(f"{what.capitalize()} not found: {clip(p)}.", "Pick an existing PNG or JPEG image.")
     if not p.is_file():
         raise PreflightError(f"The {what} {clip(p)} is a folder, not an image file.", "Pick an image file.")
     head = image_header(p)
