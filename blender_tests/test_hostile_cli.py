@@ -92,7 +92,7 @@ def bare_python(tmp_path_factory):
 
 def test_frames_beyond_the_limit(cli):
     msg = cli(frames="100000")
-    assert "100000" in msg and str(jobspec.MAX_FRAMES) in msg and "split" in msg
+    assert "100000" in msg and str(jobspec.MAX_FRAMES) in msg and "Split" in msg
 
 
 @pytest.mark.parametrize("flag, value, expected", [
