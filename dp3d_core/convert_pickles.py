@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -46,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         written = convert_folder(args.folder)
+    except pickle.UnpicklingError:
+        print("error: a weight file holds more than tensors (weights_only=True refused it); it is not converted, "
+              "get the model from a source you trust in safetensors form", file=sys.stderr)
+        return 1
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"error: cannot convert: {exc}", file=sys.stderr)
         return 1

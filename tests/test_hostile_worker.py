@@ -455,3 +455,29 @@ def test_image_header_formats(tmp_path):
     (tmp_path / "x.exr").write_bytes(b"\x76\x2f\x31\x01" + b"\0" * 60)
     with pytest.raises(preflight.PreflightError, match="not an image the worker can read"):
         preflight.check_image(tmp_path / "x.exr", "reference portrait")
+
+
+def test_convert_pickles_makes_a_refused_folder_loadable(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from dp3d_core.convert_pickles import convert_folder
+
+    model = tmp_path / "model"
+    shutil.copytree(SMALL_MODEL, model)
+    weights = model / "vae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    torch.save(state, model / "vae" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(preflight.PreflightError, match="pickled"):
+        preflight.read_model_info(model)
+    assert convert_folder(model) == [weights]
+    restored = load_file(str(weights))
+    assert restored.keys() == state.keys() and all(torch.equal(restored[k], state[k]) for k in state)
+    assert preflight.read_model_info(model).parameters == preflight.read_model_info(SMALL_MODEL).parameters
+    # a pickle that is not plain tensors is refused by weights_only=True, and nothing is written
+    (model / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save({"x": torch.zeros(1), "hook": shutil.copytree}, model / "unet" / "diffusion_pytorch_model.bin")
+    with pytest.raises(Exception, match="(?i)weights.only|unsupported|global"):
+        convert_folder(model)
+    assert not (model / "unet" / "diffusion_pytorch_model.safetensors").exists()
