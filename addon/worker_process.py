@@ -319,6 +319,8 @@ class WorkerProcess:
         elif self._error_event is not None:
             s.state = "failed"
             s.message, s.hint = str(self._error_event["message"]), str(self._error_event["hint"])
+            if self._error_event.get("log"):
+                s.log_tail = []  # the raw text is in the log file the hint names, not for the user's eyes
         else:
             s.state = "failed"
             s.message, s.hint = diagnose(rc, list(self._stderr))
@@ -327,6 +329,7 @@ class WorkerProcess:
                                      "\n".join(self._stderr))
             if log is not None:
                 s.hint = f"{s.hint} (details: {log})"
+                s.log_tail = []
 
     # ------------------------------------------------------------ control
 

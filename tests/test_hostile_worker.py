@@ -481,3 +481,74 @@ def test_convert_pickles_makes_a_refused_folder_loadable(tmp_path):
     with pytest.raises(Exception, match="(?i)weights.only|unsupported|global"):
         convert_folder(model)
     assert not (model / "unet" / "diffusion_pytorch_model.safetensors").exists()
+
+
+# ---------------------------------------------------------------- failures during the work, through the worker
+
+
+class _FakePipe:
+    """Stands in for the loaded pipeline: runs ``action`` instead of denoising (no model is loaded)."""
+
+    def __init__(self, action):
+        self.action = action
+
+    def __call__(self, references, conditions, **kwargs):
+        from types import SimpleNamespace
+        self.action()
+        return SimpleNamespace(images=[np.zeros((64, 64, 3), np.float32) for _ in conditions])
+
+
+def _raise(exc):
+    def action():
+        raise exc
+    return action
+
+
+@pytest.mark.parametrize("action, expected", [
+    (_raise(RuntimeError("[enforce fail at alloc_cpu.cpp:118] data. DefaultCPUAllocator: not enough memory: "
+                         "you tried to allocate 68719476736 bytes.")), "The computer ran out of memory (RAM)."),
+    (_raise(type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory. Tried to allocate 20.00 GiB")),
+     "The GPU ran out of memory."),
+    (_raise(RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB)")), "Apple GPU (Metal) ran out"),
+])
+def test_out_of_memory_during_the_work(tmp_path, monkeypatch, action, expected):
+    from dp3d_core import worker
+
+    job = make_job(tmp_path)
+    monkeypatch.setattr(worker, "load_pipeline", lambda *a, **k: _FakePipe(action))
+    rc, events, _ = run_in_process(job)
+    assert rc == protocol.EXIT_ERROR
+    error = events[-1]
+    assert error.kind == "error" and expected in error["message"] and plain(error["message"] + error["hint"])
+    log = job / "worker.log"
+    assert error["log"] == str(log) and str(log) in error["hint"]
+    assert "Traceback" in log.read_text()  # the raw text is in the log, not in the message
+    assert not (tmp_path / "out").exists() or not [p for p in (tmp_path / "out").iterdir() if p.suffix == ".png"]
+
+
+def test_disk_full_while_writing_frames(tmp_path, monkeypatch):
+    from dp3d_core import worker
+
+    job = make_job(tmp_path)
+    monkeypatch.setattr(worker, "load_pipeline", lambda *a, **k: _FakePipe(lambda: None))
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr(protocol, "write_atomic", full)
+    rc, events, _ = run_in_process(job)
+    assert rc == protocol.EXIT_ERROR and events[-1].kind == "error"
+    assert events[-1]["message"].startswith("The disk is full") and "frame_0001.png" in events[-1]["message"]
+    assert plain(events[-1]["message"] + events[-1]["hint"])
+
+
+def test_a_folder_appears_where_a_frame_goes_during_the_work(tmp_path, monkeypatch):
+    from dp3d_core import worker
+
+    job = make_job(tmp_path)
+    monkeypatch.setattr(worker, "load_pipeline", lambda *a, **k: _FakePipe(
+        lambda: (tmp_path / "out" / "frame_0002.png").mkdir(parents=True)))
+    rc, events, _ = run_in_process(job)
+    assert rc == protocol.EXIT_ERROR and events[-1].kind == "error"
+    assert "is a folder where a file must go" in events[-1]["message"]
+    assert [e["scene_frame"] for e in events if e.kind == "frame"] == [1]  # the frame before it is complete
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
