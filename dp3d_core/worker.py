@@ -185,6 +185,22 @@ def configure_cpu_threads(env: dict | None = None) -> None:
     env.setdefault("KMP_BLOCKTIME", "0")  # Intel OpenMP (MKL builds of torch): the same, in its own words
 
 
+def cpu_threads(env: dict | None = None) -> int:
+    """Threads for the CPU work: OMP_NUM_THREADS when the user set it, else every CPU this process may run on
+    (its affinity mask: a container or `taskset` limit counts, the machine's total does not)."""
+    env = os.environ if env is None else env
+    try:
+        wanted = int(env.get("OMP_NUM_THREADS", "0").split(",")[0])
+    except ValueError:
+        wanted = 0
+    if wanted > 0:
+        return wanted
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 def drop_stale_cancel(job_dir: Path, started_wall: float, warn: Callable[[str], None]) -> None:
     """Remove a cancel file written before this worker started (a killed run's leftover), with a warning.
 
@@ -269,6 +285,8 @@ def run_job(job_dir: Path, emit: Emitter) -> int:
     from .pipeline import Cancelled
 
     device = pick_device(job.device)
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads())
     dtype = pick_dtype(job.dtype, device, lambda m: emit("warning", message=m))
     warn_memory(job, device, warn)
     if protocol.cancel_requested(job_dir):  # pressed while the job was being checked: skip loading the model

@@ -552,3 +552,25 @@ def test_a_folder_appears_where_a_frame_goes_during_the_work(tmp_path, monkeypat
     assert "is a folder where a file must go" in events[-1]["message"]
     assert [e["scene_frame"] for e in events if e.kind == "frame"] == [1]  # the frame before it is complete
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
+
+
+# ---------------------------------------------------------------- CPU threads
+
+
+def test_thread_policy_is_set_before_torch_loads():
+    """OpenMP reads OMP_WAIT_POLICY once, when torch loads it: the worker module must not import torch itself,
+    so main() can set the policy first; a user's own setting wins."""
+    from dp3d_core.worker import configure_cpu_threads, cpu_threads
+
+    code = "import sys, dp3d_core.worker; print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.stdout.strip() == "False", r.stderr[-2000:]
+    env: dict[str, str] = {}
+    configure_cpu_threads(env)
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"
+    env = {"OMP_WAIT_POLICY": "ACTIVE"}
+    configure_cpu_threads(env)
+    assert env["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert cpu_threads({"OMP_NUM_THREADS": "3"}) == 3
+    assert 1 <= cpu_threads({}) <= (os.cpu_count() or 1)
