@@ -333,7 +333,7 @@ def run_turntable_job(out_dir: str | os.PathLike, *, frames: int = 16, reference
     warnings = [f"frame {p.frame}: {w}" for p in poses for w in p.warnings]
     result = JobResult(out, dataset, out / BLEND_FILE, poses, warnings)
     if generate:
-        log("rendering condition images and writing the job...")
+        log("checking the job, then rendering the condition images and writing the job...")
         run = start_generation(context, worker_python=worker_python, model=model)
         result.job_dir, result.notes = run.prepared.job_dir, list(run.prepared.notes)
         result.warnings = list(run.prepared.warnings)

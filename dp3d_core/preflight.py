@@ -151,9 +151,11 @@ def _read_json(path: Path) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise PreflightError(f"The model file {clip(path)} cannot be read ({clip(translate(exc).message, 120)})"
-                             if isinstance(exc, OSError) else f"The model file {clip(path)} is not valid JSON.",
+    except OSError as exc:
+        failure = translate(exc)
+        raise PreflightError(f"The model file {clip(path)} cannot be read: {failure.message}", failure.hint) from None
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise PreflightError(f"The model file {clip(path)} is not valid JSON.",
                              "Convert or download the model again into an empty folder.") from None
     return data if isinstance(data, dict) else {}
 
