@@ -202,18 +202,17 @@ def write_log(candidates: Iterable[str | os.PathLike], text: str, name: str = "w
     body = f"{stamp}\n{text.rstrip()}\n"
     fallback = log_dir() / f"{Path(name).stem}-{os.getpid()}-{datetime.datetime.now():%Y%m%d-%H%M%S}.log"
     for path in [*map(Path, candidates), fallback]:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             tmp.write_text(body, encoding="utf-8", errors="replace")
             os.replace(tmp, path)
             return path
         except OSError:
             try:
                 tmp.unlink()
-            except (OSError, UnboundLocalError):
+            except OSError:
                 pass
-            continue
     return None
 
 
