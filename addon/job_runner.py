@@ -21,6 +21,7 @@ from .core import failures, job as jobspec, preflight
 from .poses import DATASET_FILE, FramePose, PoseError, scene_poses, write_dataset
 from .previews import PreviewError, make_movie, make_previews
 from .properties import DEVICES, MEMORY_MODES, active_camera
+from .worker_env import NO_WORKER, not_ready_problem
 from .worker_process import (WorkerProcess, WorkerStartError, WorkerStatus, probe_worker_python,
                              resolve_worker_python)
 
@@ -153,7 +154,12 @@ def start_generation(context: bpy.types.Context | None = None, *, worker_python:
         raise JobRunError("A generation is already running: wait for it or press Cancel first.")
     p = progress_state(context)
     try:
-        python = str(resolve_worker_python(worker_python_setting(context, worker_python)))
+        setting = worker_python_setting(context, worker_python)
+        if not setting.strip():
+            raise WorkerStartError(NO_WORKER)
+        python = str(resolve_worker_python(setting))
+        if (problem := not_ready_problem(python)) is not None:  # a setup was cancelled or failed halfway
+            raise WorkerStartError(problem)
         probe_worker_python(python)  # before anything is rendered: seconds, once per interpreter
         prepared = job_writer.prepare_job(context, model=model)
         worker = WorkerProcess(prepared.job_dir, python)

@@ -70,7 +70,7 @@ def check_model_folder(path: str | os.PathLike) -> Path:
     p = Path(bpy.path.abspath(raw)).expanduser()
     if not p.is_dir():
         raise JobSetupError(f"Model folder not found: {p}. Convert the official checkpoint (Preferences > Add-ons "
-                            "> Portrait 3D > Convert Official Checkpoint) or pick an existing model folder.")
+                            "> Portrait 3D > Models > Get Official Weights) or pick an existing model folder.")
     if not (p / "model_index.json").is_file():
         raise JobSetupError(f"{p} is not a Portrait 3D model folder (no model_index.json). Pick the folder the "
                             "converter wrote, which holds model_index.json, unet/, vae/ and the others.")
