@@ -113,6 +113,31 @@ class PORTRAIT3D_PG_settings(bpy.types.PropertyGroup):
                                   default="//portrait3d/",
                                   description="Where frames and dataset.json are written")
 
+    use_reference_prep: BoolProperty(
+        name="Prepare Reference", default=True,
+        description="Find the face in the photo, crop it the way the model was trained (eyes, chin and size like "
+                    "the official samples) and estimate where the photo's camera was. Off: the photo's centre "
+                    "square is used as it is, seen from the front")
+    prep_scale: FloatProperty(
+        name="Crop Scale", default=1.0, min=0.5, max=2.0, step=1,
+        description="Nudge the found crop: larger shows more around the face")
+    prep_offset_x: FloatProperty(
+        name="Crop Offset X", default=0.0, min=-0.5, max=0.5, step=1, subtype='FACTOR',
+        description="Move the found crop right (a fraction of its side)")
+    prep_offset_y: FloatProperty(
+        name="Crop Offset Y", default=0.0, min=-0.5, max=0.5, step=1, subtype='FACTOR',
+        description="Move the found crop down (a fraction of its side)")
+    prep_result: StringProperty(name="Prepared Reference", default="", options={'HIDDEN'},
+                                description="The last preparation's result (JSON)")
+    prep_key: StringProperty(name="Prepared Inputs", default="", options={'HIDDEN'},
+                             description="What the stored preparation was made from")
+    prep_error: StringProperty(name="Preparation Error", default="", options={'HIDDEN'})
+
+    turntable_from_photo: BoolProperty(
+        name="Start at the Photo's View", default=False,
+        description="The first frame looks at the head from where the photo was taken (its prepared yaw and "
+                    "pitch) and the sweep of twice the Yaw Range turns toward the other side; the Pitch setting "
+                    "is replaced by the photo's")
     turntable_frames: IntProperty(name="Frames", default=16, min=1, max=1000,
                                   description="Number of frames of the turntable")
     turntable_yaw_range: FloatProperty(

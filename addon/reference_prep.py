@@ -1,0 +1,219 @@
+"""Reference preparation from Blender: find the face, its crop and the photo's camera.
+
+Runs ``<worker python> -m dp3d_core.prepare_reference`` (face models and PIL live in the worker Python; Blender
+stays torch- and PIL-free), either in the background (the *Prepare Reference* operator) or blocking (at
+*Generate* when no fresh result is stored, the CLI, scripts). The result is stored on the scene settings with
+the inputs it was made from (photo path, size, modification time, nudges), so a changed photo or nudge is
+prepared again and an unchanged one is not; the crop PNG for the panel lives in the extension's user folder.
+The photo itself is only read.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import bpy
+
+from . import preferences
+from .core import job as jobspec
+from .worker_process import BackgroundCommand, WorkerStartError, resolve_worker_python, run_python
+
+MODULE = "dp3d_core.prepare_reference"
+TIMEOUT = 120.0  # seconds; a cold start of the worker Python and the face models takes a few
+THUMBNAIL_SIZE = 512
+_ERROR_PREFIX = "prepare_reference: error: "
+
+
+class ReferencePrepError(RuntimeError):
+    """The reference could not be prepared; the message says what happened and what to do."""
+
+
+@dataclass
+class PrepResult:
+    crop: list[float]
+    yaw: float
+    pitch: float
+    roll: float
+    label: list[float]
+    faces: int = 1
+    warnings: list[str] = field(default_factory=list)
+    image_size: list[int] = field(default_factory=list)
+    crop_png: str = ""
+
+    def job_prep(self) -> jobspec.ReferencePrep:
+        return jobspec.ReferencePrep(crop=list(self.crop), yaw=self.yaw, pitch=self.pitch, roll=self.roll,
+                                     label=list(self.label))
+
+    def summary(self) -> str:
+        return f"yaw {self.yaw:+.1f}°, pitch {self.pitch:+.1f}°, roll {self.roll:+.1f}°"
+
+
+def reference_path(settings) -> Path | None:
+    raw = settings.reference_image.strip()
+    return Path(bpy.path.abspath(raw)).expanduser().resolve() if raw else None
+
+
+def input_key(settings) -> str:
+    """What the stored result depends on: the photo (path, size, modification time) and the nudges."""
+    path = reference_path(settings)
+    try:
+        st = path.stat() if path else None
+    except OSError:
+        st = None
+    parts = [str(path), f"{st.st_size}:{st.st_mtime_ns}" if st else "missing",
+             f"{settings.prep_scale:.6f}", f"{settings.prep_offset_x:.6f}", f"{settings.prep_offset_y:.6f}"]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def _cache_png(key: str) -> Path:
+    folder = preferences.user_data_dir() / "reference_prep"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"crop_{key[:20]}.png"
+
+
+def command_args(settings, out_png: Path, size: int = THUMBNAIL_SIZE) -> list[str]:
+    path = reference_path(settings)
+    if path is None:
+        raise ReferencePrepError("No reference portrait: pick a photo in the Portrait 3D panel (Reference Image).")
+    if not path.is_file():
+        raise ReferencePrepError(f"Reference portrait not found: {path}. Pick an existing PNG or JPEG file.")
+    return ["-m", MODULE, str(path), "--out", str(out_png), "--size", str(size),
+            "--scale", repr(float(settings.prep_scale)), "--offset-x", repr(float(settings.prep_offset_x)),
+            "--offset-y", repr(float(settings.prep_offset_y))]
+
+
+def parse_output(returncode: int | None, lines: list[str], out_png: Path) -> PrepResult:
+    """The result of a finished command from its exit code and output lines (stdout and stderr)."""
+    lines = [line.strip() for line in lines if line.strip()]
+    if returncode == 0:
+        for line in reversed(lines):
+            if line.startswith("{"):
+                try:
+                    data = json.loads(line)
+                    return PrepResult(crop=[float(v) for v in data["crop"]], yaw=float(data["yaw"]),
+                                      pitch=float(data["pitch"]), roll=float(data["roll"]),
+                                      label=[float(v) for v in data["label"]], faces=int(data["faces"]),
+                                      warnings=[str(w) for w in data.get("warnings", [])],
+                                      image_size=[int(v) for v in data.get("image_size", [])],
+                                      crop_png=str(out_png))
+                except (ValueError, KeyError, TypeError):
+                    break
+        raise ReferencePrepError("Preparing the reference gave no readable result: " + " | ".join(lines[-3:]))
+    errors = [line[len(_ERROR_PREFIX):] for line in lines if line.startswith(_ERROR_PREFIX)]
+    if errors:
+        raise ReferencePrepError(errors[-1])
+    if any("No module named 'dp3d_core" in line for line in lines):
+        raise ReferencePrepError("The worker Python could not find the bundled dp3d_core package; reinstall "
+                                 "the extension.")
+    raise ReferencePrepError(f"Preparing the reference failed (exit code {returncode}): " + " | ".join(lines[-3:]))
+
+
+def start(context, python: str | None = None) -> tuple[BackgroundCommand, str, Path]:
+    """Start the preparation in the background; (command, input key, crop PNG path)."""
+    settings = context.scene.portrait3d
+    key = input_key(settings)
+    out_png = _cache_png(key)
+    try:
+        return BackgroundCommand(python or preferences.worker_python(context),
+                                 command_args(settings, out_png)), key, out_png
+    except WorkerStartError as exc:
+        raise ReferencePrepError(str(exc)) from None
+
+
+def run(context, python: str | None = None, timeout: float = TIMEOUT) -> PrepResult:
+    """Prepare the scene's reference now (blocking) and store the result on the settings."""
+    settings = context.scene.portrait3d
+    key = input_key(settings)
+    out_png = _cache_png(key)
+    try:
+        exe = resolve_worker_python(python or preferences.worker_python(context))
+        proc = run_python(exe, command_args(settings, out_png), timeout=timeout)
+    except WorkerStartError as exc:
+        raise ReferencePrepError(str(exc)) from None
+    lines = proc.stdout.splitlines() + proc.stderr.splitlines()
+    try:
+        result = parse_output(proc.returncode, lines, out_png)
+    except ReferencePrepError as exc:
+        store_error(settings, str(exc))
+        raise
+    store(settings, key, result)
+    load_thumbnail(result)
+    return result
+
+
+def store(settings, key: str, result: PrepResult) -> None:
+    settings.prep_result = json.dumps(asdict(result))
+    settings.prep_key = key
+    settings.prep_error = ""
+
+
+def store_error(settings, message: str) -> None:
+    settings.prep_result = ""
+    settings.prep_key = ""
+    settings.prep_error = message
+
+
+def stored(settings, *, fresh: bool = True) -> PrepResult | None:
+    """The stored result (None when there is none, or, with ``fresh``, when the photo or nudges changed)."""
+    if not settings.prep_result or (fresh and settings.prep_key != input_key(settings)):
+        return None
+    try:
+        return PrepResult(**json.loads(settings.prep_result))
+    except (ValueError, TypeError):
+        return None
+
+
+def ensure(context, python: str | None = None) -> PrepResult | None:
+    """The fresh result for the scene's reference, preparing it (blocking) when needed; None when preparation
+    is turned off."""
+    settings = context.scene.portrait3d
+    if not settings.use_reference_prep:
+        return None
+    result = stored(settings)
+    if result is not None and Path(result.crop_png).is_file():
+        return result
+    return run(context, python)
+
+
+def copy_crop(result: PrepResult, folder: Path) -> Path:
+    """Copy the prepared crop PNG into ``folder`` (the job folder) as ``reference_crop.png``."""
+    dest = folder / "reference_crop.png"
+    tmp = folder / ".reference_crop.png.tmp"
+    try:
+        shutil.copyfile(result.crop_png, tmp)
+        os.replace(tmp, dest)
+    except OSError as exc:
+        raise ReferencePrepError(f"Cannot copy the prepared crop into {folder}: {exc.strerror or exc}") from None
+    return dest
+
+
+THUMBNAIL_NAME = "Portrait3D Reference Crop"
+
+
+def load_thumbnail(result: PrepResult | None) -> None:
+    """Load the crop PNG as the panel's thumbnail image (from an operator or timer, never from a draw call)."""
+    image = bpy.data.images.get(THUMBNAIL_NAME)
+    if result is None or not result.crop_png or not Path(result.crop_png).is_file():
+        if image is not None:
+            bpy.data.images.remove(image)
+        return
+    if image is not None and Path(bpy.path.abspath(image.filepath)) == Path(result.crop_png):
+        return
+    if image is not None:
+        bpy.data.images.remove(image)
+    try:
+        image = bpy.data.images.load(result.crop_png, check_existing=False)
+    except RuntimeError:
+        return
+    image.name = THUMBNAIL_NAME
+    if not bpy.app.background:
+        image.preview_ensure()
+
+
+def thumbnail_image():
+    """The loaded thumbnail image, if any (safe in draw calls)."""
+    return bpy.data.images.get(THUMBNAIL_NAME)
