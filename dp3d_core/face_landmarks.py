@@ -207,10 +207,43 @@ def _warp(image: Image.Image, centre: np.ndarray, side: float, angle: float, siz
     return np.asarray(out, np.float32) / 255.0, affine
 
 
-def face_mesh(image: np.ndarray | Image.Image, face: Face) -> Face:
-    """Run the 468-point face mesh on ``face``; fills ``landmarks`` (photo pixels) and ``mesh_score``."""
+def _landmark_roi(landmarks: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """The face-mesh region re-centred on a first set of landmarks (MediaPipe's tracking ROI): their box, 1.5x,
+    square, turned so the outer eye corners (33, 263) are level."""
+    lo, hi = landmarks[:, :2].min(0), landmarks[:, :2].max(0)
+    d = landmarks[263, :2] - landmarks[33, :2]
+    return (lo + hi) / 2.0, float(np.max(hi - lo)) * ROI_SCALE, math.atan2(d[1], d[0])
+
+
+def face_mesh(image: np.ndarray | Image.Image, face: Face, passes: int = 2) -> Face:
+    """Run the 468-point face mesh on ``face``; fills ``landmarks`` (photo pixels) and ``mesh_score``.
+
+    The first pass uses the detector's box; later passes the box of the previous landmarks, which does not
+    depend on the detector's coarse anchors and so moves exactly with the face when the photo is re-framed.
+    """
     pil = image if isinstance(image, Image.Image) else Image.fromarray(image)
-    centre, side, angle = _roi(face)
+    roi = _roi(face)
+    for _ in range(passes):
+        _mesh_pass(pil, face, *roi)
+        roi = _landmark_roi(face.landmarks)
+    # The last pass averages a few slightly different regions: the landmarks then depend less on exactly how
+    # the face falls on the model's 192 px grid (steadier crops when the same photo is re-framed).
+    centre, side, angle = roi
+    runs, scores = [], []
+    for k, (zoom, turn) in enumerate(_JITTER):
+        _mesh_pass(pil, face, centre + side * 0.02 * np.array(_JITTER_SHIFT[k]), side * zoom, angle + turn)
+        runs.append(face.landmarks)
+        scores.append(face.mesh_score)
+    face.landmarks = np.mean(runs, axis=0)
+    face.mesh_score = float(np.mean(scores))
+    return face
+
+
+_JITTER = ((1.0, 0.0), (0.93, 0.05), (1.07, -0.05), (1.0, 0.0), (0.96, 0.0))
+_JITTER_SHIFT = ((0.0, 0.0), (1.0, 0.0), (-1.0, 0.0), (0.0, 1.0), (0.0, -1.0))
+
+
+def _mesh_pass(pil: Image.Image, face: Face, centre: np.ndarray, side: float, angle: float) -> None:
     crop, affine = _warp(pil, centre, side, angle, MESH_SIZE)
     raw, flag = _run("face_landmark.tflite", crop)
     if raw.size < 1404:
@@ -219,7 +252,6 @@ def face_mesh(image: np.ndarray | Image.Image, face: Face) -> Face:
     xy = pts[:, :2] @ affine[:, :2].T + affine[:, 2]
     face.landmarks = np.concatenate([xy, pts[:, 2:3] * (side / MESH_SIZE)], axis=1)
     face.mesh_score = float(1.0 / (1.0 + math.exp(-float(np.ravel(flag)[0]))))
-    return face
 
 
 def find_faces(image: np.ndarray) -> list[Face]:

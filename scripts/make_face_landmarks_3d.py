@@ -37,7 +37,7 @@ KEEP_FRACTION = 0.7  # the landmarks with the smallest triangulation residual th
 SAMPLES = ROOT.parent / "shared" / "fixtures" / "official_samples" / "portraits"
 
 
-def render_views(seed: int, poses, folder: Path) -> list[tuple[Path, np.ndarray]]:
+def render_views(seed: int, poses, folder: Path, size: int = SIZE) -> list[tuple[Path, np.ndarray]]:
     """Render proxy head ``seed`` (neutral) at each (yaw, pitch); (path, EG3D cam2world) per view."""
     from addon.condition_render import render_condition_images
     from addon.proxy_head import build_proxy_head, remove_proxy_head
@@ -45,14 +45,14 @@ def render_views(seed: int, poses, folder: Path) -> list[tuple[Path, np.ndarray]
     from dp3d_core.face_pose import camera_from_pose
     from training.render_dataset import _place_camera, _scene
 
-    scene, anchor, cam = _scene(SIZE)
+    scene, anchor, cam = _scene(size)
     head = build_proxy_head(seed, anchor, name="Subject", neutral=True)
     out = []
     for yaw, pitch in poses:
         c2w = camera_from_pose(yaw, pitch)
         label = cameras.to_label(c2w, cameras.intrinsics_from_focal())
-        _place_camera(cam, label, anchor, SIZE)
-        path = render_condition_images(scene, cam, [scene.frame_current], folder, size=SIZE, objects=[head])[0]
+        _place_camera(cam, label, anchor, size)
+        path = render_condition_images(scene, cam, [scene.frame_current], folder, size=size, objects=[head])[0]
         final = folder / f"s{seed}_y{yaw:+.0f}_p{pitch:+.0f}.png"
         path.rename(final)
         out.append((final, c2w))
