@@ -53,8 +53,20 @@ def landmark_model(path: str | None = None) -> LandmarkModel:
 
 def camera_from_pose(yaw: float, pitch: float, roll: float = 0.0) -> np.ndarray:
     """EG3D cam2world (4x4) of the camera at ``yaw``/``pitch`` (degrees) looking at the pivot, rolled by ``roll``."""
-    p = math.radians(pitch)
-    c2w = cameras.sample_lookat(math.pi / 2 + math.radians(yaw), math.pi / 2 * (1.0 - math.sin(p)))
+    # cameras.sample_lookat(pi / 2 + yaw, pi / 2 * (1 - sin(pitch))) written out in plain floats: the fit calls
+    # this hundreds of times (tests check the two agree).
+    y, p = math.radians(yaw), math.radians(pitch)
+    radius = cameras.EG3D_RADIUS
+    origin = (radius * math.cos(p) * math.sin(y), radius * math.sin(p), radius * math.cos(p) * math.cos(y))
+    f = [t - o for t, o in zip(cameras.EG3D_PIVOT, origin)]
+    n = math.sqrt(sum(v * v for v in f))
+    f = [v / n for v in f]
+    right = [-f[2], 0.0, f[0]]  # -(up x forward) with up = +Y
+    n = math.hypot(right[0], right[2])
+    right = [v / n for v in right]
+    down = [f[1] * right[2] - f[2] * right[1], f[2] * right[0] - f[0] * right[2], f[0] * right[1] - f[1] * right[0]]
+    c2w = np.eye(4)
+    c2w[:3, 0], c2w[:3, 1], c2w[:3, 2], c2w[:3, 3] = right, down, f, origin
     r = math.radians(roll)
     c, s = math.cos(r), math.sin(r)
     c2w[:3, :3] = c2w[:3, :3] @ np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
@@ -145,20 +157,18 @@ def fit_pose(landmarks: np.ndarray, model: LandmarkModel | None = None) -> PoseF
     front = project(camera_from_pose(0.0, 0.0), pts3)
     side0 = extent / float(np.max(np.ptp(front, axis=0)))
     centre0 = pts2.mean(0) - side0 * front.mean(0)
-    best: tuple[float, np.ndarray] | None = None
-    for yaw0 in (0.0, -40.0, 40.0):
-        theta = np.array([yaw0, 0.0, 0.0, centre0[0], centre0[1], math.log(side0)])
-        weights = np.ones(len(pts3))
-        for _ in range(4):
-            theta, _cost = _solve(theta, pts3, pts2, weights)
-            res = _residuals(theta, pts3, pts2).reshape(-1, 2)
-            err = np.linalg.norm(res, axis=1)
-            scale = max(1.4826 * float(np.median(err)), 2e-3)
-            weights = 1.0 / (1.0 + (err / (2.0 * scale)) ** 2)
-        robust = float(np.sum(weights * err ** 2) / np.sum(weights))
-        if best is None or robust < best[0]:
-            best = (robust, theta)
-    assert best is not None
+    # Three starting yaws (a strongly turned face can fall into the mirrored solution from a frontal start);
+    # the best plain least-squares solution is then refined with robust weights.
+    starts = [np.array([yaw0, 0.0, 0.0, centre0[0], centre0[1], math.log(side0)]) for yaw0 in (0.0, -40.0, 40.0)]
+    ones = np.ones(len(pts3))
+    theta = min((_solve(t, pts3, pts2, ones, iterations=15) for t in starts), key=lambda r: r[1])[0]
+    weights = ones
+    for _ in range(3):
+        theta, _cost = _solve(theta, pts3, pts2, weights)
+        err = np.linalg.norm(_residuals(theta, pts3, pts2).reshape(-1, 2), axis=1)
+        scale = max(1.4826 * float(np.median(err)), 2e-3)
+        weights = 1.0 / (1.0 + (err / (2.0 * scale)) ** 2)
+    best = (float(np.sum(weights * err ** 2) / np.sum(weights)), theta)
     yaw, pitch, roll, x0, y0, log_side = best[1]
     yaw = (yaw + 180.0) % 360.0 - 180.0
     roll = (roll + 180.0) % 360.0 - 180.0
