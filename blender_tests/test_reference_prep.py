@@ -43,13 +43,13 @@ def rendered_poses(poses: tuple[tuple[float, float], ...]) -> list[tuple[int, fl
 
     folder = Path(tempfile.mkdtemp(prefix="p3d-prep-renders-"))
     out = []
-    for seed in HELD_OUT_SEEDS:
+    for seed in HELD_OUT_SEEDS[:2]:
         for path, _ in render_views(seed, list(poses), folder, size=RENDER_SIZE):
             out.append((seed, *(float(v) for v in path.stem.split("_y")[1].split("_p")), path))
     return out
 
 
-RENDER_POSES = ((-45.0, 0.0), (-30.0, 15.0), (-15.0, -15.0), (0.0, 0.0), (15.0, 15.0), (30.0, -15.0), (45.0, 0.0))
+RENDER_POSES = ((-45.0, 0.0), (-20.0, 15.0), (0.0, 0.0), (20.0, -15.0), (45.0, 0.0))
 
 
 def test_pose_of_rendered_heads(empty_scene):
@@ -167,6 +167,7 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> float:
 def test_job_records_the_prep_and_proxies_project_from_the_photo_camera(prep_scene):
     s = prep_scene.portrait3d
     s.use_proxy_views = True
+    s.output_size = 128
     s.turntable_from_photo = True  # frame 1 looks from the photo's camera
     assert bpy.ops.portrait3d.add_turntable() == {'FINISHED'}
     prepared = job_writer.prepare_job(bpy.context)
@@ -181,18 +182,27 @@ def test_job_records_the_prep_and_proxies_project_from_the_photo_camera(prep_sce
     yaw, pitch = cameras.yaw_pitch_from_cam2world(c2w)
     assert yaw == pytest.approx(result.yaw, abs=1e-3) and pitch == pytest.approx(result.pitch, abs=1e-3)
     proxy = np.asarray(Image.open(prepared.job_dir / data["frames"][0]["proxy"]).convert("L"), float)
-    crop = np.asarray(Image.open(prepared.job_dir / "reference_crop.png").convert("L").resize(proxy.shape[::-1]),
-                      float)
     n = proxy.shape[0]
-    face = (slice(n * 3 // 10, n * 7 // 10), slice(n * 3 // 10, n * 7 // 10))  # eyes to mouth
+    # What the photo shows through frame 1's camera: same place and direction, EG3D's focal instead of the
+    # photo's (the crop resampled about the photo's principal point).
+    _, k = cameras.from_label(result.label)
+    zoom = k[0, 0] / cameras.EG3D_FOCAL
+    crop_image = Image.open(prepared.job_dir / "reference_crop.png").convert("L")
+    big = crop_image.size[0]
+    a = zoom * big / n
+    expected = crop_image.transform((n, n), Image.AFFINE, (a, 0.0, (k[0, 2] - 0.5 * zoom) * big, 0.0, a,
+                                                           (k[1, 2] - 0.5 * zoom) * big), resample=Image.BILINEAR)
+    crop = np.asarray(expected, float)
+    face = (slice(n * 36 // 100, n * 64 // 100), slice(n * 36 // 100, n * 64 // 100))  # eyes to mouth
     seen_from_photo = _correlation(proxy[face], crop[face])
     # The same proxy view projected from the front camera instead (the old behaviour) matches worse.
     s.use_reference_prep = False
     frontal = job_writer.prepare_job(bpy.context)
     assert json.loads((frontal.job_dir / "job.json").read_text()).get("reference_prep") is None
     proxy_front = np.asarray(Image.open(frontal.job_dir / data["frames"][0]["proxy"]).convert("L"), float)
-    assert seen_from_photo > 0.7
-    assert seen_from_photo > _correlation(proxy_front[face], crop[face]) + 0.05
+    frontal_match = _correlation(proxy_front[face], crop[face])
+    print(f"proxy view vs photo: {seen_from_photo:.3f} from the photo camera, {frontal_match:.3f} from the front")
+    assert seen_from_photo > 0.7 and seen_from_photo > frontal_match + 0.05, (seen_from_photo, frontal_match)
 
 
 def test_turntable_starts_at_the_photo_view(prep_scene):
