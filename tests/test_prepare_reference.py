@@ -329,3 +329,23 @@ def test_job_rejects_a_bad_reference_prep(tmp_path, bad, needle):
     data["reference_prep"] = bad
     with pytest.raises(jobspec.JobError, match=needle):
         jobspec.job_from_dict(data)
+
+
+def test_worker_cuts_the_reference_with_the_prepared_crop(tmp_path):
+    """The real worker reads reference_prep.crop (before loading any network): a crop beside the photo is
+    refused with the image error, where the same job without preparation would use the centre square."""
+    from tests.test_worker import LABEL, run_worker
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model_index.json").write_text("{}")  # passes the early check; never loaded
+    Image.new("RGB", (90, 120), (200, 100, 50)).save(tmp_path / "ref.png")
+    Image.new("RGB", (64, 64)).save(tmp_path / "cond.png")
+    prep = jobspec.ReferencePrep(crop=[500.0, 500.0, 564.0, 564.0], yaw=0.0, pitch=0.0, roll=0.0, label=list(LABEL))
+    job = jobspec.Job(references=["ref.png"], frames=[jobspec.FrameSpec(0, 1, list(LABEL), "cond.png")],
+                      model=str(tmp_path / "model"), output="out", device="cpu", reference_prep=prep,
+                      settings=jobspec.GenerationSettings(steps=1, size=64))
+    jobspec.write_job(job, tmp_path)
+    rc, events, err = run_worker(tmp_path)
+    errors = [e for e in events if e.kind == "error"]
+    assert rc != 0 and errors, (rc, err)
+    assert "does not overlap" in str(errors[0]["message"]) or "does not overlap" in err
