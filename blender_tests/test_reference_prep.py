@@ -138,6 +138,13 @@ def test_operator_stores_the_crop_and_pose(prep_scene):
     assert result is not None and result.faces == 1 and len(result.label) == 25
     assert Path(result.crop_png).is_file() and Image.open(result.crop_png).size == (512, 512)
     assert reference_prep.thumbnail_image() is not None
+    from addon.panel import PORTRAIT3D_PT_reference
+    from blender_tests.test_rig_and_poses import _FakeLayout
+
+    layout = _FakeLayout()
+    PORTRAIT3D_PT_reference.draw(type("P", (), {"layout": layout})(), bpy.context)
+    assert "portrait3d.prepare_reference" in layout.operators
+    assert {name for _, name in layout.props} == {"prep_scale", "prep_offset_x", "prep_offset_y"}
     # A nudge makes the stored result stale; preparing again applies it.
     s.prep_scale = 1.2
     assert reference_prep.stored(s) is None
