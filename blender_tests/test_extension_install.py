@@ -44,6 +44,9 @@ def test_zip_has_core_and_no_dev_files(extension_zip):
                      "dp3d_core/__init__.py", "dp3d_core/cameras.py", "dp3d_core/job.py", "dp3d_core/protocol.py",
                      "dp3d_core/worker.py"):
         assert required in names
+    for required in ("reference_prep.py", "dp3d_core/prepare_reference.py", "dp3d_core/face_landmarks.py",
+                     "dp3d_core/face_pose.py", "dp3d_core/data/face_landmarks_3d.json"):  # reference preparation
+        assert required in names
     for name in names:
         parts = name.split("/")
         assert "__pycache__" not in parts and not name.endswith(".pyc"), name
