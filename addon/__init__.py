@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import bpy
 
-from . import cli, job_runner, operators, panel, preferences, properties
+from . import cli, job_runner, operators, panel, preferences, properties, reference_prep
 
 classes = (
     properties.PORTRAIT3D_PG_settings,
@@ -27,6 +27,7 @@ def register() -> None:
 
 def unregister() -> None:
     job_runner.stop_all()
+    reference_prep.stop_all()
     cli.unregister()
     del bpy.types.WindowManager.portrait3d_progress
     del bpy.types.Scene.portrait3d

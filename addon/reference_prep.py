@@ -6,9 +6,14 @@ stays torch- and PIL-free), either in the background (the *Prepare Reference* op
 the inputs it was made from (photo path, size, modification time, nudges), so a changed photo or nudge is
 prepared again and an unchanged one is not; the crop PNG for the panel lives in the extension's user folder.
 The photo itself is only read.
+
+In the UI a changed photo or nudge is prepared in the background by itself (after the value has rested for
+a moment), so *Generate* usually finds the result ready; when it does not, Generate waits for the running
+preparation (or runs one) before it renders anything.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -176,7 +181,107 @@ def ensure(context, python: str | None = None) -> PrepResult | None:
     result = stored(settings)
     if result is not None and Path(result.crop_png).is_file():
         return result
+    running = _pending.get(context.scene.name)
+    if running is not None and running[1] == input_key(settings):  # the background preparation of these inputs
+        running[0].wait(TIMEOUT)
+        _finish_background(context.scene.name)
+        result = stored(settings)
+        if result is not None:
+            return result
     return run(context, python)
+
+
+# ---------------------------------------------------------------- in the background (UI only)
+
+SETTLE_S = 0.6  # a changed photo or nudge is prepared once it has not changed for this long
+_POLL_S = 0.3
+_pending: dict[str, tuple[BackgroundCommand, str, Path]] = {}  # scene name -> (command, input key, crop PNG)
+
+
+def inputs_changed(settings, context) -> None:
+    """Property update callback: prepare the new inputs in the background once they settle (UI only)."""
+    if bpy.app.background or not settings.use_reference_prep or not settings.reference_image.strip():
+        return
+    scene = settings.id_data
+    bpy.app.timers.register(functools.partial(_start_if_settled, scene.name, input_key(settings)),
+                            first_interval=SETTLE_S)
+
+
+def _start_if_settled(scene_name: str, key: str) -> None:
+    scene = bpy.data.scenes.get(scene_name)
+    if scene is None or input_key(scene.portrait3d) != key:
+        return None  # gone, or changed again: a later timer handles the newer inputs
+    start_background(scene)
+    return None
+
+
+def start_background(scene, python: str | None = None) -> bool:
+    """Start preparing ``scene``'s reference in the background unless a fresh result is stored or the same
+    inputs are already being prepared; a timer stores the result. True when a command was started."""
+    settings = scene.portrait3d
+    key = input_key(settings)
+    if stored(settings) is not None:
+        return False
+    running = _pending.get(scene.name)
+    if running is not None:
+        if running[1] == key:
+            return False
+        running[0].kill()  # older inputs: their result would be stale anyway
+        _pending.pop(scene.name, None)
+    out_png = _cache_png(key)
+    try:
+        cmd = BackgroundCommand(python or preferences.worker_python(bpy.context), command_args(settings, out_png))
+    except (WorkerStartError, ReferencePrepError) as exc:
+        store_error(settings, str(exc))
+        return False
+    _pending[scene.name] = (cmd, key, out_png)
+    bpy.app.timers.register(functools.partial(_poll_background, scene.name), first_interval=_POLL_S)
+    return True
+
+
+def _poll_background(scene_name: str) -> float | None:
+    entry = _pending.get(scene_name)
+    if entry is None:
+        return None
+    cmd = entry[0]
+    if cmd.poll() is None and cmd.elapsed < TIMEOUT:
+        return _POLL_S
+    _finish_background(scene_name)
+    return None
+
+
+def _finish_background(scene_name: str) -> None:
+    """Store the result of the scene's finished (or timed-out) background command; redraw the panel."""
+    entry = _pending.pop(scene_name, None)
+    if entry is None:
+        return
+    cmd, key, out_png = entry
+    scene = bpy.data.scenes.get(scene_name)
+    rc = cmd.poll()
+    if rc is None:
+        cmd.kill()
+    if scene is None or input_key(scene.portrait3d) != key:
+        return
+    try:
+        if rc is None:
+            raise ReferencePrepError(f"Preparing the reference did not finish within {TIMEOUT:.0f} s.")
+        result = parse_output(rc, list(cmd.lines), out_png)
+    except ReferencePrepError as exc:
+        store_error(scene.portrait3d, str(exc))
+    else:
+        store(scene.portrait3d, key, result)
+        load_thumbnail(result)
+    for window in getattr(bpy.context.window_manager, "windows", []):
+        for area in window.screen.areas:
+            if area.type == 'VIEW_3D':
+                area.tag_redraw()
+
+
+def stop_all() -> None:
+    """Kill background preparations (add-on unregistered)."""
+    for cmd, _, _ in list(_pending.values()):
+        cmd.kill()
+    _pending.clear()
 
 
 def copy_crop(result: PrepResult, folder: Path) -> Path:

@@ -154,6 +154,28 @@ def test_operator_stores_the_crop_and_pose(prep_scene):
     assert nudged.yaw == result.yaw
 
 
+def test_background_preparation_is_stored_and_generate_waits_for_it(prep_scene):
+    """What the UI does when the photo or a nudge changes (the timers are driven by hand here)."""
+    import time
+
+    s = prep_scene.portrait3d
+    assert reference_prep.start_background(prep_scene, sys.executable)
+    assert not reference_prep.start_background(prep_scene, sys.executable)  # the same inputs: not twice
+    cmd = reference_prep._pending[prep_scene.name][0]
+    while reference_prep._poll_background(prep_scene.name) is not None:
+        time.sleep(0.1)
+    result = reference_prep.stored(s)
+    assert result is not None and result.faces == 1 and reference_prep.thumbnail_image() is not None
+    assert cmd.poll() == 0 and not reference_prep._pending
+    # A nudge while a preparation runs: Generate (ensure) waits for that run instead of starting another.
+    s.prep_offset_x = 0.05
+    assert reference_prep.start_background(prep_scene, sys.executable)
+    running = reference_prep._pending[prep_scene.name][0]
+    nudged = reference_prep.ensure(bpy.context)
+    assert running.poll() == 0 and not reference_prep._pending
+    assert nudged.crop[0] == pytest.approx(result.crop[0] + 0.05 * (result.crop[2] - result.crop[0]), abs=0.01)
+
+
 def test_operator_reports_no_face(prep_scene, tmp_path):
     blank = tmp_path / "wall.png"
     Image.new("RGB", (200, 200), (200, 190, 180)).save(blank)
