@@ -67,7 +67,10 @@ def prepare(image: str | Path, out: str | Path | None = None, *, size: int = 512
         raise PrepareError(f"--offset-x and --offset-y must be between -1 and 1, got {offset_x}, {offset_y}")
     rgb = load_full_rgb(path)
     small, factor = _detect_image(rgb)
-    faces = face_landmarks.find_faces(small)
+    found = face_landmarks.find_faces(small)
+    # A detection the face mesh does not confirm is counted only when nothing else is found (a strongly turned
+    # face), so a face-like pattern in the background does not make a "several faces" warning.
+    faces = [f for f in found if f.mesh_score >= face_landmarks.MESH_MIN_FLAG] or found
     if not faces:
         raise PrepareError(f"No face found in {path}. Use a photo where the face is visible, lit and not too "
                            "small, or turn reference preparation off to use the centre square as it is.")
