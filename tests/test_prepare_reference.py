@@ -349,3 +349,17 @@ def test_worker_cuts_the_reference_with_the_prepared_crop(tmp_path):
     errors = [e for e in events if e.kind == "error"]
     assert rc != 0 and errors, (rc, err)
     assert "does not overlap" in str(errors[0]["message"]) or "does not overlap" in err
+
+
+def test_strongly_turned_face_warns(monkeypatch):
+    """|yaw| over 60 degrees gives the warning (the fit's answer is turned here: no photo in the fixtures is
+    that far from frontal, and the face mesh does not find such faces reliably; see docs/REFERENCE_PREP.md)."""
+    from dataclasses import replace
+
+    import dp3d_core.prepare_reference as prep
+
+    real_fit = face_pose.fit_pose
+    monkeypatch.setattr(prep.face_pose, "fit_pose", lambda lm: replace(real_fit(lm), yaw=-72.0))
+    result = prep.prepare(sample("0000167"))
+    assert result["yaw"] == -72.0
+    assert any("turned 72 degrees" in w for w in result["warnings"])
