@@ -17,7 +17,7 @@ from pathlib import Path
 import bpy
 
 from . import preferences, reference_prep
-from .core import CORE_PARENT, job as jobspec
+from .core import CORE_PARENT, failures, job as jobspec, preflight
 from .poses import FramePose, PoseError, scene_poses, write_dataset
 from .poses import output_folder as poses_output_folder
 from .properties import active_camera, frame_range
@@ -256,12 +256,13 @@ def prepare_job(context: bpy.types.Context, *, model: str | os.PathLike | None =
     except PoseError as exc:
         raise JobSetupError(str(exc)) from None
     notes = list(ref.notes) + check_camera_motion(poses, camera.name)
+    warnings = list(ref.warnings) + [f"frame {p.frame}: {w}" for p in poses for w in p.warnings]
+    warnings += _preflight(s, out, model_dir, frames, size, ref.path)
     try:  # after the cheap checks, before the renders
         prep = reference_prep.ensure(context, None if worker_python is None else str(worker_python))
     except reference_prep.ReferencePrepError as exc:
         raise JobSetupError(f"{exc} (Or turn off Prepare Reference to use the photo's centre square as it is.)"
                             ) from None
-    warnings = list(ref.warnings) + [f"frame {p.frame}: {w}" for p in poses for w in p.warnings]
     if prep is not None:
         notes.append(f"Reference prepared: {prep.summary()}")
         warnings += prep.warnings
@@ -271,7 +272,7 @@ def prepare_job(context: bpy.types.Context, *, model: str | os.PathLike | None =
     try:
         cond_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise JobSetupError(f"Cannot create {cond_dir}: {exc.strerror or exc}. Choose another output folder.") from None
+        raise JobSetupError(str(failures.translate(exc))) from None
     projected, projected_from = ref.path, None
     if prep is not None and s.use_proxy_views:
         try:
@@ -296,6 +297,20 @@ def prepare_job(context: bpy.types.Context, *, model: str | os.PathLike | None =
     try:
         jobspec.write_job(job, job_dir)
         write_dataset(out, poses)
-    except (jobspec.JobError, PoseError, OSError) as exc:
+    except (jobspec.JobError, PoseError) as exc:
         raise JobSetupError(f"Cannot write the job: {exc}") from None
+    except OSError as exc:
+        raise JobSetupError(str(failures.translate(exc))) from None
     return PreparedJob(job_dir, out, job, poses, warnings, notes)
+
+
+def _preflight(s, out: Path, model_dir: Path, frames: list[int], size: int, reference: Path) -> list[str]:
+    """The shared pre-work checks (addon.preflight_checks) before anything is rendered or written."""
+    from .preflight_checks import check_before_render
+
+    try:
+        images = folder_conditions(s.condition_folder, len(frames))[0] if s.condition_source == 'IMAGE_FOLDER' \
+            else None
+        return check_before_render(s, out, model_dir, frames, size, reference, images)
+    except preflight.PreflightError as exc:
+        raise JobSetupError(str(exc)) from None
