@@ -38,20 +38,32 @@ SAMPLES = ROOT.parent / "shared" / "fixtures" / "official_samples" / "portraits"
 
 
 def render_views(seed: int, poses, folder: Path, size: int = SIZE) -> list[tuple[Path, np.ndarray]]:
-    """Render proxy head ``seed`` (neutral) at each (yaw, pitch); (path, EG3D cam2world) per view."""
+    """Render proxy head ``seed`` (neutral) at each (yaw, pitch) into a fresh empty Blender file (Workbench, like
+    the condition images); (path, EG3D cam2world) per view. Imports bpy but never torch (Blender tests use it)."""
+    import bpy
+    from mathutils import Matrix
+
     from addon.condition_render import render_condition_images
     from addon.proxy_head import build_proxy_head, remove_proxy_head
     from dp3d_core import cameras
     from dp3d_core.face_pose import camera_from_pose
-    from training.render_dataset import _place_camera, _scene
 
-    scene, anchor, cam = _scene(size)
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    scene = bpy.context.scene
+    anchor = bpy.data.objects.new("Head Anchor", None)
+    scene.collection.objects.link(anchor)
+    cam = bpy.data.objects.new("Camera", bpy.data.cameras.new("Camera"))
+    scene.collection.objects.link(cam)
     head = build_proxy_head(seed, anchor, name="Subject", neutral=True)
     out = []
     for yaw, pitch in poses:
         c2w = camera_from_pose(yaw, pitch)
         label = cameras.to_label(c2w, cameras.intrinsics_from_focal())
-        _place_camera(cam, label, anchor, size)
+        bc = cameras.label_to_blender(label, cameras.HeadAnchor(np.array(anchor.matrix_world), 1.0),
+                                      sensor_fit="HORIZONTAL", resolution_x=size, resolution_y=size)
+        cam.matrix_world = Matrix(bc.matrix_world.tolist())
+        cam.data.lens, cam.data.sensor_width, cam.data.sensor_fit = bc.lens, bc.sensor_width, bc.sensor_fit
+        cam.data.shift_x, cam.data.shift_y = bc.shift_x, bc.shift_y
         path = render_condition_images(scene, cam, [scene.frame_current], folder, size=size, objects=[head])[0]
         final = folder / f"s{seed}_y{yaw:+.0f}_p{pitch:+.0f}.png"
         path.rename(final)
