@@ -261,8 +261,8 @@ def prepare_job(context: bpy.types.Context, *, model: str | os.PathLike | None =
     try:  # after the cheap checks, before the renders
         prep = reference_prep.ensure(context, None if worker_python is None else str(worker_python))
     except reference_prep.ReferencePrepError as exc:
-        raise JobSetupError(f"{exc} (Or turn off Prepare Reference to use the photo's centre square as it is.)"
-                            ) from None
+        raise JobSetupError(f"{exc} (Or turn off Prepare Reference, --no-prepare on the command line, to use the "
+                            "photo's centre square as it is.)") from None
     if prep is not None:
         notes.append(f"Reference prepared: {prep.summary()}")
         warnings += prep.warnings
