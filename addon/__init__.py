@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import bpy
 
-from . import cli, job_runner, model_operators, operators, panel, preferences, properties, setup_operators
+from . import (cli, job_runner, model_operators, operators, panel, preferences, properties, reference_prep,
+               setup_operators)
 
 classes = (
     properties.PORTRAIT3D_PG_settings,
@@ -31,6 +32,7 @@ def unregister() -> None:
     job_runner.stop_all()
     setup_operators.stop_all()
     model_operators.stop_all()
+    reference_prep.stop_all()
     cli.unregister()
     del bpy.types.WindowManager.portrait3d_progress
     del bpy.types.Scene.portrait3d

@@ -7,7 +7,7 @@ from pathlib import Path
 import bpy
 from bpy.props import FloatProperty, StringProperty
 
-from . import frame_import, job_runner, preferences, rig, worker_env
+from . import frame_import, job_runner, preferences, reference_prep, rig, worker_env
 from .worker_process import (CHECK_TIMEOUT, BackgroundCommand, WorkerCheck, WorkerStartError, check_worker_python,
                              finish_worker_check, start_worker_check)
 from .poses import FramePose, PoseError, output_folder, scene_poses, write_dataset
@@ -86,10 +86,13 @@ class PORTRAIT3D_OT_add_turntable(bpy.types.Operator):
     def execute(self, context):
         scene = context.scene
         s = scene.portrait3d
+        pitch, start_yaw = s.turntable_pitch, None
         try:
+            if s.turntable_from_photo:
+                start_yaw, pitch = rig.photo_view(context)
             rig.build_turntable(scene, s.head_anchor, frames=s.turntable_frames, yaw_range=s.turntable_yaw_range,
-                                pitch=s.turntable_pitch, size_px=s.output_size)
-        except PoseError as exc:
+                                pitch=pitch, size_px=s.output_size, start_yaw=start_yaw)
+        except (PoseError, reference_prep.ReferencePrepError) as exc:
             self.report({'ERROR'}, str(exc))
             return {'CANCELLED'}
         return {'FINISHED'}
@@ -350,6 +353,52 @@ class PORTRAIT3D_OT_check_worker(_WatchesCommand, bpy.types.Operator):
         return self._show(context, finish_worker_check(self._python, cmd, CHECK_TIMEOUT))
 
 
+class PORTRAIT3D_OT_prepare_reference(_WatchesCommand, bpy.types.Operator):
+    """Find the face in the reference photo, crop it like the training data and estimate the photo's camera (runs in the worker Python)"""
+
+    bl_idname = "portrait3d.prepare_reference"
+    bl_label = "Prepare Reference"
+    bl_options = {'REGISTER'}
+
+    def _finish(self, context, result) -> set[str]:
+        reference_prep.load_thumbnail(result)
+        _report_list(self, 'WARNING', result.warnings)
+        self.report({'INFO'}, f"Reference prepared: {result.summary()}")
+        return {'FINISHED'}
+
+    def _fail(self, context, message: str) -> set[str]:
+        reference_prep.store_error(context.scene.portrait3d, message)
+        self.report({'ERROR'}, message)
+        return {'CANCELLED'}
+
+    def execute(self, context):
+        if bpy.app.background:
+            try:
+                return self._finish(context, reference_prep.run(context))
+            except reference_prep.ReferencePrepError as exc:
+                return self._fail(context, str(exc))
+        try:
+            cmd, self._key, self._out = reference_prep.start(context)
+        except reference_prep.ReferencePrepError as exc:
+            return self._fail(context, str(exc))
+        context.scene.portrait3d.prep_error = ""
+        return self._watch(context, cmd)
+
+    def _tick(self, context, cmd: BackgroundCommand) -> set[str] | None:
+        rc = cmd.poll()
+        if rc is None and cmd.elapsed < reference_prep.TIMEOUT:
+            return None
+        if rc is None:
+            cmd.kill()
+            return self._fail(context, f"Preparing the reference did not finish within {reference_prep.TIMEOUT:.0f} s.")
+        try:
+            result = reference_prep.parse_output(rc, list(cmd.lines), self._out)
+        except reference_prep.ReferencePrepError as exc:
+            return self._fail(context, str(exc))
+        reference_prep.store(context.scene.portrait3d, self._key, result)
+        return self._finish(context, result)
+
+
 classes = (
     PORTRAIT3D_OT_add_head_anchor,
     PORTRAIT3D_OT_add_turntable,
@@ -358,4 +407,5 @@ classes = (
     PORTRAIT3D_OT_cancel,
     PORTRAIT3D_OT_import_frames,
     PORTRAIT3D_OT_check_worker,
+    PORTRAIT3D_OT_prepare_reference,
 )  # the converter's operator lives in model_operators (with the model list)

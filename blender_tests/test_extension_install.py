@@ -47,6 +47,9 @@ def test_zip_has_core_and_no_dev_files(extension_zip):
     with zipfile.ZipFile(extension_zip) as z:
         for name in shipped:
             assert z.read(name) == (build.ROOT / name).read_bytes(), name
+    for required in ("reference_prep.py", "dp3d_core/prepare_reference.py", "dp3d_core/face_landmarks.py",
+                     "dp3d_core/face_pose.py", "dp3d_core/data/face_landmarks_3d.json"):  # reference preparation
+        assert required in names
     for name in names:
         parts = name.split("/")
         assert "__pycache__" not in parts and not name.endswith(".pyc"), name
