@@ -53,7 +53,7 @@ def bench_one(pipe: DiffPortrait3DPipeline, views: int, steps: int, scheduler: s
         row["load_s"] = time.perf_counter() - t0
         assert loaded is not None and loaded.step == state.step
         if not preview:
-            matrix = fit_latent_to_rgb(state.reference_latents, np.stack(refs))
+            matrix = fit_latent_to_rgb(state.reference_latents, p.decode_latents(state.reference_latents))
             lat = state.latents.shape[-1]
             preview.append(LivePreview(work / scheduler, names, matrix, preview_size(size, lat), every_seconds=0))
         row["preview_s"] = preview[0].write(kw["pred_x0"])

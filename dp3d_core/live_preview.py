@@ -1,10 +1,12 @@
 """Live previews of a running job: every few seconds, a cheap picture of every view as it forms.
 
 What a preview shows: the clean latents the model predicts at the current step (``pred_x0``), mapped
-to RGB by a linear map (4 latent channels + bias -> RGB) fitted by least squares on the model's own
-VAE: the reference latents the pipeline already encoded, against the reference image averaged over
-each latent pixel's 8x8 block. No VAE decode runs for a preview; the fit costs one small least-squares
-solve when the run starts. The picture is at latent resolution, upsampled bilinearly to
+to RGB by a linear map (latent channels + bias -> RGB) fitted by least squares on the model's own
+VAE: the reference latents, against their VAE decode averaged over each latent pixel's 8x8 block (one
+decode of the reference per run; the worker does it at the first preview). No VAE decode runs for a
+preview itself. On the shipped small model (64 px, 8x8 latents) such a preview is within 23.0 dB PSNR
+of the decoded frames (the best any linear map reaches on them: 23.9 dB; fitting on the reference
+photo instead of its decode: 20.6 dB). The picture is at latent resolution, upsampled bilinearly to
 :data:`PREVIEW_SIZE` pixels (never above the job's size), so it is blurry by design: it shows the
 turntable forming, the frames show the result.
 

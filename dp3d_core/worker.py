@@ -43,8 +43,6 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-import numpy as np
-
 from . import denoise_state, failures, live_preview, preflight, protocol
 from .images import ImageError, encode_png, load_rgb
 from .job import Job, JobError, job_hash, read_job
@@ -273,11 +271,9 @@ class StateKeeper:
     is reported as a ``warning`` and ignored). :meth:`on_step` is the pipeline's ``callback_on_step_end``.
     """
 
-    def __init__(self, job_dir: Path, digest: str, pipe: Any, job: Job, names: list[str],
-                 references: list[Any], emit: Emitter) -> None:
+    def __init__(self, job_dir: Path, digest: str, pipe: Any, job: Job, names: list[str], emit: Emitter) -> None:
         s = job.settings
         self.emit = emit
-        self.references = references
         sched = pipe.scheduler_for(s.steps, s.scheduler)
         lat = s.size // pipe.vae_scale_factor
         expect = {"total_steps": len(sched.timesteps), "scheduler_class": type(sched).__name__,
@@ -306,7 +302,9 @@ class StateKeeper:
             self.save(state)
         if self.preview is None:
             job_dir, names, size = self.preview_args
-            matrix = live_preview.fit_latent_to_rgb(state.reference_latents, np.stack(self.references))
+            # one VAE decode of the reference latents per run: the map is fitted on the model's own decoder
+            refs = state.reference_latents
+            matrix = live_preview.fit_latent_to_rgb(refs, pipe.decode_latents(refs))
             self.preview = live_preview.LivePreview(job_dir, names, matrix, size,
                                                     live_preview.LivePreview.every_seconds_from_env())
         if self.preview.due(now):
@@ -406,7 +404,7 @@ def run_job(job_dir: Path, emit: Emitter) -> int:
     pipe = load_pipeline(job.model, torch.device("cpu") if offloads(job.memory, device) else device, dtype)
     apply_speed_options(pipe, job.memory, job.compile, device, lambda m: emit("warning", message=m))
     s = job.settings
-    keeper = StateKeeper(job_dir, digest, pipe, job, names, references, emit)
+    keeper = StateKeeper(job_dir, digest, pipe, job, names, emit)
 
     def on_window(step: int, num_steps: int, window: int, num_windows: int) -> dict | None:
         emit("progress", step=step + 1, total_steps=num_steps, window=window + 1, windows=num_windows,
