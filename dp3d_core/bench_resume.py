@@ -80,11 +80,46 @@ def bench_one(pipe: DiffPortrait3DPipeline, views: int, steps: int, scheduler: s
     return result
 
 
+def bench_files(views: int, latent: int, channels: int, scheduler: str, work: Path, repeat: int = 5) -> dict[str, Any]:
+    """Checkpoint and preview costs alone, on a state of real shape: the real scheduler run for 2 steps on random
+    model outputs (the file costs do not depend on the network)."""
+    from .denoise_state import DenoisingState, scheduler_state
+    from .schedulers import make_scheduler
+
+    g = torch.Generator().manual_seed(0)
+    sched = make_scheduler(scheduler)
+    sched.set_timesteps(50)
+    x = torch.randn(views, channels, latent, latent, generator=g)
+    for t in sched.timesteps[:2]:
+        x = sched.step(torch.randn(x.shape, generator=g), t, x).prev_sample
+    state = DenoisingState(step=2, total_steps=len(sched.timesteps), latents=x,
+                           reference_latents=torch.randn(1, channels, latent, latent, generator=g),
+                           scheduler=scheduler_state(sched), scheduler_class=type(sched).__name__,
+                           generator=g.get_state())
+    ck = Checkpoints(work / f"files-{scheduler}", "bench")
+    names = [f"frame_{i + 1:04d}.png" for i in range(views)]
+    matrix = np.random.default_rng(0).normal(size=(channels + 1, 3)).astype(np.float32) * 0.2
+    preview = LivePreview(work / f"files-{scheduler}", names, matrix, preview_size(8 * latent, latent), 0)
+    saves, loads, previews = [], [], []
+    for _ in range(repeat):
+        saves.append(ck.save(state))
+        t0 = time.perf_counter()
+        assert ck.load() is not None
+        loads.append(time.perf_counter() - t0)
+        previews.append(preview.write(x))
+    return {"scheduler": scheduler, "views": views, "size": 8 * latent, "latent_channels": channels,
+            "checkpoint_s": statistics.median(saves), "checkpoint_max_s": max(saves),
+            "checkpoint_mb": sum(f.stat().st_size for f in ck.folder.iterdir()) / 2**20,
+            "load_s": statistics.median(loads), "preview_s": statistics.median(previews), "preview_px": preview.size}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dp3d_core.bench_resume", description=__doc__.split("\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="model folder")
     source.add_argument("--tiny-latent", type=int, help="random tiny model with latents of this side")
+    source.add_argument("--files-latent", type=int, help="no network: checkpoint and preview files only, for "
+                                                         "states with latents of this side (4 channels)")
     parser.add_argument("--size", type=int, help="image size (default: 8x the model's latent sample size)")
     parser.add_argument("--views", type=int, default=48)
     parser.add_argument("--steps", type=int, default=3)
@@ -96,28 +131,38 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
-        if args.model:
-            pipe = DiffPortrait3DPipeline.from_pretrained(args.model)
-            size = args.size or 8 * int(pipe.unet.config.sample_size)
+        if args.files_latent:
+            results = [bench_files(args.views, args.files_latent, 4, name, work) for name in args.schedulers]
+            for r in results:
+                print(f"{r['scheduler']:8s} {args.views} views {r['size']}px: checkpoint "
+                      f"{r['checkpoint_s'] * 1000:.1f} ms (median of 5, max {r['checkpoint_max_s'] * 1000:.1f} ms; "
+                      f"{r['checkpoint_mb']:.2f} MiB), load {r['load_s'] * 1000:.1f} ms | preview "
+                      f"{r['preview_s'] * 1000:.1f} ms ({r['preview_px']} px)", flush=True)
         else:
-            from .tiny import make_tiny_model_folder
-            folder = make_tiny_model_folder(Path(tmp) / "tiny", sample_size=args.tiny_latent)
-            pipe = DiffPortrait3DPipeline.from_pretrained(folder)
-            size = args.size or 8 * args.tiny_latent
-        results = []
-        for name in args.schedulers:
-            r = bench_one(pipe, args.views, args.steps, name, size, work)
-            results.append(r)
-            print(f"{name:8s} {args.views} views {size}px: step {r['step_s']:.3f} s | checkpoint "
-                  f"{r['checkpoint_s'] * 1000:.1f} ms ({r['checkpoint_mb']:.2f} MiB, "
-                  f"{r['checkpoint_pct_of_step']:.2f} % of a step), load {r['load_s'] * 1000:.1f} ms | preview "
-                  f"{r['preview_s'] * 1000:.1f} ms ({r['preview_px']} px, {r['preview_pct_of_step']:.2f} %) | full "
-                  f"VAE decode of all views {r['decode_all_views_s']:.2f} s", flush=True)
+            if args.model:
+                pipe = DiffPortrait3DPipeline.from_pretrained(args.model)
+                size = args.size or 8 * int(pipe.unet.config.sample_size)
+            else:
+                from .tiny import make_tiny_model_folder
+                folder = make_tiny_model_folder(Path(tmp) / "tiny", sample_size=args.tiny_latent)
+                pipe = DiffPortrait3DPipeline.from_pretrained(folder)
+                size = args.size or 8 * args.tiny_latent
+            results = []
+            for name in args.schedulers:
+                r = bench_one(pipe, args.views, args.steps, name, size, work)
+                results.append(r)
+                print(f"{name:8s} {args.views} views {size}px: step {r['step_s']:.3f} s | checkpoint "
+                      f"{r['checkpoint_s'] * 1000:.1f} ms ({r['checkpoint_mb']:.2f} MiB, "
+                      f"{r['checkpoint_pct_of_step']:.2f} % of a step), load {r['load_s'] * 1000:.1f} ms | preview "
+                      f"{r['preview_s'] * 1000:.1f} ms ({r['preview_px']} px, {r['preview_pct_of_step']:.2f} %) | "
+                      f"full VAE decode of all views {r['decode_all_views_s']:.2f} s", flush=True)
     record = {"when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                           "load_avg": os.getloadavg(), "torch": torch.__version__, "python": sys.version.split()[0],
                           "threads": args.threads},
-              "model": args.model or f"tiny random, latent {args.tiny_latent}", "results": results}
+              "model": args.model or (f"tiny random, latent {args.tiny_latent}" if args.tiny_latent
+                                      else "none (checkpoint and preview files only)"),
+              "results": results}
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=1))
     return 0
