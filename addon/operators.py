@@ -327,8 +327,11 @@ class PORTRAIT3D_OT_check_worker(_WatchesCommand, bpy.types.Operator):
     def _show(self, context, result: WorkerCheck) -> set[str]:
         prefs = preferences.get_preferences(context)
         if prefs is not None:
-            prefs.check_result = "\n".join([result.summary] + [f"  {line}" for line in result.lines[:8]])
+            prefs.check_result = "\n".join([result.summary] + [f"Warning: {w}" for w in result.warnings]
+                                            + [f"  {line}" for line in result.lines[:8]])
         self.report({'INFO'} if result.ok else {'ERROR'}, result.summary)
+        for warning in result.warnings:
+            self.report({'WARNING'}, warning)
         return {'FINISHED'} if result.ok else {'CANCELLED'}
 
     def execute(self, context):

@@ -82,6 +82,17 @@ def model_folder() -> Path:
     return folder
 
 
+def check_installed() -> None:
+    """FaceModelError unless the model files and the LiteRT runtime are installed (nothing is run; Check Worker
+    asks this so a missing piece is found before Generate)."""
+    model_folder()
+    try:
+        from ai_edge_litert.interpreter import Interpreter  # noqa: F401
+    except ImportError as exc:
+        raise FaceModelError(f"The LiteRT runtime (ai-edge-litert) cannot be imported ({exc}); {INSTALL_HINT}.") \
+            from None
+
+
 @lru_cache(maxsize=4)
 def _interpreter(name: str):
     try:
