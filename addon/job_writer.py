@@ -16,7 +16,7 @@ from pathlib import Path
 
 import bpy
 
-from . import preferences, reference_prep
+from . import model_manager, preferences, reference_prep
 from .core import CORE_PARENT, failures, job as jobspec, preflight
 from .poses import FramePose, PoseError, scene_poses, write_dataset
 from .poses import output_folder as poses_output_folder
@@ -94,6 +94,22 @@ def model_folder(context: bpy.types.Context, override: str | os.PathLike | None 
         return check_model_folder(bundled)
     raise JobSetupError("No model folder: set Model Folder in the Generation panel, or convert the official "
                         "checkpoint in Preferences > Add-ons > Portrait 3D.")
+
+
+FALLBACK_SIZE = 512  # "Model's Resolution" when the model's configs do not say (DiffPortrait3D's own size)
+
+
+def output_size(context: bpy.types.Context, model: str | os.PathLike | None = None) -> int:
+    """The frames' side in pixels: Custom Size, or (the default) the resolution the model to use was trained at.
+    Add Turntable (the camera's render resolution) and the job both ask here, so they agree."""
+    s = context.scene.portrait3d
+    if s.size_mode == 'CUSTOM':
+        return int(s.output_size)
+    try:
+        folder = model_folder(context, model)
+    except JobSetupError:  # no usable model yet: Generate says so itself
+        return FALLBACK_SIZE
+    return model_manager.model_resolution(folder) or FALLBACK_SIZE
 
 
 def check_camera_motion(poses: list[FramePose], camera_name: str) -> list[str]:
@@ -239,7 +255,7 @@ def prepare_job(context: bpy.types.Context, *, model: str | os.PathLike | None =
         raise JobSetupError("No head anchor: add one with 'Add Head Anchor' or pick an Empty as Head Anchor.")
     if end < start:
         raise JobSetupError(f"The frame range {start}-{end} is empty: make End greater than or equal to Start.")
-    size = int(s.output_size)
+    size = output_size(context, model)
     if size % 64:
         suggestion = max(64, round(size / 64) * 64)
         raise JobSetupError(f"Output Size {size} px is not a multiple of 64 (the model needs that); use {suggestion}.")
