@@ -279,6 +279,9 @@ def run_turntable_job(out_dir: str | os.PathLike, *, frames: int = 16, reference
         settings.size_mode = 'CUSTOM'
     if not 16 <= size <= 2048:
         raise JobRunError(f"--size must be between 16 and 2048 pixels, got {size}.")
+    if generate and size % 64 and settings.size_mode != 'CUSTOM':
+        raise JobRunError(f"The model's resolution ({size} px) is not a multiple of 64, which generation needs: "
+                          f"pass --size {max(64, round(size / 64) * 64)}.")
     if generate and size % 64:
         raise JobRunError(f"--size must be a multiple of 64 to generate, got {size}; try {max(64, round(size / 64) * 64)}.")
     if not 0.0 <= yaw_range_deg <= 180.0:

@@ -258,6 +258,9 @@ def prepare_job(context: bpy.types.Context, *, model: str | os.PathLike | None =
     size = output_size(context, model)
     if size % 64:
         suggestion = max(64, round(size / 64) * 64)
+        if s.size_mode != 'CUSTOM':
+            raise JobSetupError(f"The model's resolution ({size} px, from its configs) is not a multiple of 64, "
+                                f"which generation needs: set Output Size to Custom with {suggestion} px.")
         raise JobSetupError(f"Output Size {size} px is not a multiple of 64 (the model needs that); use {suggestion}.")
     try:
         ref = check_reference(s.reference_image, prepared=s.use_reference_prep)

@@ -67,6 +67,10 @@ def test_the_size_follows_the_selected_model(scene, tmp_path):
     assert turntable_and_job(scene) == (128, 128)
     s.model_folder = str(model_at(tmp_path / "m256", 32, vae_blocks=3)) + os.sep
     assert job_writer.output_size(bpy.context) == 128  # 32 x 2^2
+    # A model trained at a size generation cannot use says so and what to do (before anything is rendered).
+    s.model_folder = str(model_at(tmp_path / "m40", 5)) + os.sep
+    with pytest.raises(job_writer.JobSetupError, match=r"model's resolution \(40 px.*Custom with 64 px"):
+        job_writer.prepare_job(bpy.context)
     # A model whose configs do not say (the add-on's completeness check only needs the files): 512.
     s.model_folder = str(fake_model_folder(tmp_path / "silent")) + os.sep
     assert job_writer.output_size(bpy.context) == job_writer.FALLBACK_SIZE == 512
