@@ -17,7 +17,7 @@ from pathlib import Path
 import bpy
 
 from . import preferences
-from .core import CORE_PARENT, job as jobspec
+from .core import CORE_PARENT, failures, job as jobspec, preflight
 from .poses import FramePose, PoseError, scene_poses, write_dataset
 from .poses import output_folder as poses_output_folder
 from .properties import active_camera, frame_range
@@ -250,13 +250,14 @@ def prepare_job(context: bpy.types.Context, *, model: str | os.PathLike | None =
         raise JobSetupError(str(exc)) from None
     notes = list(ref.notes) + check_camera_motion(poses, camera.name)
     warnings = list(ref.warnings) + [f"frame {p.frame}: {w}" for p in poses for w in p.warnings]
+    warnings += _preflight(s, out, model_dir, frames, size, ref.path)
 
     job_dir = out / JOB_SUBDIR
     cond_dir = job_dir / CONDITION_SUBDIR
     try:
         cond_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise JobSetupError(f"Cannot create {cond_dir}: {exc.strerror or exc}. Choose another output folder.") from None
+        raise JobSetupError(str(failures.translate(exc))) from None
     conditions, proxies, cond_warnings = render_conditions(
         scene, camera, s.head_anchor, frames, cond_dir, size, reference=ref.path, proxy_views=s.use_proxy_views)
     warnings += cond_warnings
@@ -273,6 +274,20 @@ def prepare_job(context: bpy.types.Context, *, model: str | os.PathLike | None =
     try:
         jobspec.write_job(job, job_dir)
         write_dataset(out, poses)
-    except (jobspec.JobError, PoseError, OSError) as exc:
+    except (jobspec.JobError, PoseError) as exc:
         raise JobSetupError(f"Cannot write the job: {exc}") from None
+    except OSError as exc:
+        raise JobSetupError(str(failures.translate(exc))) from None
     return PreparedJob(job_dir, out, job, poses, warnings, notes)
+
+
+def _preflight(s, out: Path, model_dir: Path, frames: list[int], size: int, reference: Path) -> list[str]:
+    """The shared pre-work checks (addon.preflight_checks) before anything is rendered or written."""
+    from .preflight_checks import check_before_render
+
+    try:
+        images = folder_conditions(s.condition_folder, len(frames))[0] if s.condition_source == 'IMAGE_FOLDER' \
+            else None
+        return check_before_render(s, out, model_dir, frames, size, reference, images)
+    except preflight.PreflightError as exc:
+        raise JobSetupError(str(exc)) from None

@@ -117,6 +117,20 @@ def read_model_index(path: str | Path) -> dict[str, Any]:
         raise ModelFolderError(f"{index_file} is not valid JSON: {exc}") from None
 
 
+def refuse_pickles(path: Path, name: str) -> None:
+    """ModelFolderError when component ``name`` has pickled weights but no safetensors (pickles can run code)."""
+    from .preflight import PICKLE_SUFFIXES
+
+    sub = path / name
+    if not sub.is_dir() or any(sub.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in sub.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelFolderError(f"'{name}' holds only pickled weights ({pickles[0]}), which are refused because "
+                               f"loading a pickle can run code; convert them once with "
+                               f"`python -m dp3d_core.convert_pickles {path}`")
+
+
 def load_model_folder(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                       components: Iterable[str] | None = None, family: Any = None) -> dict[str, Any]:
     """Load the components (all by default) of a model folder: name -> module (eval mode) or scheduler.
@@ -145,8 +159,10 @@ def load_model_folder(path: str | Path, device: str | torch.device = "cpu", dtyp
             loaded[name] = make_scheduler("ddim", config)
             continue
         library, class_name = COMPONENTS[name]
+        refuse_pickles(path, name)
         try:
-            module = classes[class_name].from_pretrained(str(sub), torch_dtype=dtype)
+            # use_safetensors=True: diffusers' default would fall back to unpickling a .bin
+            module = classes[class_name].from_pretrained(str(sub), torch_dtype=dtype, use_safetensors=True)
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise ModelFolderError(f"cannot load '{name}' from {sub}: {exc}") from None
         loaded[name] = module.to(device).eval()
