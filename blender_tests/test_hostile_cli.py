@@ -312,3 +312,19 @@ def test_panel_bin_false_worker(panel, tmp_path, monkeypatch):
     assert "is not a Python interpreter" in _generate_refused(tmp_path)
     p = bpy.context.window_manager.portrait3d_progress
     assert "/bin/false" in p.last_error and not p.running
+
+
+def test_probe_says_too_old_and_times_out(tmp_path):
+    """An old Python still prints its version first (the probe's first line runs on Python 2 too)."""
+    old = tmp_path / "old" / "python"
+    old.parent.mkdir()
+    old.write_text('#!/bin/sh\necho "dp3d-probe-version 2.7.18"\nexit 1\n')
+    old.chmod(0o755)
+    with pytest.raises(worker_process.WorkerStartError, match="is Python 2.7.18; the worker needs Python 3.10"):
+        worker_process.probe_worker_python(old)
+    slow = tmp_path / "slow" / "python"
+    slow.parent.mkdir()
+    slow.write_text("#!/bin/sh\nexec sleep 30\n")
+    slow.chmod(0o755)
+    with pytest.raises(worker_process.WorkerStartError, match="did not answer within 1 s"):
+        worker_process.probe_worker_python(slow, timeout=1)
