@@ -148,6 +148,7 @@ def translate(exc: BaseException) -> Failure:
             return failure
     if isinstance(exc, ModuleNotFoundError):
         name = (exc.name or "a package").split(".")[0]
+        name = {"PIL": "pillow"}.get(name, name)  # the name pip installs
         return Failure(f"The worker Python lacks the package '{name}'.", PACKAGES_HINT)
     module = type(exc).__module__
     if module.startswith(("torch._dynamo", "torch._inductor")):

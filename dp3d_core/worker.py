@@ -37,7 +37,13 @@ from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from . import failures, preflight, protocol
-from .images import ImageError, encode_png, load_rgb
+try:
+    from .images import ImageError, encode_png, load_rgb
+except ModuleNotFoundError as _exc:  # no Pillow or numpy in this Python: main() says so in one error event
+    _MISSING_PACKAGE: ModuleNotFoundError | None = _exc
+    ImageError = ValueError  # never raised then; keeps run()'s except clauses valid
+else:
+    _MISSING_PACKAGE = None
 from .job import Job, JobError, job_hash, read_job
 from .protocol import EXIT_CANCELLED, EXIT_ERROR, EXIT_OK, encode_event
 
@@ -358,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
         emit("error", message="usage: python -m dp3d_core.worker <job dir>",
              hint="the add-on starts the worker with the job folder as the only argument")
+        return EXIT_ERROR
+    if _MISSING_PACKAGE is not None:
+        failure = failures.translate(_MISSING_PACKAGE)
+        emit("error", message=failure.message, hint=failure.hint)
         return EXIT_ERROR
     return run(Path(argv[0]), emit)
 

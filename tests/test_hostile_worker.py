@@ -574,3 +574,17 @@ def test_thread_policy_is_set_before_torch_loads():
     assert env["OMP_WAIT_POLICY"] == "ACTIVE"
     assert cpu_threads({"OMP_NUM_THREADS": "3"}) == 3
     assert 1 <= cpu_threads({}) <= (os.cpu_count() or 1)
+
+
+def test_a_worker_python_without_pillow_gets_one_error_event(tmp_path):
+    """Even a missing Pillow (imported by the worker module itself) ends in one plain error event."""
+    job = make_job(tmp_path)
+    code = ("import runpy, sys\n"
+            "sys.modules['PIL'] = None\n"
+            f"sys.argv = ['dp3d_core.worker', {str(job)!r}]\n"
+            "runpy.run_module('dp3d_core.worker', run_name='__main__')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    events = [parse_event(line) for line in r.stdout.splitlines() if line.strip()]
+    assert r.returncode == protocol.EXIT_ERROR and [e.kind for e in events] == ["error"], (r.stdout, r.stderr)
+    assert "lacks the package 'pillow'" in events[0]["message"] and "Traceback" not in r.stderr
