@@ -315,7 +315,7 @@ def run_turntable_job(out_dir: str | os.PathLike, *, frames: int = 16, reference
         except WorkerStartError as exc:
             raise JobRunError(str(exc)) from None
     try:
-        out = preflight.probe_output_folder(Path(out_dir).expanduser().resolve())
+        out = preflight.probe_output_folder(Path(out_dir).expanduser())  # absolute, links not followed
         settings.output_folder = str(out) + os.sep
         settings.output_size = size
         settings.turntable_frames = frames

@@ -185,6 +185,12 @@ def test_out_under_a_file(cli, tmp_path):
     assert "Cannot write to the output folder" in msg and "is a file, not a folder" in msg
 
 
+@pytest.mark.parametrize("target", ["loop", "nowhere"])
+def test_out_through_a_broken_or_looping_link(cli, tmp_path, target):
+    (tmp_path / "link").symlink_to(tmp_path / ("link" if target == "loop" else "nowhere"))
+    assert "symbolic link that leads nowhere" in cli(out=str(tmp_path / "link" / "out"))
+
+
 def test_out_is_a_file(cli, tmp_path):
     (tmp_path / "out.png").write_text("x")
     assert "is a file, not a folder" in cli(out=str(tmp_path / "out.png"))

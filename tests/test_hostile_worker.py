@@ -140,6 +140,15 @@ def test_output_folder_under_a_file(tmp_path):
     assert_refused(tmp_path, job, "is a file", "choose another output folder", subprocess=True)
 
 
+def test_output_folder_through_a_symlink_loop(tmp_path):
+    job = make_job(tmp_path)
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    data = json.loads((job / "job.json").read_text())
+    data["output"] = str(tmp_path / "loop" / "out")
+    (job / "job.json").write_text(json.dumps(data))
+    assert_refused(tmp_path, job, "loop of symbolic links", "output")
+
+
 def test_output_folder_is_a_file(tmp_path):
     job = make_job(tmp_path)
     (tmp_path / "out").write_text("x")
@@ -352,6 +361,8 @@ def test_fresh_cancel_is_honoured_before_loading_and_removed(tmp_path):
     (IsADirectoryError(errno.EISDIR, "Is a directory", "/out/frame_0001.png"), "is a folder where a file"),
     (OSError(errno.ENAMETOOLONG, "File name too long", "/out/" + "x" * 5000), "too long"),
     (OSError(errno.EROFS, "Read-only file system", "/mnt/ro"), "read-only"),
+    (OSError(errno.ELOOP, "Too many levels of symbolic links", "/a/loop/out"), "loop of symbolic links"),
+    (RuntimeError("Symlink loop from '/a/loop/out'"), "/a/loop/out goes round in a loop of symbolic links"),
     (RecursionError("maximum recursion depth exceeded"), "nested too deeply"),
     (ModuleNotFoundError("No module named 'diffusers'", name="diffusers"), "lacks the package 'diffusers'"),
     (KeyboardInterrupt(), "interrupted"),
