@@ -269,6 +269,11 @@ def test_probe_is_cached_by_path_and_mtime(tmp_path):
     os.utime(py, (1, 1))  # a changed interpreter is checked again
     worker_process.probe_worker_python(py)
     assert counter.read_text().count("x") == 2
+    # a venv's python is a link to a shared interpreter: another link to it is another environment
+    (tmp_path / "venv2").mkdir()
+    (tmp_path / "venv2" / "python").symlink_to(py)
+    worker_process.probe_worker_python(tmp_path / "venv2" / "python")
+    assert counter.read_text().count("x") == 3
 
 
 # ---------------------------------------------------------------- the panel's Generate runs the same checks
