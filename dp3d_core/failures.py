@@ -188,7 +188,8 @@ def worker_python_failure(kind: str, python: str | os.PathLike, detail: str = ""
         return Failure(f"The worker Python {p} cannot be started ({detail}).",
                        "Point Worker Python at a python executable with torch and diffusers.")
     return Failure(f"The worker Python {p} is not a Python interpreter{f' ({detail})' if detail else ''}.",
-                   "Point Worker Python at the python executable of an environment with torch and diffusers.")
+                   "Point Worker Python at the python executable of an environment with torch and diffusers, or "
+                   "press Set Up Worker in Preferences > Add-ons > Portrait 3D to make one.")
 
 
 # ---------------------------------------------------------------- log files
