@@ -102,14 +102,21 @@ FALLBACK_SIZE = 512  # "Model's Resolution" when the model's configs do not say 
 def output_size(context: bpy.types.Context, model: str | os.PathLike | None = None) -> int:
     """The frames' side in pixels: Custom Size, or (the default) the resolution the model to use was trained at.
     Add Turntable (the camera's render resolution) and the job both ask here, so they agree."""
+    return output_size_and_source(context, model)[0]
+
+
+def output_size_and_source(context: bpy.types.Context,
+                           model: str | os.PathLike | None = None) -> tuple[int, str]:
+    """(size, where it comes from in words) for :func:`output_size` and the panel."""
     s = context.scene.portrait3d
     if s.size_mode == 'CUSTOM':
-        return int(s.output_size)
+        return int(s.output_size), "custom"
     try:
         folder = model_folder(context, model)
     except JobSetupError:  # no usable model yet: Generate says so itself
-        return FALLBACK_SIZE
-    return model_manager.model_resolution(folder) or FALLBACK_SIZE
+        return FALLBACK_SIZE, "no usable model found yet"
+    size = model_manager.model_resolution(folder)
+    return (size, f"from the model {folder.name}") if size else (FALLBACK_SIZE, "the model's configs do not say")
 
 
 def check_camera_motion(poses: list[FramePose], camera_name: str) -> list[str]:

@@ -87,7 +87,8 @@ class PORTRAIT3D_PT_turntable(_Portrait3DPanel, bpy.types.Panel):
         else:
             row = layout.row()
             row.alignment = 'RIGHT'
-            row.label(text=f"{job_writer.output_size(context)} px, from the model")
+            size, source = job_writer.output_size_and_source(context)
+            row.label(text=f"{size} px ({source})")
         layout.operator("portrait3d.add_turntable", icon='CAMERA_DATA')
 
 

@@ -57,6 +57,7 @@ def test_untouched_settings_use_the_bundled_models_resolution(scene):
     assert job_writer.model_folder(bpy.context) == bundled
     assert model_manager.model_resolution(bundled) == preflight.trained_size(bundled) == 64  # one reader
     assert turntable_and_job(scene) == (64, 64)
+    assert job_writer.output_size_and_source(bpy.context) == (64, "from the model small")
     frames = sorted((Path(s.output_folder) / ".job" / "conditions").glob("*.png"))
     assert frames and bpy.data.images.load(str(frames[0])).size[:] == (64, 64)
 
@@ -74,6 +75,8 @@ def test_the_size_follows_the_selected_model(scene, tmp_path):
     # A model whose configs do not say (the add-on's completeness check only needs the files): 512.
     s.model_folder = str(fake_model_folder(tmp_path / "silent")) + os.sep
     assert job_writer.output_size(bpy.context) == job_writer.FALLBACK_SIZE == 512
+    s.model_folder = str(tmp_path / "missing") + os.sep
+    assert job_writer.output_size_and_source(bpy.context) == (512, "no usable model found yet")
 
 
 def test_a_custom_size_is_respected(scene, tmp_path):
@@ -96,3 +99,28 @@ def test_cli_size_overrides_and_defaults_to_the_models(scene, tmp_path):
     model = model_at(tmp_path / "m128", 16)
     assert job_runner.cli_main(base + ["--model", str(model)]) == 0
     assert scene.portrait3d.size_mode == 'MODEL' and scene.render.resolution_x == 128
+
+
+def test_panel_shows_where_the_size_comes_from(scene):
+    from addon.panel import PORTRAIT3D_PT_turntable
+    from blender_tests.test_rig_and_poses import _FakeLayout
+
+    class Recorder(_FakeLayout):
+        def __init__(self):
+            super().__init__()
+            self.labels: list[str] = []
+
+        def label(self, text="", **_kw):
+            self.labels.append(text)
+
+    def draw() -> Recorder:
+        layout = Recorder()
+        PORTRAIT3D_PT_turntable.draw(type("P", (), {"layout": layout})(), bpy.context)
+        return layout
+
+    shown = draw()
+    assert "64 px (from the model small)" in shown.labels
+    assert "size_mode" in [n for _, n in shown.props] and "output_size" not in [n for _, n in shown.props]
+    scene.portrait3d.output_size = 256
+    shown = draw()
+    assert "output_size" in [n for _, n in shown.props] and not any("px (" in t for t in shown.labels)
