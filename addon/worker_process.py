@@ -75,7 +75,8 @@ def probe_worker_python(python: str | os.PathLike, timeout: float = PROBE_TIMEOU
     """Check quickly that ``python`` is a Python 3.10+ that can find torch, diffusers and the rest.
 
     Returns its version; raises WorkerStartError with one plain sentence of what is wrong and one of what to do.
-    A success is remembered for that executable (path, mtime and size), so it costs one interpreter start once.
+    A success is remembered for that executable (its path as given, mtime and size), so it costs one interpreter
+    start once.
     Failures are not remembered: installing the missing package must make the next try pass.
     """
     exe = resolve_worker_python(python)
@@ -83,8 +84,9 @@ def probe_worker_python(python: str | os.PathLike, timeout: float = PROBE_TIMEOU
         st = exe.stat()
     except OSError as exc:
         raise WorkerStartError(str(failures.worker_python_failure("no_run", exe, exc.strerror or "unreadable")))
-    # Not resolved: a venv's python is a link to the base interpreter, and two venvs must not share a verdict.
-    key = (str(exe.absolute()), st.st_mtime_ns, st.st_size)
+    # the path as given, not resolved: every venv's python links to the same interpreter binary, and what a venv
+    # can import depends on where that link sits
+    key = (os.path.abspath(exe), st.st_mtime_ns, st.st_size)
     if key in _probe_ok:
         return _probe_ok[key]
     try:
@@ -408,6 +410,12 @@ for name in ("diffusers", "safetensors", "PIL", "numpy"):
         missing.append(name)
         print("error", name, type(exc).__name__, exc)
 print("missing", " ".join(missing) or "-")
+try:  # reference preparation (on by default at Generate) needs the face models; their absence is a warning
+    from dp3d_core import face_landmarks
+    face_landmarks.check_installed()
+    print("reference-prep ok")
+except Exception as exc:
+    print("reference-prep", (str(exc) or type(exc).__name__).splitlines()[0])
 """
 
 
@@ -419,6 +427,7 @@ class WorkerCheck:
     ok: bool
     summary: str
     lines: list[str]
+    warnings: list[str] = field(default_factory=list)  # usable, but something the artist will miss
 
 
 def start_worker_check(python: str | os.PathLike) -> "BackgroundCommand":
@@ -438,7 +447,12 @@ def worker_check_result(python: str | os.PathLike, returncode: int, lines: Seque
         return WorkerCheck(False, f"Missing in {python}: {', '.join(missing)}; {PACKAGES_HINT}.", lines)
     summary = (f"OK: Python {info.get('python', '?').split()[0]}, torch {info.get('torch')}, "
                f"diffusers {info.get('diffusers')}, GPU: {info.get('cuda')}")
-    return WorkerCheck(True, summary, lines)
+    warnings = []
+    prep = info.get("reference-prep", "ok").strip()
+    if prep != "ok":
+        warnings.append(f"Reference preparation will not work: {prep} (Or turn off Reference Preparation in the "
+                        "Portrait 3D panel.)")
+    return WorkerCheck(True, summary, lines, warnings)
 
 
 def finish_worker_check(python: str | os.PathLike, cmd: "BackgroundCommand", timeout: float) -> WorkerCheck:

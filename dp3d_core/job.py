@@ -78,7 +78,8 @@ class GenerationSettings:
 class ReferencePrep:
     """How the reference photo was prepared (``python -m dp3d_core.prepare_reference``): the square ``crop``
     (x0, y0, x1, y1) in the pixels of the upright photo, which the worker cuts out of the original file, and the
-    photo camera found for it (degrees, and its EG3D label)."""
+    pose found for it in degrees (as prepare_reference prints it: ``yaw`` the subject's, > 0 turned to its own
+    left; ``pitch``/``roll`` the photo camera's) with the photo camera's EG3D label."""
 
     crop: list[float]
     yaw: float
@@ -128,8 +129,12 @@ class Job:
 
     def output_path(self, frame: FrameSpec) -> Path:
         """Absolute output path of ``frame``; refuses anything outside the output folder."""
-        out = Path(self.output).resolve()
-        path = (out / self.frame_name(frame)).resolve()
+        try:
+            out = Path(self.output).resolve()
+            path = (out / self.frame_name(frame)).resolve()
+        except RuntimeError:  # pathlib's "Symlink loop from ..." (Python < 3.13)
+            raise _fail("output", f"the path {_clip(self.output)} goes round in a loop of symbolic links; choose "
+                        "an output folder whose path does not pass through it") from None
         if path.parent != out:
             raise JobError(f"frame_pattern: frame {frame.index} would be written to {path}, outside the "
                            f"output folder {out}; use a plain file name such as {DEFAULT_FRAME_PATTERN!r}")

@@ -29,8 +29,8 @@ plain words (:mod:`dp3d_core.failures`); the raw text and traceback go to ``<job
 (or the log folder of :func:`dp3d_core.failures.log_dir`), whose path the hint names.
 
 CPU threads: OpenMP threads wait passively (``OMP_WAIT_POLICY=PASSIVE``) unless the environment
-says otherwise, so a busy machine slows the worker in proportion to the load instead of letting
-spinning threads fight the other programs (docs/PERFORMANCE.md, "CPU worker under load").
+says otherwise, so spinning threads do not fight the other programs of a busy machine for its cores
+(docs/PERFORMANCE.md, "CPU worker under load", measures old against new).
 """
 from __future__ import annotations
 
@@ -43,8 +43,14 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from . import denoise_state, failures, live_preview, preflight, protocol
-from .images import ImageError, encode_png, load_rgb
+from . import denoise_state, failures, preflight, protocol
+try:
+    from .images import ImageError, encode_png, load_rgb
+except ModuleNotFoundError as _exc:  # no Pillow or numpy in this Python: main() says so in one error event
+    _MISSING_PACKAGE: ModuleNotFoundError | None = _exc
+    ImageError = ValueError  # never raised then; keeps run()'s except clauses valid
+else:
+    _MISSING_PACKAGE = None
 from .job import Job, JobError, job_hash, read_job
 from .protocol import EXIT_CANCELLED, EXIT_ERROR, EXIT_OK, encode_event
 
@@ -184,8 +190,9 @@ def configure_cpu_threads(env: dict | None = None) -> None:
 
     Spinning waiters (the default policy spins for a while at every barrier) burn the cores another busy
     program needs and are then descheduled in the middle of a parallel region, so every barrier waits for a
-    time slice: a 2-core machine with one other busy process made a job 15x slower. Passive waiters yield,
-    and the slowdown stays roughly proportional to the load. A value already set by the user wins.
+    time slice: a 2-core machine with one other busy process made a job 15x slower. Passive waiters yield the
+    core (on the shared 2-core machine the same job ran about 7x faster next to busy programs; see
+    docs/PERFORMANCE.md). A value already set by the user wins.
     """
     env = os.environ if env is None else env
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -225,7 +232,7 @@ def drop_stale_cancel(job_dir: Path, started_wall: float, warn: Callable[[str], 
         warn("ignored a cancel request left over from an earlier run of this job (it is older than this run)")
 
 
-def preflight_job(job: Job, job_dir: Path, names: list[str], warn: Callable[[str], None]) -> None:
+def preflight_job(job: Job, names: list[str], warn: Callable[[str], None]) -> None:
     """The shared pre-work checks (dp3d_core.preflight) for a resolved job; PreflightError on failure."""
     frames = job.frames
     plan = preflight.Plan(output=Path(job.output), frame_names=names, size=job.settings.size, model=Path(job.model),
@@ -272,6 +279,8 @@ class StateKeeper:
     """
 
     def __init__(self, job_dir: Path, digest: str, pipe: Any, job: Job, names: list[str], emit: Emitter) -> None:
+        from . import live_preview  # numpy and Pillow: imported once they are known to be there
+
         s = job.settings
         self.emit = emit
         sched = pipe.scheduler_for(s.steps, s.scheduler)
@@ -283,8 +292,9 @@ class StateKeeper:
         self.saved_step = self.resume.step if self.resume is not None else 0
         self.policy = denoise_state.CheckpointPolicy.from_env()
         self.policy.start(self.saved_step, time.monotonic())
+        self.live_preview = live_preview
         self.preview_args = (job_dir, names, live_preview.preview_size(s.size, lat))
-        self.preview: live_preview.LivePreview | None = None
+        self.preview: Any = None  # a live_preview.LivePreview from the first step on
         self.warned: set[str] = set()
         # a fresh run drops the previews of an earlier job; a resumed one keeps its own
         live_preview.reset_folder(job_dir, keep_previews=self.resume is not None)
@@ -301,6 +311,7 @@ class StateKeeper:
         if self.policy.due(state.step, state.total_steps, now):
             self.save(state)
         if self.preview is None:
+            live_preview = self.live_preview
             job_dir, names, size = self.preview_args
             # one VAE decode of the reference latents per run: the map is fitted on the model's own decoder
             refs = state.reference_latents
@@ -372,7 +383,7 @@ def run_job(job_dir: Path, emit: Emitter) -> int:
     frames = job.ordered_frames()
     out_dir = Path(job.output)
     names = [job.output_path(f).name for f in frames]  # also refuses paths outside the output folder
-    preflight_job(job, job_dir, names, warn)
+    preflight_job(job, names, warn)
     digest = job_hash(job)
     _remove_stale_temp_files(out_dir, names)
     done = protocol.frames_done(out_dir, names, digest)
@@ -468,6 +479,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
         emit("error", message="usage: python -m dp3d_core.worker <job dir>",
              hint="the add-on starts the worker with the job folder as the only argument")
+        return EXIT_ERROR
+    if _MISSING_PACKAGE is not None:
+        failure = failures.translate(_MISSING_PACKAGE)
+        emit("error", message=failure.message, hint=failure.hint)
         return EXIT_ERROR
     return run(Path(argv[0]), emit)
 
