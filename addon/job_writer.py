@@ -10,7 +10,9 @@ Layout (inside the output folder, so a job lives next to its frames)::
 from __future__ import annotations
 
 import os
+import shutil
 import struct
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,57 +162,6 @@ def strip_png_metadata(path: Path) -> None:
         os.replace(tmp, path)
 
 
-def _proxy_objects(scene: bpy.types.Scene, anchor: bpy.types.Object, seed: int) -> list[bpy.types.Object]:
-    from .condition_render import find_proxy_heads
-    from .proxy_head import ProxyHeadError, build_proxy_head
-
-    heads = find_proxy_heads(scene)
-    if heads:
-        return heads
-    try:
-        return [build_proxy_head(seed, anchor)]
-    except ProxyHeadError as exc:
-        raise JobSetupError(f"Cannot build the proxy head: {exc}") from None
-
-
-def render_conditions(scene: bpy.types.Scene, camera: bpy.types.Object, anchor: bpy.types.Object,
-                      frames: list[int], cond_dir: Path, size: int, *, reference: Path | None = None,
-                      proxy_views: bool = False) -> tuple[list[Path], list[Path] | None, list[str]]:
-    """(condition images, proxy views or None, warnings) per the scene's condition source."""
-    from .condition_render import ConditionRenderError, render_condition_images, render_proxy_views
-
-    s = scene.portrait3d
-    warnings: list[str] = []
-    objects: list[bpy.types.Object] = []
-    if s.condition_source == 'IMAGE_FOLDER':
-        conditions, warnings = folder_conditions(s.condition_folder, len(frames))
-    else:
-        if s.condition_source == 'MESH':
-            if s.condition_mesh is None:
-                raise JobSetupError("Condition Source is Custom Mesh but no mesh is picked: set Condition Mesh "
-                                    "to your head model, or choose Procedural Head.")
-            objects = [s.condition_mesh]
-        else:
-            objects = _proxy_objects(scene, anchor, s.proxy_seed)
-        try:
-            conditions = render_condition_images(scene, camera, frames, cond_dir, size=size, objects=objects)
-        except ConditionRenderError as exc:
-            raise JobSetupError(f"Rendering the condition images failed: {exc}") from None
-    proxies = None
-    if proxy_views:
-        if not objects:
-            warnings.append("3D-Aware Noise needs a proxy head or mesh; it is off for an image-folder source.")
-        else:
-            try:
-                proxies = render_proxy_views(scene, camera, frames, cond_dir, reference_image_path=str(reference),
-                                             proxy_object=objects[0], anchor=anchor, size=size)
-            except ConditionRenderError as exc:
-                raise JobSetupError(f"Rendering the 3D-aware proxy views failed: {exc}") from None
-    for path in [*(conditions if objects else []), *(proxies or [])]:
-        strip_png_metadata(Path(path))
-    return conditions, proxies, warnings
-
-
 # ---------------------------------------------------------------- the job
 
 def _rel(path: Path, base: Path) -> str:
@@ -221,58 +172,275 @@ def _rel(path: Path, base: Path) -> str:
 
 
 def prepare_job(context: bpy.types.Context, *, model: str | os.PathLike | None = None) -> PreparedJob:
-    """Check everything, render the conditions and write ``<out>/.job/job.json``; JobSetupError otherwise."""
-    scene = context.scene
-    s = scene.portrait3d
-    start, end = frame_range(scene)
-    camera = active_camera(scene)
-    if camera is None:
-        raise JobSetupError("No camera: add a turntable, set the scene camera, or pick a camera in the settings.")
-    if s.head_anchor is None:
-        raise JobSetupError("No head anchor: add one with 'Add Head Anchor' or pick an Empty as Head Anchor.")
-    if end < start:
-        raise JobSetupError(f"The frame range {start}-{end} is empty: make End greater than or equal to Start.")
-    size = int(s.output_size)
-    if size % 64:
-        suggestion = max(64, round(size / 64) * 64)
-        raise JobSetupError(f"Output Size {size} px is not a multiple of 64 (the model needs that); use {suggestion}.")
-    try:
-        ref = check_reference(s.reference_image)
-    except ReferenceImageError as exc:
-        raise JobSetupError(str(exc)) from None
-    out = output_folder(scene)
-    model_dir = model_folder(context, model)
+    """Check everything, render the conditions and write ``<out>/.job/job.json``; JobSetupError otherwise.
 
-    frames = list(range(start, end + 1))
-    try:
-        poses = scene_poses(scene, camera, s.head_anchor, frames)
-    except PoseError as exc:
-        raise JobSetupError(str(exc)) from None
-    notes = list(ref.notes) + check_camera_motion(poses, camera.name)
-    warnings = list(ref.warnings) + [f"frame {p.frame}: {w}" for p in poses for w in p.warnings]
+    Blocking: runs every step of a :class:`JobPreparation` in a row (background mode, scripts, tests)."""
+    return JobPreparation(context, model=model).run()
 
-    job_dir = out / JOB_SUBDIR
-    cond_dir = job_dir / CONDITION_SUBDIR
-    try:
-        cond_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise JobSetupError(f"Cannot create {cond_dir}: {exc.strerror or exc}. Choose another output folder.") from None
-    conditions, proxies, cond_warnings = render_conditions(
-        scene, camera, s.head_anchor, frames, cond_dir, size, reference=ref.path, proxy_views=s.use_proxy_views)
-    warnings += cond_warnings
 
-    specs = [jobspec.FrameSpec(index=i, scene_frame=p.frame, label=list(p.label),
-                               condition=_rel(conditions[i], job_dir),
-                               proxy=None if proxies is None else _rel(proxies[i], job_dir))
-             for i, p in enumerate(poses)]
-    settings = jobspec.GenerationSettings(steps=s.steps, guidance=s.guidance, eta=s.eta, seed=s.seed, size=size,
-                                          scheduler=SCHEDULER_IDS.get(s.scheduler, "ddim"))
-    job = jobspec.Job(references=[str(ref.path.resolve())], frames=specs, model=str(model_dir.resolve()),
-                      output=str(out.resolve()), settings=settings, device=s.device.lower(),
-                      memory=s.memory.lower(), compile=s.use_compile)
-    try:
-        jobspec.write_job(job, job_dir)
-        write_dataset(out, poses)
-    except (jobspec.JobError, PoseError, OSError) as exc:
-        raise JobSetupError(f"Cannot write the job: {exc}") from None
-    return PreparedJob(job_dir, out, job, poses, warnings, notes)
+@dataclass
+class PrepProgress:
+    """Where a preparation is: ``phase`` (plain words), ``done`` of ``total`` units."""
+
+    phase: str
+    done: int = 0
+    total: int = 0
+
+    @property
+    def text(self) -> str:
+        return f"{self.phase} {self.done}/{self.total}" if self.total else self.phase
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else 0.0
+
+
+FRAMES_PER_STEP = 1    # condition / proxy renders per step: one Blender render each (about 0.1-1 s at 512 px)
+POSES_PER_STEP = 8     # camera poses per step: one scene.frame_set each
+STAGING_PREFIX = ".staging-"
+
+
+def _move_into(paths: list[Path], folder: Path) -> list[Path]:
+    """Rename each file into ``folder`` (same file system: each rename is atomic); the new paths."""
+    moved = []
+    for p in paths:
+        os.replace(p, folder / p.name)
+        moved.append(folder / p.name)
+    return moved
+
+
+def _chunks(items: list, n: int):
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+class JobPreparation:
+    """``prepare_job`` cut into small steps, so the UI can run it from a timer and stay responsive.
+
+    The constructor does the quick checks (JobSetupError with the fix) and takes a snapshot of the settings.
+    Each :meth:`step` then does a bounded amount of main-thread work: ``poses_per_step`` camera poses or
+    ``frames_per_step`` condition/proxy renders, each render inside its own set-up-and-restore of the scene, so
+    the user's scene is as it was between steps. :meth:`run` does all steps in a row (the blocking path).
+    New images land in a staging folder and only replace the job's condition images, with ``job.json``, in
+    the last step; :meth:`cancel` (or a failed step) removes the staging folder and a proxy head this
+    preparation built, so a cancelled preparation leaves the scene and the job folder as they were.
+    """
+
+    def __init__(self, context: bpy.types.Context, *, model: str | os.PathLike | None = None,
+                 frames_per_step: int = FRAMES_PER_STEP, poses_per_step: int = POSES_PER_STEP) -> None:
+        scene = context.scene
+        s = scene.portrait3d
+        start, end = frame_range(scene)
+        camera = active_camera(scene)
+        if camera is None:
+            raise JobSetupError("No camera: add a turntable, set the scene camera, or pick a camera in the settings.")
+        if s.head_anchor is None:
+            raise JobSetupError("No head anchor: add one with 'Add Head Anchor' or pick an Empty as Head Anchor.")
+        if end < start:
+            raise JobSetupError(f"The frame range {start}-{end} is empty: make End greater than or equal to Start.")
+        size = int(s.output_size)
+        if size % 64:
+            suggestion = max(64, round(size / 64) * 64)
+            raise JobSetupError(f"Output Size {size} px is not a multiple of 64 (the model needs that); use "
+                                f"{suggestion}.")
+        try:
+            self.reference = check_reference(s.reference_image)
+        except ReferenceImageError as exc:
+            raise JobSetupError(str(exc)) from None
+        self.out = output_folder(scene)
+        self.model_dir = model_folder(context, model)
+        if s.condition_source == 'MESH' and s.condition_mesh is None:
+            raise JobSetupError("Condition Source is Custom Mesh but no mesh is picked: set Condition Mesh "
+                                "to your head model, or choose Procedural Head.")
+        self.frames = list(range(start, end + 1))
+        self.size = size
+        self.frames_per_step = max(1, int(frames_per_step))
+        self.poses_per_step = max(1, int(poses_per_step))
+        # Names, not references: the objects are looked up again at every step (undo may replace them).
+        self._scene_name, self._camera_name, self._anchor_name = scene.name, camera.name, s.head_anchor.name
+        self._source = s.condition_source
+        self._mesh_name = s.condition_mesh.name if s.condition_mesh is not None else ""
+        self._condition_folder = s.condition_folder
+        self._proxy_seed = s.proxy_seed
+        self._proxy_views = s.use_proxy_views
+        self._settings = jobspec.GenerationSettings(steps=s.steps, guidance=s.guidance, eta=s.eta, seed=s.seed,
+                                                    size=size, scheduler=SCHEDULER_IDS.get(s.scheduler, "ddim"))
+        self._device, self._memory, self._compile = s.device.lower(), s.memory.lower(), s.use_compile
+        self.job_dir = self.out / JOB_SUBDIR
+        self.progress = PrepProgress("Checking the job")
+        self.result: PreparedJob | None = None
+        self.frames_rendered = 0  # condition + proxy renders so far (tests check the per-step bound)
+        self._built_head = ""
+        self._steps = self._run()
+
+    # ------------------------------------------------------------ driving
+
+    @property
+    def finished(self) -> bool:
+        return self.result is not None
+
+    def step(self) -> bool:
+        """Do the next small piece of work; True once the job is written (``result`` is set)."""
+        if self.result is not None:
+            return True
+        try:
+            self.progress = next(self._steps)
+        except StopIteration as stop:
+            self.result = stop.value
+            return True
+        except ReferenceError:
+            raise JobSetupError("The scene changed while the job was being prepared (an object was removed); "
+                                "press Generate again.") from None
+        return False
+
+    def run(self) -> PreparedJob:
+        while not self.step():
+            pass
+        return self.result
+
+    def cancel(self) -> None:
+        """Stop between steps: nothing of this preparation stays (staging folder, a proxy head it built)."""
+        self._steps.close()
+
+    # ------------------------------------------------------------ the steps
+
+    def _objects(self) -> tuple[bpy.types.Scene, bpy.types.Object, bpy.types.Object]:
+        scene = bpy.data.scenes.get(self._scene_name)
+        camera = bpy.data.objects.get(self._camera_name)
+        anchor = bpy.data.objects.get(self._anchor_name)
+        for thing, what, name in ((scene, "scene", self._scene_name), (camera, "camera", self._camera_name),
+                                  (anchor, "head anchor", self._anchor_name)):
+            if thing is None:
+                raise JobSetupError(f"The {what} '{name}' was deleted or renamed while the job was being prepared; "
+                                    "press Generate again.")
+        return scene, camera, anchor
+
+    def _condition_objects(self, scene, anchor) -> list[bpy.types.Object]:
+        from .condition_render import find_proxy_heads
+        from .proxy_head import ProxyHeadError, build_proxy_head
+
+        if self._source == 'MESH':
+            mesh = bpy.data.objects.get(self._mesh_name)
+            if mesh is None:
+                raise JobSetupError(f"The condition mesh '{self._mesh_name}' was deleted or renamed; pick it again.")
+            return [mesh]
+        heads = find_proxy_heads(scene)
+        if heads:
+            return heads
+        try:
+            head = build_proxy_head(self._proxy_seed, anchor)
+        except ProxyHeadError as exc:
+            raise JobSetupError(f"Cannot build the proxy head: {exc}") from None
+        self._built_head = head.name
+        return [head]
+
+    def _render_batches(self, phase: str, open_renderer):
+        """Render every frame, ``frames_per_step`` inside each set-up of the scene; yields progress per batch."""
+        paths: list[Path] = []
+        for batch in _chunks(self.frames, self.frames_per_step):
+            with open_renderer() as render:
+                for f in batch:
+                    path = render(f)
+                    self.frames_rendered += 1
+                    strip_png_metadata(path)
+                    paths.append(path)
+            yield PrepProgress(phase, len(paths), len(self.frames))
+        return paths
+
+    def _run(self):
+        from .condition_render import (ConditionRenderError, condition_renderer, project_reference,
+                                       proxy_view_renderer)
+
+        n = len(self.frames)
+        poses: list[FramePose] = []
+        for batch in _chunks(self.frames, self.poses_per_step):
+            scene, camera, anchor = self._objects()
+            try:
+                poses += scene_poses(scene, camera, anchor, batch)
+            except PoseError as exc:
+                raise JobSetupError(str(exc)) from None
+            yield PrepProgress("Reading camera poses", len(poses), n)
+        notes = list(self.reference.notes) + check_camera_motion(poses, self._camera_name)
+        warnings = list(self.reference.warnings) + [f"frame {p.frame}: {w}" for p in poses for w in p.warnings]
+
+        cond_dir = self.job_dir / CONDITION_SUBDIR
+        try:
+            cond_dir.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.job_dir))
+        except OSError as exc:
+            raise JobSetupError(f"Cannot create {cond_dir}: {exc.strerror or exc}. Choose another output "
+                                "folder.") from None
+        committed = False
+        try:
+            objects: list[bpy.types.Object] = []
+            if self._source == 'IMAGE_FOLDER':
+                conditions, folder_warnings = folder_conditions(self._condition_folder, n)
+                warnings += folder_warnings
+            else:
+                scene, camera, anchor = self._objects()
+                objects = self._condition_objects(scene, anchor)
+                names = [o.name for o in objects]
+                yield PrepProgress("Rendering conditions", 0, n)
+
+                def conditions_renderer():
+                    scene, camera, _ = self._objects()
+                    heads = [bpy.data.objects.get(name) for name in names]
+                    if None in heads:
+                        raise JobSetupError("The proxy head or condition mesh was deleted while the conditions "
+                                            "were rendering; press Generate again.")
+                    return condition_renderer(scene, camera, staging, size=self.size, objects=heads)
+                try:
+                    conditions = yield from self._render_batches("Rendering conditions", conditions_renderer)
+                except ConditionRenderError as exc:
+                    raise JobSetupError(f"Rendering the condition images failed: {exc}") from None
+            proxies = None
+            if self._proxy_views and not objects:
+                warnings.append("3D-Aware Noise needs a proxy head or mesh; it is off for an image-folder source.")
+            elif self._proxy_views:
+                proxy_name = objects[0].name
+                try:
+                    _, _, anchor = self._objects()
+                    projection = project_reference(objects[0], self.reference.path, anchor=anchor)
+                    yield PrepProgress("Rendering 3D-aware proxy views", 0, n)
+
+                    def proxies_renderer():
+                        scene, camera, _ = self._objects()
+                        head = bpy.data.objects.get(proxy_name)
+                        if head is None:
+                            raise JobSetupError("The proxy head was deleted while the proxy views were rendering; "
+                                                "press Generate again.")
+                        return proxy_view_renderer(scene, camera, staging, proxy_object=head,
+                                                   projection=projection, size=self.size)
+                    proxies = yield from self._render_batches("Rendering 3D-aware proxy views", proxies_renderer)
+                except ConditionRenderError as exc:
+                    raise JobSetupError(f"Rendering the 3D-aware proxy views failed: {exc}") from None
+
+            # The last step: staged images replace the job's, then job.json and dataset.json are written.
+            try:
+                if objects:
+                    conditions = _move_into(conditions, cond_dir)
+                if proxies is not None:
+                    proxies = _move_into(proxies, cond_dir)
+            except OSError as exc:
+                raise JobSetupError(f"Cannot write the condition images into {cond_dir}: {exc.strerror or exc}.") \
+                    from None
+            specs = [jobspec.FrameSpec(index=i, scene_frame=p.frame, label=list(p.label),
+                                       condition=_rel(conditions[i], self.job_dir),
+                                       proxy=None if proxies is None else _rel(proxies[i], self.job_dir))
+                     for i, p in enumerate(poses)]
+            job = jobspec.Job(references=[str(self.reference.path.resolve())], frames=specs,
+                              model=str(self.model_dir.resolve()), output=str(self.out.resolve()),
+                              settings=self._settings, device=self._device, memory=self._memory,
+                              compile=self._compile)
+            try:
+                jobspec.write_job(job, self.job_dir)
+                write_dataset(self.out, poses)
+            except (jobspec.JobError, PoseError, OSError) as exc:
+                raise JobSetupError(f"Cannot write the job: {exc}") from None
+            committed = True
+            return PreparedJob(self.job_dir, self.out, job, poses, warnings, notes)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            if not committed and self._built_head:
+                from .proxy_head import remove_proxy_head
+                remove_proxy_head(self._built_head)
