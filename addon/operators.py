@@ -185,13 +185,13 @@ def _poll_run_timer(run: job_runner.GenerationRun) -> float | None:
         finished = run.update(bpy.context)
         _redraw_ui(bpy.context)
     except ReferenceError:  # the file was reloaded under us
-        run.worker.kill()
+        run.stop()
         return None
-    return None if finished else 0.25
+    return None if finished else run.poll_interval
 
 
 class PORTRAIT3D_OT_generate(bpy.types.Operator):
-    """Render the condition images, start the generator and import the frames when it is done"""
+    """Make the camera poses and condition images (a few frames at a time, so Blender stays responsive), start the generator and import the frames when it is done"""
 
     bl_idname = "portrait3d.generate"
     bl_label = "Generate"
@@ -207,51 +207,66 @@ class PORTRAIT3D_OT_generate(bpy.types.Operator):
             return False
         return True
 
-    def _start(self, context) -> job_runner.GenerationRun | None:
+    def _start(self, context, begin) -> job_runner.GenerationRun | None:
         try:
-            run = job_runner.start_generation(context)
+            run = begin(context)
         except job_runner.JobRunError as exc:
             self.report({'ERROR'}, str(exc))
             return None
-        _report_list(self, 'INFO', run.prepared.notes)
-        _report_list(self, 'WARNING', run.prepared.warnings)
         return run
 
+    def _report_prepared(self, run: job_runner.GenerationRun) -> None:
+        if run.prepared is not None and not getattr(self, "_notes_reported", False):
+            self._notes_reported = True
+            _report_list(self, 'INFO', run.prepared.notes)
+            _report_list(self, 'WARNING', run.prepared.warnings)
+
     def execute(self, context):
-        run = self._start(context)
-        if run is None:
-            return {'CANCELLED'}
-        if bpy.app.background:  # no event loop: block until the worker ends
+        if bpy.app.background:  # no event loop: prepare, run the worker and import, blocking
+            run = self._start(context, job_runner.start_generation)
+            if run is None:
+                return {'CANCELLED'}
+            self._report_prepared(run)
             job_runner.wait(run, context)
             return _report_end(self, run)
-        bpy.app.timers.register(functools.partial(_poll_run_timer, run), first_interval=0.25)
+        run = self._start(context, job_runner.begin_generation)
+        if run is None:
+            return {'CANCELLED'}
+        bpy.app.timers.register(functools.partial(_poll_run_timer, run), first_interval=run.poll_interval)
         return {'FINISHED'}
 
     def invoke(self, context, event):
         if bpy.app.background:
             return self.execute(context)
-        run = self._start(context)
+        run = self._start(context, job_runner.begin_generation)
         if run is None:
             return {'CANCELLED'}
         self._run = run
-        wm = context.window_manager
-        self._timer = wm.event_timer_add(0.25, window=context.window)
-        wm.modal_handler_add(self)
+        self._add_timer(context)
+        context.window_manager.modal_handler_add(self)
         return {'RUNNING_MODAL'}
+
+    def _add_timer(self, context) -> None:
+        self._interval = self._run.poll_interval
+        self._timer = context.window_manager.event_timer_add(self._interval, window=context.window)
 
     def modal(self, context, event):
         if event.type != 'TIMER' or event.timer is not self._timer:
             return {'PASS_THROUGH'}
-        finished = self._run.update(context)
+        finished = self._run.update(context)  # one small step: a render batch, or a poll of the worker
         _redraw_ui(context)
+        self._report_prepared(self._run)
         if not finished:
+            if self._run.poll_interval != self._interval:  # preparation done: poll the worker less often
+                context.window_manager.event_timer_remove(self._timer)
+                self._add_timer(context)
             return {'PASS_THROUGH'}
         context.window_manager.event_timer_remove(self._timer)
         return _report_end(self, self._run)
 
 
 class PORTRAIT3D_OT_cancel(bpy.types.Operator):
-    """Stop the running generation after its current denoising step (finished frames are kept)"""
+    """Stop the generation. While condition images render: stop at once, scene unchanged, no worker started. While denoising: stop after the current step; Generate again continues from the last checkpoint (saved every few steps). Frames are written only when a run completes"""
 
     bl_idname = "portrait3d.cancel"
     bl_label = "Cancel"
@@ -269,8 +284,9 @@ class PORTRAIT3D_OT_cancel(bpy.types.Operator):
         if run is None:
             self.report({'WARNING'}, "Nothing is running")
             return {'CANCELLED'}
+        preparing = run.preparing
         run.cancel()
-        self.report({'INFO'}, "Cancelling after the current denoising step")
+        self.report({'INFO'}, run.status.message if preparing else "Cancelling after the current denoising step")
         return {'FINISHED'}
 
 

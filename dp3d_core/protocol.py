@@ -12,6 +12,8 @@ Event kinds and their fields:
 - ``warning``: message
 - ``error``: message, hint
 - ``done``: frames_written, seconds, cancelled (bool)
+- ``resumed``: step (denoising steps already done), total_steps
+- ``preview``: step, total_steps, folder (absolute; one PNG per view, named as its output frame)
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from .job import JOB_FILE
 PROTOCOL_VERSION = 1
 CANCEL_FILE = "cancel"
 MANIFEST_FILE = "frames.json"
-EVENT_KINDS = ("started", "progress", "frame", "warning", "error", "done")
+EVENT_KINDS = ("started", "progress", "frame", "warning", "error", "done", "resumed", "preview")
 REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     "started": ("job_hash", "frames_total", "frames_done"),
     "progress": ("step", "total_steps", "window", "frames_done", "frames_total"),
@@ -38,6 +40,8 @@ REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     "warning": ("message",),
     "error": ("message", "hint"),
     "done": ("frames_written", "seconds", "cancelled"),
+    "resumed": ("step", "total_steps"),
+    "preview": ("step", "total_steps", "folder"),
 }
 # Exit codes of the worker process.
 EXIT_OK = 0
