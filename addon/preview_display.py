@@ -54,6 +54,7 @@ class PreviewDisplay:
         self.shown = 0
         self.step: int | None = None
         self.image_name = ""
+        self.reloads = 0
 
     def update(self, scene: bpy.types.Scene, camera: bpy.types.Object | None, prepared, status,
                context: bpy.types.Context | None = None) -> bool:
@@ -68,6 +69,7 @@ class PreviewDisplay:
         image = bpy.data.images.get(self.image_name) if self.image_name else None
         if image is not None and Path(bpy.path.abspath(image.filepath)).parent == files[0].parent:
             image.reload()  # the files were replaced in place (atomically); drop the cached frames
+            self.reloads += 1
         else:
             try:
                 seq = frame_import.frame_sequence(files, prepared.job.frames[0].scene_frame)

@@ -1,0 +1,186 @@
+"""Generate without freezing Blender: the job is prepared in small steps (what the UI's timer runs), cancel works
+while condition images render, and the worker's previews reach the card.
+
+bpy runs in background mode here (no event loop, no windows), so the tests call the same step functions the
+modal operator's timer calls (``GenerationRun.update``) directly. The worker is a stand-in speaking the real
+protocol (blender_tests/fake_preview_worker.py): no torch, fast.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import bpy
+import pytest
+
+import addon
+from addon import condition_render as cr
+from addon import frame_import, job_runner, job_writer
+from addon.properties import active_camera
+from addon.proxy_head import remove_proxy_head
+from blender_tests.helpers import (PORTRAIT, fake_model_folder, fake_preview_worker_python, fake_worker_python,
+                                   setup_generation_scene)
+
+FRAMES, SIZE = 4, 64
+
+
+@pytest.fixture
+def scene(empty_scene, monkeypatch, tmp_path):
+    addon.register()
+    setup_generation_scene(empty_scene, out=tmp_path / "out", model=fake_model_folder(tmp_path / "model"),
+                           frames=FRAMES, size=SIZE)
+    yield empty_scene
+    job_runner.stop_all()
+    addon.unregister()
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _scene_state(scene) -> dict:
+    """The user-visible state the condition renders change and must put back."""
+    r = scene.render
+    return {
+        "engine": r.engine, "resolution": (r.resolution_x, r.resolution_y, r.resolution_percentage),
+        "file_format": r.image_settings.file_format, "view": scene.view_settings.view_transform,
+        "world": scene.world.name if scene.world else None, "camera": scene.camera.name if scene.camera else None,
+        "frame": scene.frame_current, "objects": sorted(o.name for o in bpy.data.objects),
+        "hidden": sorted(o.name for o in scene.objects if o.hide_render),
+        "counts": (len(bpy.data.images), len(bpy.data.meshes), len(bpy.data.materials), len(bpy.data.worlds)),
+    }
+
+
+def _step_all(prep: job_writer.JobPreparation, scene) -> list[int]:
+    """Run every step; the number of frames each rendered. Between steps the scene must be the user's."""
+    before = _scene_state(scene)
+    rendered = []
+    while True:
+        count = prep.frames_rendered
+        finished = prep.step()
+        rendered.append(prep.frames_rendered - count)
+        if finished:
+            return rendered
+        state = _scene_state(scene)
+        state["objects"] = before["objects"] = [o for o in state["objects"] if o != "Proxy Head"]
+        assert state == before | {"objects": state["objects"], "counts": state["counts"]}
+
+
+def test_batched_preparation_renders_the_same_images(scene, tmp_path):
+    scene.portrait3d.use_proxy_views = True
+    prep = job_writer.JobPreparation(bpy.context, frames_per_step=1)
+    rendered = _step_all(prep, scene)
+    prepared = prep.result
+    # Structure: no step renders more than frames_per_step frames; all 2 x FRAMES renders happen.
+    assert max(rendered) == 1 and sum(rendered) == 2 * FRAMES
+    assert not list(prepared.job_dir.glob(job_writer.STAGING_PREFIX + "*")), "staging folder left behind"
+
+    # The same images as one call of the (unbatched) render functions with a single scene set-up.
+    head = cr.find_proxy_heads(scene)[0]
+    camera, anchor, frames = active_camera(scene), scene.portrait3d.head_anchor, list(range(1, FRAMES + 1))
+    direct = cr.render_condition_images(scene, camera, frames, tmp_path / "direct", size=SIZE, objects=[head])
+    direct += cr.render_proxy_views(scene, camera, frames, tmp_path / "direct", reference_image_path=PORTRAIT,
+                                    proxy_object=head, anchor=anchor, size=SIZE)
+    for path in direct:
+        job_writer.strip_png_metadata(path)
+    job = prepared.job.resolve(prepared.job_dir)
+    batched = [Path(f.condition) for f in job.frames] + [Path(f.proxy) for f in job.frames]
+    assert [p.name for p in batched] == [p.name for p in direct]
+    assert [p.read_bytes() for p in batched] == [p.read_bytes() for p in direct]
+
+    # Three frames per step: the bound follows the setting.
+    scene.portrait3d.output_folder = str(tmp_path / "out3") + "/"
+    rendered = _step_all(job_writer.JobPreparation(bpy.context, frames_per_step=3, poses_per_step=2), scene)
+    assert max(rendered) == 3 and sum(rendered) == 2 * FRAMES
+    assert rendered.count(3) == 2 and rendered.count(1) == 2  # 4 frames = 3 + 1, for conditions and proxies
+
+
+def test_cancel_while_rendering_restores_scene_and_starts_no_worker(scene, tmp_path, monkeypatch):
+    marker = tmp_path / "worker started"
+    monkeypatch.setenv("PORTRAIT3D_WORKER_PYTHON",
+                       str(fake_worker_python(tmp_path / "bin", f'touch "{marker}"\nexec sleep 30')))
+    s = scene.portrait3d
+    job_writer.prepare_job(bpy.context)  # an earlier job in the same folder, which must stay intact
+    job_dir = Path(s.output_folder) / job_writer.JOB_SUBDIR
+    old_job = _digests(job_dir)
+    assert remove_proxy_head("Proxy Head")  # so the next preparation builds (and must take back) its own
+    s.proxy_seed = 7
+    before = _scene_state(scene)
+
+    assert bpy.ops.portrait3d.generate.poll()
+    run = job_runner.begin_generation(bpy.context)
+    p = bpy.context.window_manager.portrait3d_progress
+    while not (run.preparation.progress.phase == "Rendering conditions" and run.preparation.progress.done >= 2):
+        assert not run.update(bpy.context), run.status.message
+    assert p.running and p.preparing and p.status == "Rendering conditions 2/4"
+    assert bpy.data.objects.get("Proxy Head") is not None
+    assert not bpy.ops.portrait3d.generate.poll() and bpy.ops.portrait3d.cancel.poll()
+
+    assert bpy.ops.portrait3d.cancel() == {'FINISHED'}
+    assert run.finished and run.status.state == "cancelled" and run.worker is None
+    assert "no worker was started" in run.status.message
+    assert not job_runner.is_running() and not p.running and not p.preparing and not p.last_error
+    assert _scene_state(scene) == before, "the scene is as it was (and the proxy head it built is gone)"
+    assert _digests(job_dir) == old_job, "the job folder is untouched (no staging folder, no new image)"
+    time.sleep(0.3)
+    assert not marker.exists(), "no worker was started"
+    assert bpy.ops.portrait3d.generate.poll()
+
+
+def _update_until(run, condition, timeout=60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, run.status.message
+        run.update(bpy.context)
+        time.sleep(0.02)
+
+
+def _card_image() -> bpy.types.Image:
+    card = bpy.data.objects[frame_import.CARD_NAME]
+    node = next(n for n in card.data.materials[0].node_tree.nodes if n.type == 'TEX_IMAGE')
+    return node.image
+
+
+def test_preview_events_update_the_card(scene, tmp_path, monkeypatch):
+    monkeypatch.setenv("PORTRAIT3D_WORKER_PYTHON", str(fake_preview_worker_python(
+        tmp_path / "bin", "--gate --previews 2 --resume-from 3 --steps 10")))
+    run = job_runner.begin_generation(bpy.context)
+    p = bpy.context.window_manager.portrait3d_progress
+    _update_until(run, lambda: run.preview.shown == 1)
+    job_dir = run.prepared.job_dir
+    assert p.resumed_step == 3 and p.preview_step == 4
+    image = _card_image()
+    assert image.name == frame_import.IMAGE_NAME and image.source == 'SEQUENCE'
+    assert Path(image.filepath) == job_dir / "preview" / "frame_0001.png"
+    assert run.preview.reloads == 0
+
+    (job_dir / "go_1").touch()
+    _update_until(run, lambda: run.preview.shown == 2)
+    assert p.preview_step == 5 and run.preview.reloads == 1
+    assert _card_image() == image and Path(image.filepath).parent == job_dir / "preview"
+    assert [im.name for im in bpy.data.images if im.name.startswith(frame_import.IMAGE_NAME)] == [image.name]
+
+    (job_dir / "go_2").touch()
+    _update_until(run, lambda: run.finished)
+    assert run.status.state == "done", run.status.message
+    assert Path(_card_image().filepath) == run.prepared.out_dir / "frame_0001.png", "the card shows the frames"
+    assert p.resumed_step == 3 and not p.running
+
+
+def test_headless_run_prints_previews_and_writes_a_contact_sheet(scene, tmp_path):
+    python = fake_preview_worker_python(tmp_path / "bin", "--previews 2 --steps 10")
+    lines: list[str] = []
+    sheet = tmp_path / "sheet.png"
+    result = job_runner.run_turntable_job(tmp_path / "cli", frames=FRAMES, size=SIZE, reference=str(PORTRAIT),
+                                          model=tmp_path / "model", worker_python=python, previews=False,
+                                          preview_sheet=sheet, log=lines.append)
+    assert result.status.state == "done" and result.status.previews == 2
+    shown = [line for line in lines if line.startswith("preview of step")]
+    # One line per poll that saw new previews (the fake sends both at once, a real worker every few seconds).
+    assert shown and shown[-1].startswith("preview of step 2/10 in ")
+    assert all(f"contact sheet {sheet}" in line for line in shown), shown
+    image = bpy.data.images.load(str(sheet))
+    assert tuple(image.size) == (FRAMES * SIZE, SIZE)  # one row of 4 views
+    bpy.data.images.remove(image)
