@@ -249,11 +249,12 @@ def worker_python_setting(context: bpy.types.Context, worker_python: str | os.Pa
 
 
 def begin_generation(context: bpy.types.Context | None = None, *, worker_python: str | os.PathLike | None = None,
-                     model: str | os.PathLike | None = None) -> GenerationRun:
+                     model: str | os.PathLike | None = None, preparation: dict | None = None) -> GenerationRun:
     """Check the job and return a run that prepares it step by step: each ``run.update()`` renders a small batch
     (UI timers), then starts the worker and polls it. JobRunError (plain words) for what the quick checks find.
 
-    ``worker_python`` defaults to the add-on preference (or PORTRAIT3D_WORKER_PYTHON).
+    ``worker_python`` defaults to the add-on preference (or PORTRAIT3D_WORKER_PYTHON); ``preparation``: keyword
+    arguments of :class:`job_writer.JobPreparation` (the step sizes).
     """
     global _active, _last
     context = context or bpy.context
@@ -262,11 +263,11 @@ def begin_generation(context: bpy.types.Context | None = None, *, worker_python:
     p = progress_state(context)
     try:
         python = str(resolve_worker_python(worker_python_setting(context, worker_python)))
-        preparation = job_writer.JobPreparation(context, model=model)
+        prep = job_writer.JobPreparation(context, model=model, **(preparation or {}))
     except (job_writer.JobSetupError, WorkerStartError) as exc:
         p.running, p.last_error, p.last_hint, p.last_log = False, str(exc), "", ""
         raise JobRunError(str(exc)) from None
-    run = GenerationRun(context.scene, python, preparation=preparation)
+    run = GenerationRun(context.scene, python, preparation=prep)
     _active = _last = run
     p.last_error = p.last_hint = p.last_log = ""
     run._write_progress(context)
@@ -280,7 +281,7 @@ def start_generation(context: bpy.types.Context | None = None, *, worker_python:
     The same steps as :func:`begin_generation`, run in a row: for background mode, the CLI and scripts.
     """
     context = context or bpy.context
-    run = begin_generation(context, worker_python=worker_python, model=model)
+    run = begin_generation(context, worker_python=worker_python, model=model, preparation=job_writer.BLOCKING)
     while run.preparing:
         run.update(context)
     if run.worker is None:

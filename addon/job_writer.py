@@ -13,6 +13,7 @@ import os
 import shutil
 import struct
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -174,8 +175,9 @@ def _rel(path: Path, base: Path) -> str:
 def prepare_job(context: bpy.types.Context, *, model: str | os.PathLike | None = None) -> PreparedJob:
     """Check everything, render the conditions and write ``<out>/.job/job.json``; JobSetupError otherwise.
 
-    Blocking: runs every step of a :class:`JobPreparation` in a row (background mode, scripts, tests)."""
-    return JobPreparation(context, model=model).run()
+    Blocking (background mode, scripts, tests): the steps of a :class:`JobPreparation` in a row, all frames of a
+    phase in one set-up of the scene (no UI to hand control back to between them)."""
+    return JobPreparation(context, model=model, **BLOCKING).run()
 
 
 @dataclass
@@ -195,8 +197,13 @@ class PrepProgress:
         return self.done / self.total if self.total else 0.0
 
 
-FRAMES_PER_STEP = 1    # condition / proxy renders per step: one Blender render each (about 0.1-1 s at 512 px)
-POSES_PER_STEP = 8     # camera poses per step: one scene.frame_set each
+# UI steps: at most FRAMES_PER_STEP condition / proxy renders (one Blender render each), and no further render
+# once a step has taken STEP_BUDGET_S (so a slow render is a step of its own); POSES_PER_STEP poses (one
+# scene.frame_set each).
+FRAMES_PER_STEP = 4
+STEP_BUDGET_S = 0.1
+POSES_PER_STEP = 8
+BLOCKING = {"frames_per_step": None, "step_budget_s": None}  # one batch per phase
 STAGING_PREFIX = ".staging-"
 
 
@@ -220,14 +227,16 @@ class JobPreparation:
     The constructor does the quick checks (JobSetupError with the fix) and takes a snapshot of the settings.
     Each :meth:`step` then does a bounded amount of main-thread work: ``poses_per_step`` camera poses or
     ``frames_per_step`` condition/proxy renders, each render inside its own set-up-and-restore of the scene, so
-    the user's scene is as it was between steps. :meth:`run` does all steps in a row (the blocking path).
+    the user's scene is as it was between steps (``frames_per_step=None``: all frames in one set-up, the
+    blocking path's choice). :meth:`run` does all steps in a row.
     New images land in a staging folder and only replace the job's condition images, with ``job.json``, in
     the last step; :meth:`cancel` (or a failed step) removes the staging folder and a proxy head this
     preparation built, so a cancelled preparation leaves the scene and the job folder as they were.
     """
 
     def __init__(self, context: bpy.types.Context, *, model: str | os.PathLike | None = None,
-                 frames_per_step: int = FRAMES_PER_STEP, poses_per_step: int = POSES_PER_STEP) -> None:
+                 frames_per_step: int | None = FRAMES_PER_STEP, step_budget_s: float | None = STEP_BUDGET_S,
+                 poses_per_step: int = POSES_PER_STEP) -> None:
         scene = context.scene
         s = scene.portrait3d
         start, end = frame_range(scene)
@@ -254,7 +263,8 @@ class JobPreparation:
                                 "to your head model, or choose Procedural Head.")
         self.frames = list(range(start, end + 1))
         self.size = size
-        self.frames_per_step = max(1, int(frames_per_step))
+        self.frames_per_step = len(self.frames) if frames_per_step is None else max(1, int(frames_per_step))
+        self.step_budget_s = step_budget_s
         self.poses_per_step = max(1, int(poses_per_step))
         # Names, not references: the objects are looked up again at every step (undo may replace them).
         self._scene_name, self._camera_name, self._anchor_name = scene.name, camera.name, s.head_anchor.name
@@ -335,15 +345,20 @@ class JobPreparation:
         return [head]
 
     def _render_batches(self, phase: str, open_renderer):
-        """Render every frame, ``frames_per_step`` inside each set-up of the scene; yields progress per batch."""
+        """Render every frame in batches, each inside one set-up of the scene: at most ``frames_per_step`` frames
+        and none started after ``step_budget_s``. Yields progress after each batch; returns the paths."""
         paths: list[Path] = []
-        for batch in _chunks(self.frames, self.frames_per_step):
+        todo = list(self.frames)
+        while todo:
+            started = time.perf_counter()
             with open_renderer() as render:
-                for f in batch:
-                    path = render(f)
+                for _ in range(min(self.frames_per_step, len(todo))):
+                    path = render(todo.pop(0))
                     self.frames_rendered += 1
                     strip_png_metadata(path)
                     paths.append(path)
+                    if self.step_budget_s is not None and time.perf_counter() - started >= self.step_budget_s:
+                        break
             yield PrepProgress(phase, len(paths), len(self.frames))
         return paths
 

@@ -90,9 +90,10 @@ def test_batched_preparation_renders_the_same_images(scene, tmp_path):
     assert [p.name for p in batched] == [p.name for p in direct]
     assert [p.read_bytes() for p in batched] == [p.read_bytes() for p in direct]
 
-    # Three frames per step: the bound follows the setting.
+    # Three frames per step (no time budget, so the count is exact): the bound follows the setting.
     scene.portrait3d.output_folder = str(tmp_path / "out3") + "/"
-    rendered = _step_all(job_writer.JobPreparation(bpy.context, frames_per_step=3, poses_per_step=2), scene)
+    rendered = _step_all(job_writer.JobPreparation(bpy.context, frames_per_step=3, step_budget_s=None,
+                                                   poses_per_step=2), scene)
     assert max(rendered) == 3 and sum(rendered) == 2 * FRAMES
     assert rendered.count(3) == 2 and rendered.count(1) == 2  # 4 frames = 3 + 1, for conditions and proxies
 
