@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import bpy
+from bpy.app.handlers import persistent
 
 from . import frame_import, job_writer, preferences, rig
 from .poses import FramePose, PoseError, check_writable_folder, scene_poses, write_dataset
@@ -311,6 +312,33 @@ def wait(run: GenerationRun, context: bpy.types.Context | None = None, *, timeou
     if on_update is not None:
         on_update(run.status)
     return run.status
+
+
+@persistent
+def _on_load_pre(*_args) -> None:
+    """Another file is being loaded: the timer driving the run ends with this file, so end the run too. A
+    preparation stops (nothing of it stays); a worker is asked to stop after its step (its checkpoint stays, and
+    Generate again in the reloaded file continues from it)."""
+    global _active
+    run = _active
+    if run is None:
+        return
+    if run.preparing:
+        run.stop()
+    elif run.worker is not None:
+        run.worker.cancel()
+    _active = None
+
+
+def register() -> None:
+    if _on_load_pre not in bpy.app.handlers.load_pre:
+        bpy.app.handlers.load_pre.append(_on_load_pre)
+
+
+def unregister() -> None:
+    if _on_load_pre in bpy.app.handlers.load_pre:
+        bpy.app.handlers.load_pre.remove(_on_load_pre)
+    stop_all()
 
 
 def stop_all() -> None:

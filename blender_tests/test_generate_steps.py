@@ -130,6 +130,18 @@ def test_cancel_while_rendering_restores_scene_and_starts_no_worker(scene, tmp_p
     assert bpy.ops.portrait3d.generate.poll()
 
 
+def test_loading_a_file_ends_a_preparation(scene, tmp_path, monkeypatch):
+    monkeypatch.setenv("PORTRAIT3D_WORKER_PYTHON", str(fake_worker_python(tmp_path / "bin")))
+    run = job_runner.begin_generation(bpy.context)
+    while run.preparation.progress.phase != "Rendering conditions":
+        assert not run.update(bpy.context), run.status.message
+    job_dir = run.preparation.job_dir
+    assert list(job_dir.glob(job_writer.STAGING_PREFIX + "*"))
+    bpy.ops.wm.read_factory_settings(use_empty=True)  # runs the load_pre handlers, like File > Open
+    assert not job_runner.is_running() and run.finished and run.worker is None
+    assert not list(job_dir.glob(job_writer.STAGING_PREFIX + "*")) and not (job_dir / "job.json").exists()
+
+
 def _update_until(run, condition, timeout=60.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
