@@ -70,7 +70,7 @@ def progress_text(status: WorkerStatus) -> str:
 
 PREPARE_INTERVAL = 0.01  # seconds between preparation steps in the UI (each step is one small batch)
 WORKER_INTERVAL = 0.25   # seconds between polls of the worker
-PREPARE_LOG = "prepare_error.log"
+PREPARE_LOG = "addon_error.log"  # tracebacks of what went wrong on the add-on side (in the job folder)
 
 
 def status_line(status: WorkerStatus) -> str:
@@ -184,7 +184,10 @@ class GenerationRun:
         scene = bpy.data.scenes.get(self.scene_name)
         if scene is None:
             return
-        self.preview.update(scene, bpy.data.objects.get(self.camera_name), self.prepared, status, context)
+        try:
+            self.preview.update(scene, bpy.data.objects.get(self.camera_name), self.prepared, status, context)
+        except (RuntimeError, OSError, ReferenceError):  # previews are a courtesy: never stop the run for one
+            _log_exception(self.prepared.job_dir)
 
     def _write_progress(self, context: bpy.types.Context) -> None:
         p = progress_state(context)
@@ -230,7 +233,7 @@ class GenerationRun:
 
 
 def _log_exception(job_dir: Path) -> Path | None:
-    """Append the current exception's traceback to ``<job dir>/prepare_error.log``; its path (None if unwritable)."""
+    """Append the current exception's traceback to ``<job dir>/addon_error.log``; its path (None if unwritable)."""
     import time
     import traceback
 

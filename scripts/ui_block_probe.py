@@ -74,15 +74,24 @@ def _scene(out: Path, frames: int, size: int, proxy_views: bool) -> None:
     s.use_proxy_views = proxy_views
 
 
+class Timing(float):
+    """Wall seconds of one call, with the process's CPU seconds of it in ``cpu`` (all threads)."""
+
+    cpu: float
+
+
 def _timed(fn, *args):
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     value = fn(*args)
-    return time.perf_counter() - t, value
+    seconds = Timing(time.perf_counter() - t)
+    seconds.cpu = time.process_time() - c
+    return seconds, value
 
 
-def _summary(name: str, seconds: list[float]) -> dict:
+def _summary(name: str, seconds: list[Timing]) -> dict:
     return {"what": name, "calls": len(seconds), "total_s": round(sum(seconds), 3),
-            "max_s": round(max(seconds), 3), "median_s": round(statistics.median(seconds), 3)}
+            "max_s": round(max(seconds), 3), "median_s": round(statistics.median(seconds), 3),
+            "max_cpu_s": round(max(s.cpu for s in seconds), 3)}
 
 
 def probe(out: Path, frames: int, size: int, proxy_views: bool, frames_per_step: int, budget: float,
@@ -135,6 +144,7 @@ def probe(out: Path, frames: int, size: int, proxy_views: bool, frames_per_step:
             "frames_per_step": None if blocking else frames_per_step, "step_budget_s": None if blocking else budget,
             "rows": rows,
             "longest_block_s": max(r["max_s"] for r in rows),
+            "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
                        f"{platform.system()} {platform.release()}, Blender (bpy) {bpy.app.version_string}"}
 
@@ -160,10 +170,12 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(out, ignore_errors=True)
     print(f"{result['frames']} frames at {result['size']} px, proxy views {'on' if result['proxy_views'] else 'off'}, "
           f"{'blocking prepare_job' if result['blocking'] else f'at most {args.frames_per_step} frame(s) per step'}")
-    print(f"{'main-thread call':48s} {'calls':>6s} {'total s':>8s} {'max s':>7s} {'median s':>9s}")
+    print(f"{'main-thread call':48s} {'calls':>6s} {'total s':>8s} {'max s':>7s} {'median s':>9s} {'max CPU s':>10s}")
     for r in result["rows"]:
-        print(f"{r['what']:48s} {r['calls']:6d} {r['total_s']:8.3f} {r['max_s']:7.3f} {r['median_s']:9.3f}")
-    print(f"longest block: {result['longest_block_s']:.3f} s   machine: {result['machine']}")
+        print(f"{r['what']:48s} {r['calls']:6d} {r['total_s']:8.3f} {r['max_s']:7.3f} {r['median_s']:9.3f} "
+              f"{r['max_cpu_s']:10.3f}")
+    load = f", load average {result['load_average']:.1f}" if result["load_average"] is not None else ""
+    print(f"longest block: {result['longest_block_s']:.3f} s   machine: {result['machine']}{load}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return 0
