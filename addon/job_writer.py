@@ -226,9 +226,10 @@ class JobPreparation:
 
     The constructor does the quick checks (JobSetupError with the fix) and takes a snapshot of the settings.
     Each :meth:`step` then does a bounded amount of main-thread work: ``poses_per_step`` camera poses or
-    ``frames_per_step`` condition/proxy renders, each render inside its own set-up-and-restore of the scene, so
-    the user's scene is as it was between steps (``frames_per_step=None``: all frames in one set-up, the
-    blocking path's choice). :meth:`run` does all steps in a row.
+    up to ``frames_per_step`` condition/proxy renders (no further one once ``step_budget_s`` has passed), the
+    renders of a step inside one set-up and restore of the scene, so the user's scene is as it was between steps
+    (``frames_per_step=None``: all frames of a phase in one set-up, the blocking path's choice). :meth:`run` does
+    all steps in a row.
     New images land in a staging folder and only replace the job's condition images, with ``job.json``, in
     the last step; :meth:`cancel` (or a failed step) removes the staging folder and a proxy head this
     preparation built, so a cancelled preparation leaves the scene and the job folder as they were.
