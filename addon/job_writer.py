@@ -413,19 +413,22 @@ class JobPreparation:
             if self._proxy_views and not objects:
                 warnings.append("3D-Aware Noise needs a proxy head or mesh; it is off for an image-folder source.")
             elif self._proxy_views:
-                proxy_name = objects[0].name
+                proxy_name = names[0]
+
+                def proxy_head() -> bpy.types.Object:
+                    head = bpy.data.objects.get(proxy_name)
+                    if head is None:
+                        raise JobSetupError("The proxy head was deleted while the proxy views were rendering; "
+                                            "press Generate again.")
+                    return head
                 try:
                     _, _, anchor = self._objects()
-                    projection = project_reference(objects[0], self.reference.path, anchor=anchor)
+                    projection = project_reference(proxy_head(), self.reference.path, anchor=anchor)
                     yield PrepProgress("Rendering 3D-aware proxy views", 0, n)
 
                     def proxies_renderer():
                         scene, camera, _ = self._objects()
-                        head = bpy.data.objects.get(proxy_name)
-                        if head is None:
-                            raise JobSetupError("The proxy head was deleted while the proxy views were rendering; "
-                                                "press Generate again.")
-                        return proxy_view_renderer(scene, camera, staging, proxy_object=head,
+                        return proxy_view_renderer(scene, camera, staging, proxy_object=proxy_head(),
                                                    projection=projection, size=self.size)
                     proxies = yield from self._render_batches("Rendering 3D-aware proxy views", proxies_renderer)
                 except ConditionRenderError as exc:
