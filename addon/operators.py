@@ -7,7 +7,7 @@ from pathlib import Path
 import bpy
 from bpy.props import FloatProperty, StringProperty
 
-from . import frame_import, job_runner, preferences, rig
+from . import frame_import, job_runner, job_writer, preferences, rig
 from .worker_process import (CHECK_TIMEOUT, BackgroundCommand, WorkerCheck, WorkerStartError, check_worker_python,
                              finish_worker_check, start_worker_check)
 from .poses import FramePose, PoseError, output_folder, scene_poses, write_dataset
@@ -28,8 +28,8 @@ def export_blocker(scene: bpy.types.Scene) -> str | None:
     return None
 
 
-def export_poses(scene: bpy.types.Scene) -> tuple[Path, list[FramePose]]:
-    """Write dataset.json for the settings' frame range; raise PoseError with the fix when impossible."""
+def _pose_export_inputs(scene: bpy.types.Scene) -> tuple[Path, bpy.types.Object, bpy.types.Object, list[int]]:
+    """(output folder, camera, anchor, frames) for a pose export; PoseError with the fix when impossible."""
     s = scene.portrait3d
     start, end = frame_range(scene)
     if s.head_anchor is None:
@@ -39,8 +39,13 @@ def export_poses(scene: bpy.types.Scene) -> tuple[Path, list[FramePose]]:
         raise PoseError("No camera: add a turntable, set the scene camera, or pick a camera in the settings.")
     if end < start:
         raise PoseError(f"The frame range {start}-{end} is empty: make End greater than or equal to Start.")
-    folder = output_folder(scene)
-    poses = scene_poses(scene, camera, s.head_anchor, range(start, end + 1))
+    return output_folder(scene), camera, s.head_anchor, list(range(start, end + 1))
+
+
+def export_poses(scene: bpy.types.Scene) -> tuple[Path, list[FramePose]]:
+    """Write dataset.json for the settings' frame range; raise PoseError with the fix when impossible."""
+    folder, camera, anchor, frames = _pose_export_inputs(scene)
+    poses = scene_poses(scene, camera, anchor, frames)
     return write_dataset(folder, poses), poses
 
 
@@ -111,12 +116,7 @@ class PORTRAIT3D_OT_export_poses(bpy.types.Operator):
             return False
         return True
 
-    def execute(self, context):
-        try:
-            path, poses = export_poses(context.scene)
-        except PoseError as exc:
-            self.report({'ERROR'}, str(exc))
-            return {'CANCELLED'}
+    def _written(self, path: Path, poses: list[FramePose]) -> set[str]:
         warnings = [f"frame {p.frame}: {w}" for p in poses for w in p.warnings]
         for w in warnings[:_MAX_LISTED_WARNINGS]:
             self.report({'WARNING'}, w)
@@ -124,6 +124,67 @@ class PORTRAIT3D_OT_export_poses(bpy.types.Operator):
             self.report({'WARNING'}, f"... and {len(warnings) - _MAX_LISTED_WARNINGS} more pose warnings")
         self.report({'INFO'}, f"Wrote {len(poses)} camera poses to {path}")
         return {'FINISHED'}
+
+    def execute(self, context):
+        try:
+            path, poses = export_poses(context.scene)
+        except PoseError as exc:
+            self.report({'ERROR'}, str(exc))
+            return {'CANCELLED'}
+        return self._written(path, poses)
+
+    # In the UI: POSES_PER_STEP poses per timer tick (each one a scene.frame_set), Esc cancels; a long shot with
+    # heavy rigs no longer freezes Blender. Objects are looked up by name at each tick (undo may replace them).
+
+    def invoke(self, context, event):
+        if bpy.app.background:
+            return self.execute(context)
+        scene = context.scene
+        try:
+            self._folder, camera, anchor, frames = _pose_export_inputs(scene)
+        except PoseError as exc:
+            self.report({'ERROR'}, str(exc))
+            return {'CANCELLED'}
+        self._names = (scene.name, camera.name, anchor.name)
+        self._todo, self._poses, self._total = frames, [], len(frames)
+        wm = context.window_manager
+        self._timer = wm.event_timer_add(0.01, window=context.window)
+        wm.modal_handler_add(self)
+        return {'RUNNING_MODAL'}
+
+    def _end(self, context) -> None:
+        context.window_manager.event_timer_remove(self._timer)
+        if context.workspace is not None:
+            context.workspace.status_text_set(None)
+
+    def modal(self, context, event):
+        if event.type == 'ESC':
+            self._end(context)
+            self.report({'WARNING'}, "Pose export cancelled; dataset.json was not written")
+            return {'CANCELLED'}
+        if event.type != 'TIMER' or event.timer is not self._timer:
+            return {'PASS_THROUGH'}
+        scene_name, camera_name, anchor_name = self._names
+        scene, camera = bpy.data.scenes.get(scene_name), bpy.data.objects.get(camera_name)
+        anchor = bpy.data.objects.get(anchor_name)
+        try:
+            if scene is None or camera is None or anchor is None:
+                raise PoseError("The scene, camera or head anchor was deleted or renamed during the export; "
+                                "export again.")
+            batch, self._todo = self._todo[:job_writer.POSES_PER_STEP], self._todo[job_writer.POSES_PER_STEP:]
+            self._poses += scene_poses(scene, camera, anchor, batch)
+            if self._todo:
+                if context.workspace is not None:
+                    context.workspace.status_text_set(
+                        f"Exporting camera poses {len(self._poses)}/{self._total} (Esc to cancel)")
+                return {'PASS_THROUGH'}
+            path = write_dataset(self._folder, self._poses)
+        except PoseError as exc:
+            self._end(context)
+            self.report({'ERROR'}, str(exc))
+            return {'CANCELLED'}
+        self._end(context)
+        return self._written(path, self._poses)
 
 
 def _report_list(op, kind: str, messages: list[str]) -> None:

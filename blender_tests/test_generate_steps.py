@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import types
 from pathlib import Path
 
 import bpy
@@ -16,11 +17,11 @@ import pytest
 
 import addon
 from addon import condition_render as cr
-from addon import frame_import, job_runner, job_writer
+from addon import frame_import, job_runner, job_writer, operators
 from addon.properties import active_camera
 from addon.proxy_head import remove_proxy_head
-from blender_tests.helpers import (PORTRAIT, fake_model_folder, fake_preview_worker_python, fake_worker_python,
-                                   setup_generation_scene)
+from blender_tests.helpers import (PORTRAIT, ReportRecorder, fake_model_folder, fake_preview_worker_python,
+                                   fake_worker_python, setup_generation_scene)
 
 FRAMES, SIZE = 4, 64
 
@@ -205,3 +206,79 @@ def test_headless_run_prints_previews_and_writes_a_contact_sheet(scene, tmp_path
     image = bpy.data.images.load(str(sheet))
     assert tuple(image.size) == (FRAMES * SIZE, SIZE)  # one row of 4 views
     bpy.data.images.remove(image)
+
+
+# ---------------------------------------------------------------- the modal operators' ticks
+
+class _Event:
+    def __init__(self, kind: str, timer=None) -> None:
+        self.type, self.timer = kind, timer
+
+
+def _operator(cls, **attrs) -> ReportRecorder:
+    """Stands in for an operator instance: its helper methods bound, ``attrs`` set (modal() can then run without
+    Blender's event loop; invoke() cannot, as it hands the instance to the window manager)."""
+    op = ReportRecorder()
+    for name in ("_add_timer", "_report_prepared", "_end", "_written"):
+        if hasattr(cls, name):
+            setattr(op, name, types.MethodType(getattr(cls, name), op))
+    for name, value in attrs.items():
+        setattr(op, name, value)
+    return op
+
+
+def _tick(cls, op, context, limit: int = 5000) -> tuple[set[str], int]:
+    for ticks in range(1, limit):
+        result = cls.modal(op, context, _Event('TIMER', op._timer))
+        if result != {'PASS_THROUGH'}:
+            return result, ticks
+        assert cls.modal(op, context, _Event('MOUSEMOVE')) == {'PASS_THROUGH'}  # the UI keeps its events
+        time.sleep(0.005)
+    raise AssertionError("the operator never finished")
+
+
+def test_generate_modal_ticks_prepare_then_poll_and_import(scene, tmp_path, monkeypatch):
+    monkeypatch.setenv("PORTRAIT3D_WORKER_PYTHON", str(fake_preview_worker_python(tmp_path / "bin", "--previews 1")))
+    context = bpy.context
+    op = _operator(operators.PORTRAIT3D_OT_generate, _run=job_runner.begin_generation(context))
+    op._add_timer(context)
+    assert op._interval == job_runner.PREPARE_INTERVAL
+    intervals = []
+    cls = operators.PORTRAIT3D_OT_generate
+    for _ in range(5000):
+        result = cls.modal(op, context, _Event('TIMER', op._timer))
+        intervals.append(op._interval)
+        if result != {'PASS_THROUGH'}:
+            break
+        time.sleep(0.005)
+    assert result == {'FINISHED'}, op.reports
+    assert intervals[0] == job_runner.PREPARE_INTERVAL and intervals[-1] == job_runner.WORKER_INTERVAL
+    assert any("frames in" in m for m in op.messages('INFO'))
+    assert Path(_card_image().filepath) == op._run.prepared.out_dir / "frame_0001.png"
+
+
+def test_export_poses_modal_ticks_and_escape(scene, tmp_path):
+    context = bpy.context
+    s = scene.portrait3d
+    s.turntable_frames = 20
+    assert bpy.ops.portrait3d.add_turntable() == {'FINISHED'}
+    cls = operators.PORTRAIT3D_OT_export_poses
+    expected = operators.export_poses(scene)[0].read_text()
+    s.output_folder = str(tmp_path / "modal") + "/"
+
+    def fresh_op():
+        folder, camera, anchor, frames = operators._pose_export_inputs(scene)
+        timer = context.window_manager.event_timer_add(0.01, window=context.window)
+        return _operator(cls, _folder=folder, _names=(scene.name, camera.name, anchor.name), _todo=frames,
+                         _poses=[], _total=len(frames), _timer=timer)
+
+    op = fresh_op()
+    assert cls.modal(op, context, _Event('TIMER', op._timer)) == {'PASS_THROUGH'}
+    assert cls.modal(op, context, _Event('ESC')) == {'CANCELLED'}
+    assert not (tmp_path / "modal" / "dataset.json").exists()
+
+    op = fresh_op()
+    result, ticks = _tick(cls, op, context)
+    assert result == {'FINISHED'} and ticks == 3  # 20 poses, 8 per tick
+    assert (tmp_path / "modal" / "dataset.json").read_text() == expected
+    assert op.messages('INFO') == [f"Wrote 20 camera poses to {tmp_path / 'modal' / 'dataset.json'}"]
