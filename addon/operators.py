@@ -100,6 +100,16 @@ class PORTRAIT3D_OT_add_turntable(bpy.types.Operator):
         return {'FINISHED'}
 
 
+def _report_written(op, path: Path, poses: list[FramePose]) -> set[str]:
+    warnings = [f"frame {p.frame}: {w}" for p in poses for w in p.warnings]
+    for w in warnings[:_MAX_LISTED_WARNINGS]:
+        op.report({'WARNING'}, w)
+    if len(warnings) > _MAX_LISTED_WARNINGS:
+        op.report({'WARNING'}, f"... and {len(warnings) - _MAX_LISTED_WARNINGS} more pose warnings")
+    op.report({'INFO'}, f"Wrote {len(poses)} camera poses to {path}")
+    return {'FINISHED'}
+
+
 class PORTRAIT3D_OT_export_poses(bpy.types.Operator):
     """Write dataset.json (EG3D camera labels) for every frame of the range into the output folder"""
 
@@ -116,22 +126,13 @@ class PORTRAIT3D_OT_export_poses(bpy.types.Operator):
             return False
         return True
 
-    def _written(self, path: Path, poses: list[FramePose]) -> set[str]:
-        warnings = [f"frame {p.frame}: {w}" for p in poses for w in p.warnings]
-        for w in warnings[:_MAX_LISTED_WARNINGS]:
-            self.report({'WARNING'}, w)
-        if len(warnings) > _MAX_LISTED_WARNINGS:
-            self.report({'WARNING'}, f"... and {len(warnings) - _MAX_LISTED_WARNINGS} more pose warnings")
-        self.report({'INFO'}, f"Wrote {len(poses)} camera poses to {path}")
-        return {'FINISHED'}
-
     def execute(self, context):
         try:
             path, poses = export_poses(context.scene)
         except PoseError as exc:
             self.report({'ERROR'}, str(exc))
             return {'CANCELLED'}
-        return self._written(path, poses)
+        return _report_written(self, path, poses)
 
     # In the UI: POSES_PER_STEP poses per timer tick (each one a scene.frame_set), Esc cancels; a long shot with
     # heavy rigs no longer freezes Blender. Objects are looked up by name at each tick (undo may replace them).
@@ -184,7 +185,7 @@ class PORTRAIT3D_OT_export_poses(bpy.types.Operator):
             self.report({'ERROR'}, str(exc))
             return {'CANCELLED'}
         self._end(context)
-        return self._written(path, self._poses)
+        return _report_written(self, path, self._poses)
 
 
 def _report_list(op, kind: str, messages: list[str]) -> None:

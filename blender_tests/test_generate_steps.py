@@ -219,7 +219,7 @@ def _operator(cls, **attrs) -> ReportRecorder:
     """Stands in for an operator instance: its helper methods bound, ``attrs`` set (modal() can then run without
     Blender's event loop; invoke() cannot, as it hands the instance to the window manager)."""
     op = ReportRecorder()
-    for name in ("_add_timer", "_report_prepared", "_end", "_written"):
+    for name in ("_add_timer", "_report_prepared", "_end"):
         if hasattr(cls, name):
             setattr(op, name, types.MethodType(getattr(cls, name), op))
     for name, value in attrs.items():
