@@ -328,7 +328,7 @@ class PORTRAIT3D_OT_generate(bpy.types.Operator):
 
 
 class PORTRAIT3D_OT_cancel(bpy.types.Operator):
-    """Stop the generation. While condition images render: stop at once, scene unchanged, no worker started. While denoising: stop after the current step; Generate again continues from the last checkpoint (saved every few steps). Frames are written only when a run completes"""
+    """Stop the generation. While condition images render: stop at once, scene unchanged, no worker started. While denoising: stop within the current step and save the last completed one; Generate again continues from it. Frames are written only when a run completes"""
 
     bl_idname = "portrait3d.cancel"
     bl_label = "Cancel"
@@ -348,7 +348,7 @@ class PORTRAIT3D_OT_cancel(bpy.types.Operator):
             return {'CANCELLED'}
         preparing = run.preparing
         run.cancel()
-        self.report({'INFO'}, run.status.message if preparing else "Cancelling after the current denoising step")
+        self.report({'INFO'}, run.status.message if preparing else "Cancelling within the current denoising step")
         return {'FINISHED'}
 
 

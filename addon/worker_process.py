@@ -26,9 +26,10 @@ PACKAGES_HINT = ("install torch, diffusers, safetensors, pillow and numpy into t
                  "Python in Preferences > Add-ons > Portrait 3D > Worker Python")
 
 
-# What survives a cancel, a crash or a kill (the worker checkpoints the denoising state under <job dir>/state/).
-RESUME_WORDS = ("it continues from the last checkpoint of the denoising (saved every few steps), and frames "
-                "finished by an earlier run are not recomputed")
+# What survives a crash or a kill: the worker checkpoints the denoising state under <job dir>/state/ every few
+# steps (dp3d_core.denoise_state), and a cancel saves the last completed step.
+RESUME_WORDS = ("it continues from the last saved denoising step (saved every few steps), and frames finished by "
+                "an earlier run are not recomputed")
 
 
 class WorkerStartError(RuntimeError):
@@ -146,9 +147,11 @@ def diagnose(returncode: int | None, stderr: Sequence[str]) -> tuple[str, str]:
 
 
 def cancelled_message(status: WorkerStatus) -> str:
-    """What a cancelled run keeps, in plain words."""
-    where = f" at step {status.step}/{status.total_steps}" if status.total_steps else ""
-    return f"Cancelled{where}; Generate again: {RESUME_WORDS}"
+    """What a cancelled run keeps, in plain words (the worker saves the state of its last completed step)."""
+    if not status.total_steps:
+        return "Cancelled before denoising began"
+    return (f"Cancelled during step {status.step}/{status.total_steps}; Generate again continues from the last "
+            "completed step")
 
 
 class WorkerProcess:
@@ -272,7 +275,7 @@ class WorkerProcess:
         if done is not None and done["cancelled"] or rc == protocol.EXIT_CANCELLED:
             s.state, s.message = "cancelled", cancelled_message(s)
         elif self._cancel_at is not None and self._error_event is None:
-            s.state, s.message = "cancelled", "Cancelled (the worker had to be stopped)"
+            s.state, s.message = "cancelled", f"Cancelled (the worker had to be stopped); Generate again: {RESUME_WORDS}"
         elif rc == protocol.EXIT_OK and done is not None:
             s.state = "done"
         elif self._error_event is not None:
@@ -285,12 +288,12 @@ class WorkerProcess:
     # ------------------------------------------------------------ control
 
     def cancel(self) -> None:
-        """Ask for a stop after the current denoising step (the worker keeps its last checkpoint); terminate
-        after the grace period."""
+        """Ask for a stop within the current denoising step (the worker saves its last completed step);
+        terminate after the grace period."""
         if self.proc.poll() is None and self._cancel_at is None:
             protocol.request_cancel(self.job_dir)
             self._cancel_at = time.monotonic()
-            self.status.message = "Cancelling after the current step..."
+            self.status.message = "Cancelling: the worker saves its last completed step and stops..."
 
     @property
     def cancel_requested(self) -> bool:
