@@ -374,28 +374,36 @@ class JobResult:
         return [self.dataset, *self.frames, *extra, self.blend]
 
 
-def _print_progress(log: Callable[[str], None], run: GenerationRun | None = None,
-                    preview_sheet: Path | None = None) -> Callable[[WorkerStatus], None]:
-    """Headless progress: each new status line; on a ``preview`` event the step, and with ``preview_sheet``
-    a contact sheet of the latest previews written there."""
-    last = {"text": "", "previews": 0}
+def progress_printer(log: Callable[[str], None], run: GenerationRun | None = None,
+                     preview_sheet: Path | None = None) -> Callable[[WorkerStatus], None]:
+    """Headless progress for :func:`wait`: each new status line, a line per ``resumed`` and ``preview`` event of
+    ``run``'s worker (several can arrive between two polls), and with ``preview_sheet`` a contact sheet of the
+    latest previews written there."""
+    seen = {"text": "", "events": 0}
 
     def on_update(status: WorkerStatus) -> None:
+        events = []
+        if run is not None and run.worker is not None:
+            events = run.worker.events[seen["events"]:]
+            seen["events"] = len(run.worker.events)
+        previews = [ev for ev in events if ev.kind == "preview"]
+        for ev in events:
+            if ev.kind == "resumed":
+                log(f"resumed from step {ev['step']}/{ev['total_steps']} (a saved denoising state)")
+            elif ev.kind == "preview":
+                line = f"preview of step {ev['step']}/{ev['total_steps']} in {ev['folder']}"
+                if preview_sheet is not None and ev is previews[-1]:
+                    files = [f for f in preview_files(run.prepared, ev["folder"]) if f.is_file()]
+                    try:
+                        make_contact_sheet(run.python, files, preview_sheet)
+                        line += f"; contact sheet {preview_sheet}"
+                    except PreviewError as exc:
+                        line += f"; no contact sheet: {exc}"
+                log(line)
         text = status_line(status)
-        if text != last["text"]:
-            last["text"] = text
+        if text != seen["text"]:
+            seen["text"] = text
             log(text)
-        if status.previews != last["previews"] and run is not None and run.prepared is not None:
-            last["previews"] = status.previews
-            line = f"preview of step {status.preview_step}/{status.total_steps} in {status.preview_folder}"
-            if preview_sheet is not None:
-                files = [f for f in preview_files(run.prepared, status.preview_folder) if f.is_file()]
-                try:
-                    make_contact_sheet(run.python, files, preview_sheet)
-                    line += f"; contact sheet {preview_sheet}"
-                except PreviewError as exc:
-                    line += f"; no contact sheet: {exc}"
-            log(line)
     return on_update
 
 
@@ -491,7 +499,7 @@ def run_turntable_job(out_dir: str | os.PathLike, *, frames: int = 16, reference
         result.warnings = list(run.prepared.warnings)
         log(f"worker started: {run.worker.python} -m dp3d_core.worker {run.prepared.job_dir}")
         sheet = Path(preview_sheet).expanduser().resolve() if preview_sheet else None
-        status = wait(run, context, on_update=_print_progress(log, run, sheet))
+        status = wait(run, context, on_update=progress_printer(log, run, sheet))
         result.status = status
         if status.state != "done":
             detail = f" Hint: {status.hint}." if status.hint else ""

@@ -289,7 +289,8 @@ class PORTRAIT3D_OT_generate(bpy.types.Operator):
             if run is None:
                 return {'CANCELLED'}
             self._report_prepared(run)
-            job_runner.wait(run, context)
+            job_runner.wait(run, context, on_update=job_runner.progress_printer(
+                lambda line: print(f"portrait3d: {line}", flush=True), run))
             return _report_end(self, run)
         run = self._start(context, job_runner.begin_generation)
         if run is None:
