@@ -7,6 +7,7 @@ protocol (blender_tests/fake_preview_worker.py): no torch, fast.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 import types
@@ -291,3 +292,27 @@ def test_scripted_generate_in_background_prints_progress(scene, tmp_path, monkey
     assert "portrait3d: resumed from step 2/10 (a saved denoising state)" in lines, lines
     assert any(line.startswith("portrait3d: preview of step 3/10 in ") for line in lines), lines
     assert lines[-1].startswith("portrait3d: Done: 4 frames"), lines
+
+
+def test_unexpected_error_while_rendering_is_one_sentence_and_a_log(scene, tmp_path, monkeypatch):
+    monkeypatch.setenv("PORTRAIT3D_WORKER_PYTHON", str(fake_worker_python(tmp_path / "bin")))
+    before = _scene_state(scene)
+    real = cr.condition_renderer
+
+    @contextlib.contextmanager
+    def broken_renderer(*args, **kwargs):  # frames 1 and 2 render, frame 3 fails inside Blender's render call
+        with real(*args, **kwargs) as render:
+            def flaky(frame):
+                if frame == 3:
+                    raise RuntimeError("Blender could not render")
+                return render(frame)
+            yield flaky
+    monkeypatch.setattr(cr, "condition_renderer", broken_renderer)
+    with pytest.raises(job_runner.JobRunError, match="Preparing the job failed: Blender could not render"):
+        job_runner.start_generation(bpy.context)
+    p = bpy.context.window_manager.portrait3d_progress
+    log = Path(s_out := scene.portrait3d.output_folder) / job_writer.JOB_SUBDIR / job_runner.PREPARE_LOG
+    assert p.last_error == "Preparing the job failed: Blender could not render" and str(log) in p.last_hint
+    assert "Traceback" in log.read_text() and "RuntimeError: Blender could not render" in log.read_text()
+    assert _scene_state(scene) == before and not job_runner.is_running()
+    assert not list((Path(s_out) / job_writer.JOB_SUBDIR).glob(job_writer.STAGING_PREFIX + "*"))
