@@ -70,7 +70,6 @@ def progress_text(status: WorkerStatus) -> str:
 
 PREPARE_INTERVAL = 0.01  # seconds between preparation steps in the UI (each step is one small batch)
 WORKER_INTERVAL = 0.25   # seconds between polls of the worker
-PREPARE_LOG = "addon_error.log"  # tracebacks of what went wrong on the add-on side (in the job folder)
 
 
 def status_line(status: WorkerStatus) -> str:
@@ -233,18 +232,10 @@ class GenerationRun:
 
 
 def _log_exception(job_dir: Path) -> Path | None:
-    """Append the current exception's traceback to ``<job dir>/addon_error.log``; its path (None if unwritable)."""
-    import time
+    """Append the current exception's traceback to the job's ``addon_error.log``; its path (None if unwritable)."""
     import traceback
 
-    path = Path(job_dir) / PREPARE_LOG
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}\n{traceback.format_exc()}\n")
-    except OSError:
-        return None
-    return path
+    return job_writer.append_log(job_dir, traceback.format_exc())
 
 
 def worker_python_setting(context: bpy.types.Context, worker_python: str | os.PathLike | None) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import bpy
 
-from . import preferences
+from . import background_render, preferences
 from .core import CORE_PARENT, job as jobspec
 from .poses import FramePose, PoseError, scene_poses, write_dataset
 from .poses import output_folder as poses_output_folder
@@ -203,7 +203,20 @@ class PrepProgress:
 FRAMES_PER_STEP = 4
 STEP_BUDGET_S = 0.1
 POSES_PER_STEP = 8
-BLOCKING = {"frames_per_step": None, "step_budget_s": None}  # one batch per phase
+BLOCKING = {"frames_per_step": None, "step_budget_s": None, "render_elsewhere": False}  # one batch per phase
+ERROR_LOG = "addon_error.log"  # in the job folder: what went wrong on the add-on side, with tracebacks
+
+
+def append_log(job_dir: Path, text: str) -> Path | None:
+    """Append ``text`` to ``<job dir>/addon_error.log`` with a time stamp; its path (None if unwritable)."""
+    path = Path(job_dir) / ERROR_LOG
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}\n{text.rstrip()}\n")
+    except OSError:
+        return None
+    return path
 STAGING_PREFIX = ".staging-"
 
 
@@ -237,7 +250,7 @@ class JobPreparation:
 
     def __init__(self, context: bpy.types.Context, *, model: str | os.PathLike | None = None,
                  frames_per_step: int | None = FRAMES_PER_STEP, step_budget_s: float | None = STEP_BUDGET_S,
-                 poses_per_step: int = POSES_PER_STEP) -> None:
+                 poses_per_step: int = POSES_PER_STEP, render_elsewhere: bool = True) -> None:
         scene = context.scene
         s = scene.portrait3d
         start, end = frame_range(scene)
@@ -267,6 +280,7 @@ class JobPreparation:
         self.frames_per_step = len(self.frames) if frames_per_step is None else max(1, int(frames_per_step))
         self.step_budget_s = step_budget_s
         self.poses_per_step = max(1, int(poses_per_step))
+        self.render_elsewhere = render_elsewhere  # in a background Blender when there is one (background_render)
         # Names, not references: the objects are looked up again at every step (undo may replace them).
         self._scene_name, self._camera_name, self._anchor_name = scene.name, camera.name, s.head_anchor.name
         self._source = s.condition_source
@@ -363,6 +377,39 @@ class JobPreparation:
             yield PrepProgress(phase, len(paths), len(self.frames))
         return paths
 
+    def _render_in_background(self, command: list[str], staging: Path, names: list[str], with_proxies: bool):
+        """Render in a background Blender (see background_render): (conditions, proxies or None), or a warning
+        sentence when it could not (the caller then renders here; the details go to the job's log)."""
+        n = len(self.frames)
+        scene, camera, anchor = self._objects()
+        proxy = None
+        if with_proxies:
+            proxy = {"head": names[0], "reference": str(self.reference.path), "label": None, "anchor": anchor.name}
+        try:
+            process = background_render.RenderProcess(command, scene, staging, camera=camera.name, objects=names,
+                                                      frames=self.frames, size=self.size, proxy=proxy)
+        except (OSError, RuntimeError) as exc:
+            return self._fallback(f"it could not start: {exc}")
+        try:
+            while (rc := process.poll()) is None:
+                done = process.counts()
+                if with_proxies and done["cond"] >= n:
+                    yield PrepProgress("Rendering 3D-aware proxy views", done["proxy"], n)
+                else:
+                    yield PrepProgress("Rendering conditions", done["cond"], n)
+            conditions = [staging / f"cond_{f:04d}.png" for f in self.frames]
+            proxies = [staging / f"proxy_{f:04d}.png" for f in self.frames] if with_proxies else None
+            if rc != 0 or not all(p.is_file() for p in [*conditions, *(proxies or [])]):
+                return self._fallback(f"exit code {rc}: " + " | ".join(process.tail(3)), process.tail(40))
+            return conditions, proxies
+        finally:
+            process.kill()
+
+    def _fallback(self, why: str, lines: list[str] = ()) -> str:
+        log = append_log(self.job_dir, f"background Blender render failed: {why}\n" + "\n".join(lines))
+        return ("The condition images could not be rendered in a background Blender, so Blender rendered them "
+                f"itself{f' (details in {log})' if log else ''}.")
+
     def _run(self):
         from .condition_render import (ConditionRenderError, condition_renderer, project_reference,
                                        proxy_view_renderer)
@@ -395,9 +442,22 @@ class JobPreparation:
             else:
                 scene, camera, anchor = self._objects()
                 objects = self._condition_objects(scene, anchor)
-                names = [o.name for o in objects]
                 yield PrepProgress("Rendering conditions", 0, n)
-
+            names = [o.name for o in objects]
+            with_proxies = self._proxy_views and bool(objects)
+            if self._proxy_views and not objects:
+                warnings.append("3D-Aware Noise needs a proxy head or mesh; it is off for an image-folder source.")
+            proxies = None
+            rendered = None
+            command = background_render.blender_command() if objects and self.render_elsewhere else None
+            if command is not None:
+                rendered = yield from self._render_in_background(command, staging, names, with_proxies)
+                if isinstance(rendered, str):
+                    warnings.append(rendered)
+                    rendered = None
+            if rendered is not None:
+                conditions, proxies = rendered
+            elif objects:
                 def conditions_renderer():
                     scene, camera, _ = self._objects()
                     heads = [bpy.data.objects.get(name) for name in names]
@@ -409,10 +469,7 @@ class JobPreparation:
                     conditions = yield from self._render_batches("Rendering conditions", conditions_renderer)
                 except ConditionRenderError as exc:
                     raise JobSetupError(f"Rendering the condition images failed: {exc}") from None
-            proxies = None
-            if self._proxy_views and not objects:
-                warnings.append("3D-Aware Noise needs a proxy head or mesh; it is off for an image-folder source.")
-            elif self._proxy_views:
+            if rendered is None and with_proxies:
                 proxy_name = names[0]
 
                 def proxy_head() -> bpy.types.Object:

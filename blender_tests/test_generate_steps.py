@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
+import sys
 import time
 import types
 from pathlib import Path
@@ -18,7 +20,7 @@ import pytest
 
 import addon
 from addon import condition_render as cr
-from addon import frame_import, job_runner, job_writer, operators
+from addon import background_render, frame_import, job_runner, job_writer, operators
 from addon.properties import active_camera
 from addon.proxy_head import remove_proxy_head
 from blender_tests.helpers import (PORTRAIT, ReportRecorder, fake_model_folder, fake_preview_worker_python,
@@ -311,8 +313,92 @@ def test_unexpected_error_while_rendering_is_one_sentence_and_a_log(scene, tmp_p
     with pytest.raises(job_runner.JobRunError, match="Preparing the job failed: Blender could not render"):
         job_runner.start_generation(bpy.context)
     p = bpy.context.window_manager.portrait3d_progress
-    log = Path(s_out := scene.portrait3d.output_folder) / job_writer.JOB_SUBDIR / job_runner.PREPARE_LOG
+    log = Path(s_out := scene.portrait3d.output_folder) / job_writer.JOB_SUBDIR / job_writer.ERROR_LOG
     assert p.last_error == "Preparing the job failed: Blender could not render" and str(log) in p.last_hint
     assert "Traceback" in log.read_text() and "RuntimeError: Blender could not render" in log.read_text()
     assert _scene_state(scene) == before and not job_runner.is_running()
     assert not list((Path(s_out) / job_writer.JOB_SUBDIR).glob(job_writer.STAGING_PREFIX + "*"))
+
+
+# ---------------------------------------------------------------- renders in a background Blender
+
+@pytest.fixture
+def background_blender(monkeypatch):
+    """A Python with the bpy module stands in for ``blender -b`` (the bpy module has no Blender binary)."""
+    monkeypatch.setattr(background_render, "COMMAND", [sys.executable])
+
+
+def _prepare_in_ui(run) -> list[str]:
+    phases = []
+    while run.preparing:
+        run.update(bpy.context)
+        if run.preparing:
+            phases.append(run.preparation.progress.text)
+        time.sleep(0.01)
+    return phases
+
+
+def test_background_blender_renders_the_same_images(scene, tmp_path, monkeypatch, background_blender):
+    monkeypatch.setenv("PORTRAIT3D_WORKER_PYTHON", str(fake_worker_python(tmp_path / "bin")))
+    scene.portrait3d.use_proxy_views = True
+    before = _scene_state(scene)
+    run = job_runner.begin_generation(bpy.context)
+    phases = _prepare_in_ui(run)
+    assert run.worker is not None, run.status.message
+    assert run.preparation.frames_rendered == 0, "nothing was rendered in this process"
+    assert f"Rendering 3D-aware proxy views {FRAMES}/{FRAMES}" in phases or run.prepared.warnings == []
+    assert not run.prepared.warnings, run.prepared.warnings
+    job = run.prepared.job.resolve(run.prepared.job_dir)
+    background = [Path(f.condition) for f in job.frames] + [Path(f.proxy) for f in job.frames]
+    job_runner.stop_all()
+    state = _scene_state(scene)
+    assert state == before | {"objects": state["objects"], "counts": state["counts"]}  # + the proxy head
+
+    scene.portrait3d.output_folder = str(tmp_path / "here") + "/"
+    here = job_writer.prepare_job(bpy.context)  # rendered in this process, one set-up per phase
+    job = here.job.resolve(here.job_dir)
+    local = [Path(f.condition) for f in job.frames] + [Path(f.proxy) for f in job.frames]
+    assert [p.read_bytes() for p in background] == [p.read_bytes() for p in local]
+
+
+def test_cancel_stops_the_background_blender(scene, tmp_path, monkeypatch, background_blender):
+    monkeypatch.setenv("PORTRAIT3D_WORKER_PYTHON", str(fake_worker_python(tmp_path / "bin")))
+    run = job_runner.begin_generation(bpy.context)
+    prep = run.preparation
+    while not list(prep.job_dir.glob(job_writer.STAGING_PREFIX + "*/render_spec.json")):  # written at its start
+        assert not run.update(bpy.context), run.status.message
+    pids_before = _children()
+    assert pids_before, "a background Blender is running"
+    assert bpy.ops.portrait3d.cancel() == {'FINISHED'}
+    assert run.status.state == "cancelled" and run.worker is None
+    assert not (_children() & pids_before), "the background Blender was stopped"
+    assert not list(prep.job_dir.glob(job_writer.STAGING_PREFIX + "*"))
+
+
+def _children() -> set[int]:
+    """Process ids of this process's children that run render_child.py."""
+    found = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text().split()
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat[3]) == os.getpid() and b"render_child.py" in cmdline and stat[2] != "Z":
+            found.add(int(proc.name))
+    return found
+
+
+def test_failing_background_blender_falls_back_to_rendering_here(scene, tmp_path, monkeypatch):
+    broken = fake_worker_python(tmp_path / "broken", 'echo "Blender: cannot open display" >&2\nexit 1')
+    monkeypatch.setattr(background_render, "COMMAND", [str(broken)])
+    monkeypatch.setenv("PORTRAIT3D_WORKER_PYTHON", str(fake_worker_python(tmp_path / "bin")))
+    run = job_runner.begin_generation(bpy.context)
+    _prepare_in_ui(run)
+    assert run.worker is not None and run.preparation.frames_rendered == FRAMES
+    assert any("could not be rendered in a background Blender" in w for w in run.prepared.warnings)
+    log = run.prepared.job_dir / job_writer.ERROR_LOG
+    assert "cannot open display" in log.read_text()
+    assert all(Path(f.condition).is_file() for f in run.prepared.job.resolve(run.prepared.job_dir).frames)
