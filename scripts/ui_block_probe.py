@@ -1,11 +1,12 @@
 """How long does *Generate* hold Blender's main thread at a time? A diagnostic, not a test.
 
-    .venv/bin/python scripts/ui_block_probe.py [--frames 48] [--size 512] [--proxy-views] [--frames-per-step N]
-                                               [--budget S] [--blocking] [--out DIR] [--json FILE]
+    .venv/bin/python scripts/ui_block_probe.py [--frames 48] [--size 512] [--proxy-views] [--background-blender]
+                                               [--frames-per-step N] [--budget S] [--blocking] [--out DIR] [--json FILE]
 
 In the UI, Generate runs as a modal operator whose timer calls ``GenerationRun.update()``: each call is one
-preparation step (a few camera poses, or up to ``--frames-per-step`` condition / proxy renders inside one set-up
-and restore of the scene, none started after ``--budget`` seconds), then the worker start, then one poll of the worker per tick. Blender handles
+preparation step (a few camera poses; then, with ``--background-blender``, writing the scene and starting a
+background Blender that renders the images, then one poll of it per call; without, up to ``--frames-per-step``
+condition / proxy renders inside one set-up and restore of the scene, none started after ``--budget`` seconds), then the worker start, then one poll of the worker per tick. Blender handles
 events and redraws between two calls, so the longest call is the longest time the UI cannot react.
 
 The ``bpy`` module used here has no event loop (it runs in background mode), so this script calls the same
@@ -14,7 +15,8 @@ a run: the first live preview on the card, a preview reload, and the import of t
 ``--blocking`` times ``prepare_job`` as one call instead: what Generate did before the preparation was split
 (and what background mode, the CLI and scripts still do, where there is no UI to keep responsive).
 
-The worker is a stand-in (a shell script that sleeps; POSIX only): the worker's own time is spent in another
+The bpy module has no Blender binary, so ``--background-blender`` starts a Python with the bpy module on the same
+child script a real ``blender -b`` runs. The worker is a stand-in (a shell script that sleeps; POSIX only): the worker's own time is spent in another
 process and never blocks Blender. The scene is a head anchor, the add-on's turntable and the procedural proxy
 head, on the bundled example portrait.
 """
@@ -37,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 import bpy  # noqa: E402
 
 import addon  # noqa: E402
-from addon import frame_import, job_runner, job_writer  # noqa: E402
+from addon import background_render, frame_import, job_runner, job_writer  # noqa: E402
 from addon.preview_display import PREVIEW_SUBDIR, PreviewDisplay  # noqa: E402
 from addon.worker_process import WorkerStatus  # noqa: E402
 
@@ -95,8 +97,10 @@ def _summary(name: str, seconds: list[Timing]) -> dict:
 
 
 def probe(out: Path, frames: int, size: int, proxy_views: bool, frames_per_step: int, budget: float,
-          blocking: bool) -> dict:
+          blocking: bool, background_blender: bool) -> dict:
     _scene(out, frames, size, proxy_views)
+    # The bpy module has no Blender binary: a Python with the bpy module runs the child script instead.
+    background_render.COMMAND = [sys.executable] if background_blender else None
     context = bpy.context
     os.environ["PORTRAIT3D_WORKER_PYTHON"] = str(_sleeping_python(out))
     rows: list[dict] = []
@@ -105,12 +109,14 @@ def probe(out: Path, frames: int, size: int, proxy_views: bool, frames_per_step:
         rows.append(_summary("prepare_job (one call)", [seconds]))
     else:
         run = job_runner.begin_generation(context, preparation={"frames_per_step": frames_per_step,
-                                                                "step_budget_s": budget})
+                                                                "step_budget_s": budget,
+                                                                "render_elsewhere": background_blender})
         phases: dict[str, list[float]] = {}
         while run.preparing:
             seconds, _ = _timed(run.update, context)
             phase = run.preparation.progress.phase if run.preparing else "finish: move images, write job, start worker"
             phases.setdefault(phase, []).append(seconds)
+            time.sleep(job_runner.PREPARE_INTERVAL)  # the timer's interval: Blender's own work would go here
         if run.worker is None:
             raise SystemExit(f"preparation failed: {run.status.message}")
         polls = [_timed(run.update, context)[0] for _ in range(20)]
@@ -140,7 +146,10 @@ def probe(out: Path, frames: int, size: int, proxy_views: bool, frames_per_step:
     imported, _ = _timed(frame_import.import_frames, scene, camera, seq, ("CARD",))
     rows += [_summary("first preview on the card", [first]), _summary("preview reload", [reload]),
              _summary("import of the finished frames", [imported])]
+    if not blocking and background_blender and prepared.warnings:
+        raise SystemExit(f"the background Blender failed: {prepared.warnings}")
     return {"frames": frames, "size": size, "proxy_views": proxy_views, "blocking": blocking,
+            "background_blender": background_blender and not blocking,
             "frames_per_step": None if blocking else frames_per_step, "step_budget_s": None if blocking else budget,
             "rows": rows,
             "longest_block_s": max(r["max_s"] for r in rows),
@@ -157,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames-per-step", type=int, default=job_writer.FRAMES_PER_STEP)
     parser.add_argument("--budget", type=float, default=job_writer.STEP_BUDGET_S,
                         help="no further render in a step after this many seconds")
+    parser.add_argument("--background-blender", action="store_true",
+                        help="render in a background Blender (here: a Python with the bpy module) instead of a few "
+                             "renders per tick in this process")
     parser.add_argument("--blocking", action="store_true", help="time prepare_job as one call (the old Generate)")
     parser.add_argument("--out", help="work folder (default: a temporary one, removed afterwards)")
     parser.add_argument("--json", help="also write the result here")
@@ -164,12 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="p3d-ui-probe-"))
     try:
         result = probe(out.resolve(), args.frames, args.size, args.proxy_views, args.frames_per_step, args.budget,
-                       args.blocking)
+                       args.blocking, args.background_blender)
     finally:
         if not args.out:
             shutil.rmtree(out, ignore_errors=True)
     print(f"{result['frames']} frames at {result['size']} px, proxy views {'on' if result['proxy_views'] else 'off'}, "
-          f"{'blocking prepare_job' if result['blocking'] else f'at most {args.frames_per_step} frame(s) per step'}")
+          f"{'blocking prepare_job' if result['blocking'] else 'renders in a background Blender' if result['background_blender'] else f'at most {args.frames_per_step} frame(s) per step'}")
     print(f"{'main-thread call':48s} {'calls':>6s} {'total s':>8s} {'max s':>7s} {'median s':>9s} {'max CPU s':>10s}")
     for r in result["rows"]:
         print(f"{r['what']:48s} {r['calls']:6d} {r['total_s']:8.3f} {r['max_s']:7.3f} {r['median_s']:9.3f} "
