@@ -253,7 +253,7 @@ def _poll_run_timer(run: job_runner.GenerationRun) -> float | None:
 
 
 class PORTRAIT3D_OT_generate(bpy.types.Operator):
-    """Make the camera poses and condition images (a few frames at a time, so Blender stays responsive), start the generator and import the frames when it is done"""
+    """Make the camera poses and condition images (rendered in a background Blender, so this one stays responsive), start the generator and import the frames when it is done"""
 
     bl_idname = "portrait3d.generate"
     bl_label = "Generate"
