@@ -50,16 +50,17 @@ class RenderProcess:
         spec_path = out / "render_spec.json"
         spec_path.write_text(json.dumps(spec), encoding="utf-8")
         self.out = out
+        self._done = {"cond": 0, "proxy": 0}
         self.cmd = BackgroundCommand(command[0], [*command[1:], str(CHILD_SCRIPT), "--", str(spec_path)])
 
     def counts(self) -> dict[str, int]:
-        """Images finished so far: {"cond": n, "proxy": m} (from the child's last progress lines)."""
-        done = {"cond": 0, "proxy": 0}
+        """Images finished so far: {"cond": n, "proxy": m}, from the child's progress lines (kept here, since the
+        command keeps only its last output lines)."""
         for line in list(self.cmd.lines):
             m = _PROGRESS.match(line)
             if m:
-                done[m.group(1)] = int(m.group(2))
-        return done
+                self._done[m.group(1)] = max(self._done[m.group(1)], int(m.group(2)))
+        return dict(self._done)
 
     def poll(self) -> int | None:
         return self.cmd.poll()
