@@ -20,6 +20,7 @@ from .worker_process import BackgroundCommand
 
 CHILD_SCRIPT = Path(__file__).with_name("render_child.py")
 PROGRESS_PREFIX = "DP3D-RENDER"
+STALL_S = 300.0  # a child that finishes no image for this long is stopped (the renders then run in Blender itself)
 # How to start a background Blender; None: the running Blender's binary. Tests set [sys.executable]: a Python with
 # the bpy module runs render_child.py just as a background Blender would.
 COMMAND: list[str] | None = None

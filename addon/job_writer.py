@@ -391,8 +391,14 @@ class JobPreparation:
         except (OSError, RuntimeError) as exc:
             return self._fallback(f"it could not start: {exc}")
         try:
+            last, last_change = None, time.monotonic()
             while (rc := process.poll()) is None:
                 done = process.counts()
+                if done != last:
+                    last, last_change = done, time.monotonic()
+                elif time.monotonic() - last_change > background_render.STALL_S:
+                    return self._fallback(f"no image for {background_render.STALL_S:.0f} s: "
+                                          + " | ".join(process.tail(3)), process.tail(40))
                 if with_proxies and done["cond"] >= n:
                     yield PrepProgress("Rendering 3D-aware proxy views", done["proxy"], n)
                 else:
