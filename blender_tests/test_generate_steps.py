@@ -402,3 +402,19 @@ def test_failing_background_blender_falls_back_to_rendering_here(scene, tmp_path
     log = run.prepared.job_dir / job_writer.ERROR_LOG
     assert "cannot open display" in log.read_text()
     assert all(Path(f.condition).is_file() for f in run.prepared.job.resolve(run.prepared.job_dir).frames)
+
+
+def test_stalled_background_blender_is_stopped(scene, tmp_path, monkeypatch):
+    marker = tmp_path / "child pid"
+    stalled = fake_worker_python(tmp_path / "stalled", f'echo $$ > "{marker}"\nexec sleep 60')
+    monkeypatch.setattr(background_render, "COMMAND", [str(stalled)])
+    monkeypatch.setattr(background_render, "STALL_S", 0.5)
+    monkeypatch.setenv("PORTRAIT3D_WORKER_PYTHON", str(fake_worker_python(tmp_path / "bin")))
+    run = job_runner.begin_generation(bpy.context)
+    _prepare_in_ui(run)
+    assert run.worker is not None and run.preparation.frames_rendered == FRAMES
+    assert any("could not be rendered in a background Blender" in w for w in run.prepared.warnings)
+    assert "no image for 0 s" in (run.prepared.job_dir / job_writer.ERROR_LOG).read_text()
+    pid = int(marker.read_text())
+    stat = Path(f"/proc/{pid}/stat")
+    assert not stat.exists() or stat.read_text().split()[2] == "Z", "the stalled child was stopped"
