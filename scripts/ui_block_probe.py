@@ -104,6 +104,7 @@ def probe(out: Path, frames: int, size: int, proxy_views: bool, frames_per_step:
     context = bpy.context
     os.environ["PORTRAIT3D_WORKER_PYTHON"] = str(_sleeping_python(out))
     rows: list[dict] = []
+    slowest: list[tuple[float, float, str]] = []
     if blocking:
         seconds, prepared = _timed(job_writer.prepare_job, context)
         rows.append(_summary("prepare_job (one call)", [seconds]))
@@ -113,9 +114,11 @@ def probe(out: Path, frames: int, size: int, proxy_views: bool, frames_per_step:
                                                                 "render_elsewhere": background_blender})
         phases: dict[str, list[float]] = {}
         while run.preparing:
+            before = run.preparation.progress.text
             seconds, _ = _timed(run.update, context)
             phase = run.preparation.progress.phase if run.preparing else "finish: move images, write job, start worker"
             phases.setdefault(phase, []).append(seconds)
+            slowest.append((seconds, seconds.cpu, f"after '{before}'"))
             time.sleep(job_runner.PREPARE_INTERVAL)  # the timer's interval: Blender's own work would go here
         if run.worker is None:
             raise SystemExit(f"preparation failed: {run.status.message}")
@@ -153,6 +156,8 @@ def probe(out: Path, frames: int, size: int, proxy_views: bool, frames_per_step:
             "frames_per_step": None if blocking else frames_per_step, "step_budget_s": None if blocking else budget,
             "rows": rows,
             "longest_block_s": max(r["max_s"] for r in rows),
+            "slowest_steps": [{"wall_s": round(w, 3), "cpu_s": round(c, 3), "step": what}
+                              for w, c, what in sorted(slowest, reverse=True)[:3]],
             "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
                        f"{platform.system()} {platform.release()}, Blender (bpy) {bpy.app.version_string}"}
@@ -186,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in result["rows"]:
         print(f"{r['what']:48s} {r['calls']:6d} {r['total_s']:8.3f} {r['max_s']:7.3f} {r['median_s']:9.3f} "
               f"{r['max_cpu_s']:10.3f}")
+    for step in result["slowest_steps"]:
+        print(f"  slow step {step['step']}: {step['wall_s']:.3f} s ({step['cpu_s']:.3f} s CPU)")
     load = f", load average {result['load_average']:.1f}" if result["load_average"] is not None else ""
     print(f"longest block: {result['longest_block_s']:.3f} s   machine: {result['machine']}{load}")
     if args.json:
