@@ -1,8 +1,10 @@
-"""Generate without freezing Blender: the job is prepared in small steps (what the UI's timer runs), cancel works
-while condition images render, and the worker's previews reach the card.
+"""Generate without freezing Blender: the job is prepared in small steps (what the UI's timer runs), the renders
+happen in a background Blender or a few per step, cancel works while they run, and the worker's previews reach
+the card and Image Editors.
 
-bpy runs in background mode here (no event loop, no windows), so the tests call the same step functions the
-modal operator's timer calls (``GenerationRun.update``) directly. The worker is a stand-in speaking the real
+bpy runs in background mode here (no event loop), so the tests call what the modal operator's timer calls
+(``GenerationRun.update``, the operators' ``modal``) directly. The bpy module has no Blender binary: a Python with
+the bpy module stands in for ``blender -b`` (same child script). The worker is a stand-in speaking the real
 protocol (blender_tests/fake_preview_worker.py): no torch, fast.
 """
 from __future__ import annotations
@@ -74,7 +76,7 @@ def _step_all(prep: job_writer.JobPreparation, scene) -> list[int]:
 
 def test_batched_preparation_renders_the_same_images(scene, tmp_path):
     scene.portrait3d.use_proxy_views = True
-    prep = job_writer.JobPreparation(bpy.context, frames_per_step=1)
+    prep = job_writer.JobPreparation(bpy.context, frames_per_step=1, render_elsewhere=False)
     rendered = _step_all(prep, scene)
     prepared = prep.result
     # Structure: no step renders more than frames_per_step frames; all 2 x FRAMES renders happen.
@@ -98,7 +100,7 @@ def test_batched_preparation_renders_the_same_images(scene, tmp_path):
     scene.portrait3d.output_folder = str(tmp_path / "out3") + "/"
     scene.portrait3d.use_proxy_views = False
     rendered = _step_all(job_writer.JobPreparation(bpy.context, frames_per_step=3, step_budget_s=None,
-                                                   poses_per_step=2), scene)
+                                                   poses_per_step=2, render_elsewhere=False), scene)
     assert [r for r in rendered if r] == [3, 1]  # 4 frames = 3 + 1
 
 
