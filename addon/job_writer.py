@@ -221,11 +221,15 @@ STAGING_PREFIX = ".staging-"
 
 
 def _move_into(paths: list[Path], folder: Path) -> list[Path]:
-    """Rename each file into ``folder`` (same file system: each rename is atomic); the new paths."""
+    """Rename each file into ``folder`` (same file system: each rename is atomic); the new paths. The last step
+    of a preparation: the staged images replace the job's, then job.json and dataset.json are written."""
     moved = []
-    for p in paths:
-        os.replace(p, folder / p.name)
-        moved.append(folder / p.name)
+    try:
+        for p in paths:
+            os.replace(p, folder / p.name)
+            moved.append(folder / p.name)
+    except OSError as exc:
+        raise JobSetupError(f"Cannot write the condition images into {folder}: {exc.strerror or exc}.") from None
     return moved
 
 
@@ -416,10 +420,43 @@ class JobPreparation:
         return ("The condition images could not be rendered in a background Blender, so Blender rendered them "
                 f"itself{f' (details in {log})' if log else ''}.")
 
-    def _run(self):
+    def _render_here(self, staging: Path, names: list[str], with_proxies: bool):
+        """Render in this Blender, in batches (see :meth:`_render_batches`): (conditions, proxies or None)."""
         from .condition_render import (ConditionRenderError, condition_renderer, project_reference,
                                        proxy_view_renderer)
 
+        def objects() -> list[bpy.types.Object]:
+            found = [bpy.data.objects.get(name) for name in names]
+            if None in found:
+                raise JobSetupError("The proxy head or condition mesh was deleted while the images were rendering; "
+                                    "press Generate again.")
+            return found
+
+        def conditions_renderer():
+            scene, camera, _ = self._objects()
+            return condition_renderer(scene, camera, staging, size=self.size, objects=objects())
+
+        try:
+            conditions = yield from self._render_batches("Rendering conditions", conditions_renderer)
+        except ConditionRenderError as exc:
+            raise JobSetupError(f"Rendering the condition images failed: {exc}") from None
+        if not with_proxies:
+            return conditions, None
+        try:
+            _, _, anchor = self._objects()
+            projection = project_reference(objects()[0], self.reference.path, anchor=anchor)
+            yield PrepProgress("Rendering 3D-aware proxy views", 0, len(self.frames))
+
+            def proxies_renderer():
+                scene, camera, _ = self._objects()
+                return proxy_view_renderer(scene, camera, staging, proxy_object=objects()[0],
+                                           projection=projection, size=self.size)
+            proxies = yield from self._render_batches("Rendering 3D-aware proxy views", proxies_renderer)
+        except ConditionRenderError as exc:
+            raise JobSetupError(f"Rendering the 3D-aware proxy views failed: {exc}") from None
+        return conditions, proxies
+
+    def _run(self):
         n = len(self.frames)
         poses: list[FramePose] = []
         for batch in _chunks(self.frames, self.poses_per_step):
@@ -441,71 +478,31 @@ class JobPreparation:
                                 "folder.") from None
         committed = False
         try:
-            objects: list[bpy.types.Object] = []
+            proxies = None
             if self._source == 'IMAGE_FOLDER':
                 conditions, folder_warnings = folder_conditions(self._condition_folder, n)
                 warnings += folder_warnings
+                if self._proxy_views:
+                    warnings.append("3D-Aware Noise needs a proxy head or mesh; it is off for an image-folder "
+                                    "source.")
             else:
-                scene, camera, anchor = self._objects()
-                objects = self._condition_objects(scene, anchor)
+                scene, _, anchor = self._objects()
+                names = [o.name for o in self._condition_objects(scene, anchor)]
                 yield PrepProgress("Rendering conditions", 0, n)
-            names = [o.name for o in objects]
-            with_proxies = self._proxy_views and bool(objects)
-            if self._proxy_views and not objects:
-                warnings.append("3D-Aware Noise needs a proxy head or mesh; it is off for an image-folder source.")
-            proxies = None
-            rendered = None
-            command = background_render.blender_command() if objects and self.render_elsewhere else None
-            if command is not None:
-                rendered = yield from self._render_in_background(command, staging, names, with_proxies)
-                if isinstance(rendered, str):
-                    warnings.append(rendered)
-                    rendered = None
-            if rendered is not None:
+                rendered = None
+                command = background_render.blender_command() if self.render_elsewhere else None
+                if command is not None:
+                    rendered = yield from self._render_in_background(command, staging, names, self._proxy_views)
+                    if isinstance(rendered, str):  # it failed: say so, and render here
+                        warnings.append(rendered)
+                        rendered = None
+                if rendered is None:
+                    rendered = yield from self._render_here(staging, names, self._proxy_views)
                 conditions, proxies = rendered
-            elif objects:
-                def conditions_renderer():
-                    scene, camera, _ = self._objects()
-                    heads = [bpy.data.objects.get(name) for name in names]
-                    if None in heads:
-                        raise JobSetupError("The proxy head or condition mesh was deleted while the conditions "
-                                            "were rendering; press Generate again.")
-                    return condition_renderer(scene, camera, staging, size=self.size, objects=heads)
-                try:
-                    conditions = yield from self._render_batches("Rendering conditions", conditions_renderer)
-                except ConditionRenderError as exc:
-                    raise JobSetupError(f"Rendering the condition images failed: {exc}") from None
-            if rendered is None and with_proxies:
-                proxy_name = names[0]
-
-                def proxy_head() -> bpy.types.Object:
-                    head = bpy.data.objects.get(proxy_name)
-                    if head is None:
-                        raise JobSetupError("The proxy head was deleted while the proxy views were rendering; "
-                                            "press Generate again.")
-                    return head
-                try:
-                    _, _, anchor = self._objects()
-                    projection = project_reference(proxy_head(), self.reference.path, anchor=anchor)
-                    yield PrepProgress("Rendering 3D-aware proxy views", 0, n)
-
-                    def proxies_renderer():
-                        scene, camera, _ = self._objects()
-                        return proxy_view_renderer(scene, camera, staging, proxy_object=proxy_head(),
-                                                   projection=projection, size=self.size)
-                    proxies = yield from self._render_batches("Rendering 3D-aware proxy views", proxies_renderer)
-                except ConditionRenderError as exc:
-                    raise JobSetupError(f"Rendering the 3D-aware proxy views failed: {exc}") from None
-
-            # The last step: staged images replace the job's, then job.json and dataset.json are written.
-            try:
-                if objects:
-                    conditions = _move_into(conditions, cond_dir)
+                conditions = _move_into(conditions, cond_dir)
                 if proxies is not None:
                     proxies = _move_into(proxies, cond_dir)
-            except OSError as exc:
-                raise JobSetupError(f"Cannot write the condition images into {cond_dir}: {exc.strerror or exc}.") \
-                    from None
+
             specs = [jobspec.FrameSpec(index=i, scene_frame=p.frame, label=list(p.label),
                                        condition=_rel(conditions[i], self.job_dir),
                                        proxy=None if proxies is None else _rel(proxies[i], self.job_dir))
