@@ -18,11 +18,13 @@ import bpy
 from bpy.app.handlers import persistent
 
 from . import frame_import, job_writer, preferences, rig
-from .poses import FramePose, PoseError, check_writable_folder, scene_poses, write_dataset
+from .core import failures, job as jobspec, preflight
+from .poses import DATASET_FILE, FramePose, PoseError, scene_poses, write_dataset
 from .preview_display import PreviewDisplay, preview_files
 from .previews import PreviewError, make_contact_sheet, make_movie, make_previews
 from .properties import DEVICES, MEMORY_MODES, active_camera
-from .worker_process import WorkerProcess, WorkerStartError, WorkerStatus, resolve_worker_python
+from .worker_process import (WorkerProcess, WorkerStartError, WorkerStatus, probe_worker_python,
+                             resolve_worker_python)
 
 BLEND_FILE = "scene.blend"
 _active: "GenerationRun | None" = None
@@ -161,6 +163,9 @@ class GenerationRun:
             self.worker = WorkerProcess(self.prepared.job_dir, self.python)
         except (job_writer.JobSetupError, WorkerStartError) as exc:
             self._end_preparation("failed", str(exc))
+        except OSError as exc:  # e.g. the disk filled up while the conditions were rendered
+            failure = failures.report(exc, [prep.job_dir], name="generate.log")
+            self._end_preparation("failed", failure.message, failure.hint_with_log)
         except Exception as exc:  # a bug or a Blender error: the traceback goes to a log file, not to the user
             log = _log_exception(prep.job_dir)
             self._end_preparation("failed", f"Preparing the job failed: {exc}",
@@ -258,10 +263,15 @@ def begin_generation(context: bpy.types.Context | None = None, *, worker_python:
     p = progress_state(context)
     try:
         python = str(resolve_worker_python(worker_python_setting(context, worker_python)))
+        probe_worker_python(python)  # before anything is rendered: seconds, once per interpreter
         prep = job_writer.JobPreparation(context, model=model, **(preparation or {}))
     except (job_writer.JobSetupError, WorkerStartError) as exc:
         p.running, p.last_error, p.last_hint, p.last_log = False, str(exc), "", ""
         raise JobRunError(str(exc)) from None
+    except OSError as exc:
+        failure = failures.report(exc, [], name="generate.log")
+        p.running, p.last_error, p.last_hint, p.last_log = False, failure.message, failure.hint_with_log, ""
+        raise JobRunError(str(failure)) from None
     run = GenerationRun(context.scene, python, preparation=prep)
     _active = _last = run
     p.last_error = p.last_hint = p.last_log = ""
@@ -418,7 +428,8 @@ def run_turntable_job(out_dir: str | os.PathLike, *, frames: int = 16, reference
                       context: bpy.types.Context | None = None) -> JobResult:
     """Anchor (reused) + turntable + poses; with ``generate``: conditions, worker, import, GIF, sheet.
 
-    Always writes ``dataset.json`` and ``scene.blend`` into ``out_dir``. Blocks until the worker ends.
+    Writes ``dataset.json`` and ``scene.blend`` into ``out_dir`` (with ``generate``, only once every pre-work
+    check has passed: a job that fails them writes nothing there). Blocks until the worker ends.
     ``preview_sheet``: a PNG path refreshed with a contact sheet of the worker's latest previews.
     """
     context = context or bpy.context
@@ -427,6 +438,9 @@ def run_turntable_job(out_dir: str | os.PathLike, *, frames: int = 16, reference
     settings = scene.portrait3d
     if frames < 1:
         raise JobRunError(f"--frames must be at least 1, got {frames}.")
+    if frames > jobspec.MAX_FRAMES:
+        raise JobRunError(f"--frames is {frames}; one job holds at most {jobspec.MAX_FRAMES} frames (all frames are "
+                          "denoised together and kept in memory). Split the turntable into several jobs.")
     if not 16 <= size <= 2048:
         raise JobRunError(f"--size must be between 16 and 2048 pixels, got {size}.")
     if generate and size % 64:
@@ -439,16 +453,22 @@ def run_turntable_job(out_dir: str | os.PathLike, *, frames: int = 16, reference
         raise JobRunError(f"--steps must be between 1 and 1000, got {steps}.")
     if reference is not None:
         ref = Path(reference).expanduser().resolve()
-        if not ref.is_file():
-            raise JobRunError(f"Reference image not found: {ref}. Pass an existing portrait with --reference.")
+        try:
+            preflight.check_image(ref, "reference portrait")
+        except preflight.PreflightError as exc:
+            raise JobRunError(str(exc)) from None
         settings.reference_image = str(ref)
     elif generate and not settings.reference_image:
         raise JobRunError("No reference portrait: pass --reference face.png.")
     if conditions.lower() == "procedural":
         settings.condition_source = 'PROCEDURAL'
     else:
+        folder = Path(conditions).expanduser().resolve()
+        if not folder.is_dir():
+            raise JobRunError(f"--conditions {failures.clip(folder)} is not a folder of condition images. Pass "
+                              "'procedural' or an existing folder with one image per frame.")
         settings.condition_source = 'IMAGE_FOLDER'
-        settings.condition_folder = str(Path(conditions).expanduser().resolve()) + os.sep
+        settings.condition_folder = str(folder) + os.sep
     if steps is not None:
         settings.steps = steps
     if seed is not None:
@@ -466,8 +486,13 @@ def run_turntable_job(out_dir: str | os.PathLike, *, frames: int = 16, reference
     if proxy_views is not None:
         settings.use_proxy_views = proxy_views
     settings.import_as = set(import_as)
+    if generate:  # the worker Python is checked before anything is built, rendered or written
+        try:
+            probe_worker_python(worker_python_setting(context, worker_python))
+        except WorkerStartError as exc:
+            raise JobRunError(str(exc)) from None
     try:
-        out = check_writable_folder(Path(out_dir).expanduser().resolve())
+        out = preflight.probe_output_folder(Path(out_dir).expanduser().resolve())
         settings.output_folder = str(out) + os.sep
         settings.output_size = size
         settings.turntable_frames = frames
@@ -478,13 +503,14 @@ def run_turntable_job(out_dir: str | os.PathLike, *, frames: int = 16, reference
         camera = rig.build_turntable(scene, anchor, frames=frames, yaw_range=settings.turntable_yaw_range,
                                      pitch=settings.turntable_pitch, size_px=size)
         poses = scene_poses(scene, camera, anchor, range(scene.frame_start, scene.frame_end + 1))
-        dataset = write_dataset(out, poses)
-    except PoseError as exc:
-        raise JobRunError(str(exc)) from exc
+        # with generate, prepare_job writes dataset.json once every check has passed
+        dataset = out / DATASET_FILE if generate else write_dataset(out, poses)
+    except (PoseError, preflight.PreflightError) as exc:
+        raise JobRunError(str(exc)) from None
     warnings = [f"frame {p.frame}: {w}" for p in poses for w in p.warnings]
     result = JobResult(out, dataset, out / BLEND_FILE, poses, warnings)
     if generate:
-        log("rendering condition images and writing the job...")
+        log("checking the job, then rendering the condition images and writing the job...")
         run = start_generation(context, worker_python=worker_python, model=model)
         result.job_dir, result.notes = run.prepared.job_dir, list(run.prepared.notes)
         result.warnings = list(run.prepared.warnings)

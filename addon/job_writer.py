@@ -20,7 +20,7 @@ from pathlib import Path
 import bpy
 
 from . import background_render, preferences
-from .core import CORE_PARENT, job as jobspec
+from .core import CORE_PARENT, failures, job as jobspec, preflight
 from .poses import FramePose, PoseError, scene_poses, write_dataset
 from .poses import output_folder as poses_output_folder
 from .properties import active_camera, frame_range
@@ -229,7 +229,7 @@ def _move_into(paths: list[Path], folder: Path) -> list[Path]:
             os.replace(p, folder / p.name)
             moved.append(folder / p.name)
     except OSError as exc:
-        raise JobSetupError(f"Cannot write the condition images into {folder}: {exc.strerror or exc}.") from None
+        raise JobSetupError(str(failures.translate(exc))) from None
     return moved
 
 
@@ -468,14 +468,15 @@ class JobPreparation:
             yield PrepProgress("Reading camera poses", len(poses), n)
         notes = list(self.reference.notes) + check_camera_motion(poses, self._camera_name)
         warnings = list(self.reference.warnings) + [f"frame {p.frame}: {w}" for p in poses for w in p.warnings]
+        scene, _, _ = self._objects()
+        warnings += _preflight(scene.portrait3d, self.out, self.model_dir, self.frames, self.size, self.reference.path)
 
         cond_dir = self.job_dir / CONDITION_SUBDIR
         try:
             cond_dir.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.job_dir))
         except OSError as exc:
-            raise JobSetupError(f"Cannot create {cond_dir}: {exc.strerror or exc}. Choose another output "
-                                "folder.") from None
+            raise JobSetupError(str(failures.translate(exc))) from None
         committed = False
         try:
             proxies = None
@@ -514,8 +515,10 @@ class JobPreparation:
             try:
                 jobspec.write_job(job, self.job_dir)
                 write_dataset(self.out, poses)
-            except (jobspec.JobError, PoseError, OSError) as exc:
+            except (jobspec.JobError, PoseError) as exc:
                 raise JobSetupError(f"Cannot write the job: {exc}") from None
+            except OSError as exc:
+                raise JobSetupError(str(failures.translate(exc))) from None
             committed = True
             return PreparedJob(self.job_dir, self.out, job, poses, warnings, notes)
         finally:
@@ -523,3 +526,15 @@ class JobPreparation:
             if not committed and self._built_head:
                 from .proxy_head import remove_proxy_head
                 remove_proxy_head(self._built_head)
+
+
+def _preflight(s, out: Path, model_dir: Path, frames: list[int], size: int, reference: Path) -> list[str]:
+    """The shared pre-work checks (addon.preflight_checks) before anything is rendered or written."""
+    from .preflight_checks import check_before_render
+
+    try:
+        images = folder_conditions(s.condition_folder, len(frames))[0] if s.condition_source == 'IMAGE_FOLDER' \
+            else None
+        return check_before_render(s, out, model_dir, frames, size, reference, images)
+    except preflight.PreflightError as exc:
+        raise JobSetupError(str(exc)) from None

@@ -80,11 +80,15 @@ def fake_model_folder(path: Path) -> Path:
     return path
 
 
+FAKE_PROBE_ANSWER = 'if [ "$1" = "-c" ]; then echo "dp3d-probe-version 3.11.0"; echo "dp3d-probe-missing -"; exit 0; fi'
+
+
 def fake_worker_python(folder: Path, body: str = "exec sleep 30") -> Path:
-    """An executable standing in for the worker Python (a shell script running ``body``)."""
+    """An executable standing in for the worker Python (a shell script running ``body``); it answers the quick
+    worker Python check (``python -c ...``) like a Python with every package."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "python"
-    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.write_text(f"#!/bin/sh\n{FAKE_PROBE_ANSWER}\n{body}\n")
     path.chmod(0o755)
     return path
 

@@ -55,8 +55,15 @@ def _open(path: Path, size: int | None) -> Image.Image:
     except UnidentifiedImageError:
         raise ImageError(f"not an image (or a format Pillow cannot read): {path}") from None
     except OSError as exc:
-        raise ImageError(f"cannot read image {path}: {exc}") from None
+        raise ImageError(f"cannot read image {path}: {_reason(exc)}") from None
     return im
+
+
+def _reason(exc: OSError) -> str:
+    """Why an image could not be read, without exception names or errno numbers."""
+    if exc.errno is not None and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or "damaged or unsupported data"
 
 
 def _centre_square(w: int, h: int) -> tuple[int, int, int, int]:
@@ -102,7 +109,7 @@ def load_rgb(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
             im = im.resize((out_size, out_size), Image.LANCZOS, reducing_gap=3.0)
         a = np.asarray(im).astype(np.float32) / 255.0
     except OSError as exc:  # truncated or corrupt data shows up only on load
-        raise ImageError(f"cannot decode image {path}: {exc}") from None
+        raise ImageError(f"cannot decode image {path}: {_reason(exc)}") from None
     if a.shape[2] == 4:
         alpha = a[..., 3:4]
         a = a[..., :3] * alpha + (1.0 - alpha)

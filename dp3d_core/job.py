@@ -33,6 +33,13 @@ LABEL_LENGTH = 25
 PATTERN_FIELDS = ("index", "scene_frame")
 DEFAULT_FRAME_PATTERN = "frame_{scene_frame:04d}.png"
 MAX_SIZE = 2048
+# All frames of a job are denoised as one joint trajectory, so every frame's latents, condition and proxy stay in
+# memory for the whole run (about 3.8 MB per frame at 512 px on the CPU side alone) and a cancel loses them all.
+# 1000 frames (40 s at 25 fps, about 3.8 GB of inputs at 512 px) is far beyond a turntable; longer sequences are
+# better split into several jobs.
+MAX_FRAMES = 1000
+MAX_PATTERN_LENGTH = 200  # characters of frame_pattern (names must also fit the file system: dp3d_core.preflight)
+MAX_JOB_BYTES = 64 << 20  # a job.json of MAX_FRAMES frames is well under 1 MB
 # Model files up to this size are hashed by content; bigger ones by (size, mtime).
 _SMALL_FILE = 1 << 20
 
@@ -121,7 +128,12 @@ class Job:
 # ---------------------------------------------------------------- validation
 
 def _fail(field_name: str, problem: str) -> JobError:
-    return JobError(f"job.json field '{field_name}': {problem}")
+    return JobError(f"job.json field '{_clip(field_name)}': {_clip(problem, 400)}")
+
+
+def _clip(text: str, limit: int = 120) -> str:
+    """A value quoted in a message, cut in the middle when long (a 10 MB value never reaches the UI)."""
+    return text if len(text) <= limit else f"{text[:limit // 2 - 3]} ... {text[-(limit // 2 - 3):]}"
 
 
 def _int(d: dict, key: str, where: str, default: Any = ..., low: int | None = None,
@@ -181,6 +193,11 @@ def _format_pattern(pattern: str, index: int, scene_frame: int) -> str:
 
 
 def _check_pattern(pattern: str) -> None:
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        raise _fail("frame_pattern", f"is {len(pattern)} characters long; at most {MAX_PATTERN_LENGTH} are allowed "
+                    f"(e.g. {DEFAULT_FRAME_PATTERN!r})")
+    if any(ord(c) < 32 or c == "\x7f" for c in pattern):
+        raise _fail("frame_pattern", "must not contain control characters (tab, newline, NUL, ...)")
     for _, name, _, _ in string.Formatter().parse(pattern):
         if name is not None and name not in PATTERN_FIELDS:
             raise _fail("frame_pattern", f"unknown field {{{name}}}; use {{index}} or {{scene_frame}}")
@@ -266,6 +283,9 @@ def job_from_dict(d: Any) -> Job:
     frames_raw = d.get("frames")
     if not isinstance(frames_raw, list) or not frames_raw:
         raise _fail("frames", "must be a non-empty list (one entry per output view)")
+    if len(frames_raw) > MAX_FRAMES:
+        raise _fail("frames", f"has {len(frames_raw)} entries; a job holds at most {MAX_FRAMES} frames (all frames "
+                    "are denoised together and kept in memory); split the sequence into several jobs")
     frames = [_parse_frame(f, i) for i, f in enumerate(frames_raw)]
     pattern = _str(d, "frame_pattern", "frame_pattern", DEFAULT_FRAME_PATTERN)
     _check_pattern(pattern)
@@ -320,9 +340,15 @@ def read_job(job_dir: str | os.PathLike) -> Job:
     if not path.is_file():
         raise JobError(f"no {JOB_FILE} in {Path(job_dir).resolve()}; is this a job folder?")
     try:
+        if path.stat().st_size > MAX_JOB_BYTES:
+            raise JobError(f"{path} is {path.stat().st_size >> 20} MB; a job file is at most {MAX_JOB_BYTES >> 20} MB "
+                           "(export the job again from the add-on)")
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise JobError(f"{path} is not valid JSON ({exc})") from None
+        raise JobError(f"{path} is not valid JSON ({_clip(str(exc))})") from None
+    except RecursionError:
+        raise JobError(f"{path} is nested too deeply to be a job (JSON inside JSON thousands of levels deep); "
+                       "export the job again from the add-on") from None
     return job_from_dict(data)
 
 
