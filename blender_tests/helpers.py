@@ -120,6 +120,11 @@ FAKE_PREVIEW_WORKER = Path(__file__).resolve().parent / "fake_preview_worker.py"
 
 def fake_preview_worker_python(folder: Path, options: str = "") -> Path:
     """A worker Python whose ``-m dp3d_core.worker JOB`` runs blender_tests/fake_preview_worker.py (previews,
-    resumed, frames; ``options`` go in front of its arguments); any other command runs the real Python."""
-    return fake_worker_python(folder, f'if [ "$1" = "-m" ]; then exec "{sys.executable}" "{FAKE_PREVIEW_WORKER}" '
-                                      f'{options} "$@"; fi\nexec "{sys.executable}" "$@"')
+    resumed, frames; ``options`` go in front of its arguments); any other command (the quick worker check, the
+    contact sheet) runs this Python."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "python"
+    path.write_text(f'#!/bin/sh\nif [ "$1" = "-m" ]; then exec "{sys.executable}" "{FAKE_PREVIEW_WORKER}" {options} '
+                    f'"$@"; fi\nexec "{sys.executable}" "$@"\n')
+    path.chmod(0o755)
+    return path
