@@ -470,6 +470,7 @@ class JobPreparation:
         warnings = list(self.reference.warnings) + [f"frame {p.frame}: {w}" for p in poses for w in p.warnings]
         scene, _, _ = self._objects()
         warnings += _preflight(scene.portrait3d, self.out, self.model_dir, self.frames, self.size, self.reference.path)
+        yield PrepProgress("Checking the job")
 
         cond_dir = self.job_dir / CONDITION_SUBDIR
         try:

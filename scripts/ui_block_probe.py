@@ -57,7 +57,8 @@ def _fake_model(folder: Path) -> Path:
 
 def _sleeping_python(folder: Path) -> Path:
     path = folder / "python"
-    path.write_text("#!/bin/sh\nexec sleep 30\n")
+    # The add-on's quick worker check (python -c ...) goes to this Python; the worker itself just sleeps.
+    path.write_text(f'#!/bin/sh\nif [ "$1" = "-c" ]; then exec "{sys.executable}" "$@"; fi\nexec sleep 30\n')
     path.chmod(0o755)
     return path
 
@@ -109,9 +110,9 @@ def probe(out: Path, frames: int, size: int, proxy_views: bool, frames_per_step:
         seconds, prepared = _timed(job_writer.prepare_job, context)
         rows.append(_summary("prepare_job (one call)", [seconds]))
     else:
-        run = job_runner.begin_generation(context, preparation={"frames_per_step": frames_per_step,
-                                                                "step_budget_s": budget,
-                                                                "render_elsewhere": background_blender})
+        seconds, run = _timed(lambda: job_runner.begin_generation(context, preparation={
+            "frames_per_step": frames_per_step, "step_budget_s": budget, "render_elsewhere": background_blender}))
+        rows.append(_summary("Generate pressed: quick checks, worker Python probe", [seconds]))
         phases: dict[str, list[float]] = {}
         while run.preparing:
             before = run.preparation.progress.text
