@@ -9,6 +9,7 @@ Layout (inside the output folder, so a job lives next to its frames)::
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import struct
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import bpy
 
-from . import background_render, preferences
+from . import background_render, preferences, reference_prep
 from .core import CORE_PARENT, failures, job as jobspec, preflight
 from .poses import FramePose, PoseError, scene_poses, write_dataset
 from .poses import output_folder as poses_output_folder
@@ -73,7 +74,7 @@ def check_model_folder(path: str | os.PathLike) -> Path:
     p = Path(bpy.path.abspath(raw)).expanduser()
     if not p.is_dir():
         raise JobSetupError(f"Model folder not found: {p}. Convert the official checkpoint (Preferences > Add-ons "
-                            "> Portrait 3D > Convert Official Checkpoint) or pick an existing model folder.")
+                            "> Portrait 3D > Models > Get Official Weights) or pick an existing model folder.")
     if not (p / "model_index.json").is_file():
         raise JobSetupError(f"{p} is not a Portrait 3D model folder (no model_index.json). Pick the folder the "
                             "converter wrote, which holds model_index.json, unet/, vae/ and the others.")
@@ -172,12 +173,15 @@ def _rel(path: Path, base: Path) -> str:
         return str(path.resolve())
 
 
-def prepare_job(context: bpy.types.Context, *, model: str | os.PathLike | None = None) -> PreparedJob:
+def prepare_job(context: bpy.types.Context, *, model: str | os.PathLike | None = None,
+                worker_python: str | os.PathLike | None = None) -> PreparedJob:
     """Check everything, render the conditions and write ``<out>/.job/job.json``; JobSetupError otherwise.
 
+    With Prepare Reference on, the reference is prepared (in ``worker_python``, default the preference) unless
+    a fresh result is stored: the job records its crop and camera, and proxy views project the crop from it.
     Blocking (background mode, scripts, tests): the steps of a :class:`JobPreparation` in a row, all frames of a
     phase in one set-up of the scene (no UI to hand control back to between them)."""
-    return JobPreparation(context, model=model, **BLOCKING).run()
+    return JobPreparation(context, model=model, worker_python=worker_python, **BLOCKING).run()
 
 
 @dataclass
@@ -253,6 +257,7 @@ class JobPreparation:
     """
 
     def __init__(self, context: bpy.types.Context, *, model: str | os.PathLike | None = None,
+                 worker_python: str | os.PathLike | None = None,
                  frames_per_step: int | None = FRAMES_PER_STEP, step_budget_s: float | None = STEP_BUDGET_S,
                  poses_per_step: int = POSES_PER_STEP, render_elsewhere: bool = True) -> None:
         scene = context.scene
@@ -271,7 +276,7 @@ class JobPreparation:
             raise JobSetupError(f"Output Size {size} px is not a multiple of 64 (the model needs that); use "
                                 f"{suggestion}.")
         try:
-            self.reference = check_reference(s.reference_image)
+            self.reference = check_reference(s.reference_image, prepared=s.use_reference_prep)
         except ReferenceImageError as exc:
             raise JobSetupError(str(exc)) from None
         self.out = output_folder(scene)
@@ -292,6 +297,8 @@ class JobPreparation:
         self._condition_folder = s.condition_folder
         self._proxy_seed = s.proxy_seed
         self._proxy_views = s.use_proxy_views
+        self._use_prep = s.use_reference_prep
+        self._worker_python = None if worker_python is None else str(worker_python)
         self._settings = jobspec.GenerationSettings(steps=s.steps, guidance=s.guidance, eta=s.eta, seed=s.seed,
                                                     size=size, scheduler=SCHEDULER_IDS.get(s.scheduler, "ddim"))
         self._device, self._memory, self._compile = s.device.lower(), s.memory.lower(), s.use_compile
@@ -381,14 +388,16 @@ class JobPreparation:
             yield PrepProgress(phase, len(paths), len(self.frames))
         return paths
 
-    def _render_in_background(self, command: list[str], staging: Path, names: list[str], with_proxies: bool):
+    def _render_in_background(self, command: list[str], staging: Path, names: list[str], with_proxies: bool,
+                              projected: Path, projected_from: list[float] | None):
         """Render in a background Blender (see background_render): (conditions, proxies or None), or a warning
         sentence when it could not (the caller then renders here; the details go to the job's log)."""
         n = len(self.frames)
         scene, camera, anchor = self._objects()
         proxy = None
         if with_proxies:
-            proxy = {"head": names[0], "reference": str(self.reference.path), "label": None, "anchor": anchor.name}
+            proxy = {"head": names[0], "reference": str(projected),
+                     "label": None if projected_from is None else list(projected_from), "anchor": anchor.name}
         try:
             process = background_render.RenderProcess(command, scene, staging, camera=camera.name, objects=names,
                                                       frames=self.frames, size=self.size, proxy=proxy)
@@ -420,7 +429,8 @@ class JobPreparation:
         return ("The condition images could not be rendered in a background Blender, so Blender rendered them "
                 f"itself{f' (details in {log})' if log else ''}.")
 
-    def _render_here(self, staging: Path, names: list[str], with_proxies: bool):
+    def _render_here(self, staging: Path, names: list[str], with_proxies: bool, projected: Path,
+                     projected_from: list[float] | None):
         """Render in this Blender, in batches (see :meth:`_render_batches`): (conditions, proxies or None)."""
         from .condition_render import (ConditionRenderError, condition_renderer, project_reference,
                                        proxy_view_renderer)
@@ -444,7 +454,7 @@ class JobPreparation:
             return conditions, None
         try:
             _, _, anchor = self._objects()
-            projection = project_reference(objects()[0], self.reference.path, anchor=anchor)
+            projection = project_reference(objects()[0], projected, projected_from, anchor=anchor)
             yield PrepProgress("Rendering 3D-aware proxy views", 0, len(self.frames))
 
             def proxies_renderer():
@@ -455,6 +465,24 @@ class JobPreparation:
         except ConditionRenderError as exc:
             raise JobSetupError(f"Rendering the 3D-aware proxy views failed: {exc}") from None
         return conditions, proxies
+
+    def _prepared_reference(self):
+        """The reference preparation's result (issue 13; None when it is off): the stored one, else made now. In the
+        UI a preparation of the same inputs already running in the background is waited for step by step; making
+        one here blocks (the panel starts it in the background as soon as the photo is picked, so this is rare)."""
+        if not self._use_prep:
+            return None
+        scene, _, _ = self._objects()
+        while self.step_budget_s is not None and reference_prep.pending(scene):
+            yield PrepProgress("Preparing the reference")
+            scene, _, _ = self._objects()
+        context = bpy.context
+        try:
+            with context.temp_override(scene=scene) if context.scene != scene else contextlib.nullcontext():
+                return reference_prep.ensure(bpy.context, self._worker_python)
+        except reference_prep.ReferencePrepError as exc:
+            raise JobSetupError(f"{exc} (Or turn off Prepare Reference, --no-prepare on the command line, to use the "
+                                "photo's centre square as it is.)") from None
 
     def _run(self):
         n = len(self.frames)
@@ -471,6 +499,10 @@ class JobPreparation:
         scene, _, _ = self._objects()
         warnings += _preflight(scene.portrait3d, self.out, self.model_dir, self.frames, self.size, self.reference.path)
         yield PrepProgress("Checking the job")
+        prep = yield from self._prepared_reference()
+        if prep is not None:
+            notes.append(f"Reference prepared: {prep.summary()}")
+            warnings += prep.warnings
 
         cond_dir = self.job_dir / CONDITION_SUBDIR
         try:
@@ -480,6 +512,12 @@ class JobPreparation:
             raise JobSetupError(str(failures.translate(exc))) from None
         committed = False
         try:
+            projected, projected_from = self.reference.path, None  # what proxy views project, from which camera
+            if prep is not None and self._proxy_views:
+                try:
+                    projected, projected_from = reference_prep.copy_crop(prep, self.job_dir), prep.label
+                except reference_prep.ReferencePrepError as exc:
+                    raise JobSetupError(str(exc)) from None
             proxies = None
             if self._source == 'IMAGE_FOLDER':
                 conditions, folder_warnings = folder_conditions(self._condition_folder, n)
@@ -494,12 +532,14 @@ class JobPreparation:
                 rendered = None
                 command = background_render.blender_command() if self.render_elsewhere else None
                 if command is not None:
-                    rendered = yield from self._render_in_background(command, staging, names, self._proxy_views)
+                    rendered = yield from self._render_in_background(command, staging, names, self._proxy_views,
+                                                                     projected, projected_from)
                     if isinstance(rendered, str):  # it failed: say so, and render here
                         warnings.append(rendered)
                         rendered = None
                 if rendered is None:
-                    rendered = yield from self._render_here(staging, names, self._proxy_views)
+                    rendered = yield from self._render_here(staging, names, self._proxy_views, projected,
+                                                            projected_from)
                 conditions, proxies = rendered
                 conditions = _move_into(conditions, cond_dir)
                 if proxies is not None:
@@ -512,7 +552,7 @@ class JobPreparation:
             job = jobspec.Job(references=[str(self.reference.path.resolve())], frames=specs,
                               model=str(self.model_dir.resolve()), output=str(self.out.resolve()),
                               settings=self._settings, device=self._device, memory=self._memory,
-                              compile=self._compile)
+                              compile=self._compile, reference_prep=None if prep is None else prep.job_prep())
             try:
                 jobspec.write_job(job, self.job_dir)
                 write_dataset(self.out, poses)

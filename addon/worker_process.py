@@ -89,7 +89,8 @@ def probe_worker_python(python: str | os.PathLike, timeout: float = PROBE_TIMEOU
         st = exe.stat()
     except OSError as exc:
         raise WorkerStartError(str(failures.worker_python_failure("no_run", exe, exc.strerror or "unreadable")))
-    key = (str(exe.resolve()), st.st_mtime_ns, st.st_size)
+    # Not resolved: a venv's python is a link to the base interpreter, and two venvs must not share a verdict.
+    key = (str(exe.absolute()), st.st_mtime_ns, st.st_size)
     if key in _probe_ok:
         return _probe_ok[key]
     try:

@@ -207,7 +207,8 @@ def test_model_folder_incomplete(ready, tmp_path):
 
 def test_worker_python_unset(ready, monkeypatch):
     monkeypatch.delenv("PORTRAIT3D_WORKER_PYTHON")
-    assert "No worker Python set" in generate_error()
+    msg = generate_error()
+    assert "No worker Python set" in msg and "Set Up Worker" in msg
 
 
 def test_worker_python_missing(ready, monkeypatch, tmp_path):

@@ -527,24 +527,42 @@ def read_embedding(path: str | Path) -> torch.Tensor:
     return emb[None] if emb.ndim == 2 else emb
 
 
+PROGRESS_PREFIX = "progress "  # --progress: one JSON object per line after this prefix
+
+
+def _nbytes(component: Any) -> int:
+    state = component.state_dict() if isinstance(component, torch.nn.Module) else {}
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
 def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path, config: str | Path | None = None,
                        context_from: str | Path | None = None, strict: bool = True,
-                       overwrite: bool = False, family: str | None = None) -> ConversionReport:
+                       overwrite: bool = False, family: str | None = None,
+                       progress: Callable[[str, int, int], None] | None = None) -> ConversionReport:
     """Convert an official checkpoint file and write the model folder; returns the report.
 
-    ``family``: the family the caller expects (None: whatever the keys say)."""
+    ``family``: the family the caller expects (None: whatever the keys say).
+    ``progress(phase, done, total)``: ``read`` and ``write`` count bytes, ``convert`` counts steps; writing the
+    folder (which reads the memory-mapped checkpoint) is most of the time for the full-size model.
+    """
     from .model_folder import save_model_folder
     from .models.prompt_embedding import PromptEmbedding
 
+    tell = progress or (lambda phase, done, total: None)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ConversionError(f"{out} already exists and is not empty; choose an empty folder or pass --overwrite")
 
+    size = Path(checkpoint).stat().st_size if Path(checkpoint).is_file() else 0
+    tell("read", 0, size)
     sd = load_checkpoint(checkpoint)
+    tell("read", size, size)
     found = check_family_keys(sd, family)
     params = read_params_file(config) if config else infer_params(sd, found)
+    tell("convert", 0, 2)
     converted = convert_state_dict(sd, params, family)
     modules = build_networks(converted)
+    tell("convert", 1, 2)
     report = converted.report
     if context_from is not None:
         embedding = read_embedding(context_from)
@@ -563,7 +581,16 @@ def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path, config: str 
     modules.pop("text_encoder", None)
     if strict and not report.ok:
         raise ConversionError(f"the checkpoint does not match the expected model; nothing written.\n{report}")
-    save_model_folder(modules, out, overwrite=overwrite, family=converted.family)
+    tell("convert", 2, 2)
+    sizes = {name: _nbytes(m) for name, m in modules.items()}
+    total, written = sum(sizes.values()), [0]
+
+    def saved(name: str) -> None:
+        written[0] += sizes.get(name, 0)
+        tell("write", written[0], total)
+
+    tell("write", 0, total)
+    save_model_folder(modules, out, overwrite=overwrite, family=converted.family, on_saved=saved)
     return report
 
 
@@ -578,12 +605,18 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
     parser.add_argument("--family", choices=("DiffPortrait3D", "DiffPortrait360"),
                         help="refuse a checkpoint of another family (default: convert whichever the keys say)")
+    parser.add_argument("--progress", action="store_true",
+                        help=f"print machine-readable progress lines ('{PROGRESS_PREFIX}{{json}}') for the add-on")
     args = parser.parse_args(list(argv) if argv is not None else None)
     from .model_folder import ModelFolderError
+
+    def print_progress(phase: str, done: int, total: int) -> None:
+        print(PROGRESS_PREFIX + json.dumps({"phase": phase, "done": done, "total": total}), flush=True)
+
     try:
         report = convert_checkpoint(args.checkpoint, args.out, args.config, args.context_from,
                                     strict=not args.allow_incomplete, overwrite=args.overwrite,
-                                    family=args.family)
+                                    family=args.family, progress=print_progress if args.progress else None)
     except (ConversionError, ModelConfigError, ModelFolderError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

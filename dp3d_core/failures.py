@@ -23,8 +23,9 @@ from typing import Iterable
 LOG_DIR_ENV = "PORTRAIT3D_LOG_DIR"
 MAX_TEXT = 300  # characters of a path or value quoted in a message
 PACKAGES = ("torch", "diffusers", "safetensors", "PIL", "numpy")
-PACKAGES_HINT = ("Install them into that Python (`<python> -m pip install torch diffusers safetensors pillow "
-                 "numpy`), or pick another Python as Worker Python in Preferences > Add-ons > Portrait 3D.")
+PACKAGES_HINT = ("Press Set Up Worker in Preferences > Add-ons > Portrait 3D (it makes a complete worker environment), "
+                 "or install them into that Python (`<python> -m pip install torch diffusers safetensors pillow "
+                 "numpy`).")
 
 
 @dataclass(frozen=True)

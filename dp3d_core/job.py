@@ -75,6 +75,19 @@ class GenerationSettings:
 
 
 @dataclass
+class ReferencePrep:
+    """How the reference photo was prepared (``python -m dp3d_core.prepare_reference``): the square ``crop``
+    (x0, y0, x1, y1) in the pixels of the upright photo, which the worker cuts out of the original file, and the
+    photo camera found for it (degrees, and its EG3D label)."""
+
+    crop: list[float]
+    yaw: float
+    pitch: float
+    roll: float
+    label: list[float]
+
+
+@dataclass
 class Job:
     """A whole turntable request."""
 
@@ -89,6 +102,7 @@ class Job:
     compile: bool = False  # torch.compile the networks: minutes at the first window, then ~1.4x faster steps
     frame_pattern: str = DEFAULT_FRAME_PATTERN
     version: int = JOB_VERSION
+    reference_prep: ReferencePrep | None = None  # None: the reference's centre square is used as it is
 
     def resolve(self, job_dir: str | os.PathLike) -> "Job":
         """A copy with every path made absolute (relative paths are taken from ``job_dir``)."""
@@ -267,6 +281,35 @@ def _parse_frame(d: Any, i: int) -> FrameSpec:
     )
 
 
+def _parse_reference_prep(d: Any) -> ReferencePrep | None:
+    if d is None:
+        return None
+    if not isinstance(d, dict):
+        raise _fail("reference_prep", f"must be an object or null, got {type(d).__name__}")
+    crop = d.get("crop")
+    if (not isinstance(crop, (list, tuple)) or len(crop) != 4 or
+            not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in crop)):
+        raise _fail("reference_prep.crop", f"must be four finite numbers x0, y0, x1, y1; got {crop!r:.80}")
+    x0, y0, x1, y1 = (float(v) for v in crop)
+    side = x1 - x0
+    if side < 1.0 or y1 - y0 < 1.0 or abs((y1 - y0) - side) > 1e-3 * side + 0.01:
+        raise _fail("reference_prep.crop", f"must be a square with x1 > x0 and y1 > y0, got {[x0, y0, x1, y1]}")
+    missing = [k for k in ("yaw", "pitch", "roll", "label") if k not in d]
+    if missing:
+        raise _fail("reference_prep", f"is missing {', '.join(missing)}")
+    prep = ReferencePrep(
+        crop=[x0, y0, x1, y1],
+        yaw=_float(d, "yaw", "reference_prep.yaw", math.nan, -180.0, 180.0),
+        pitch=_float(d, "pitch", "reference_prep.pitch", math.nan, -90.0, 90.0),
+        roll=_float(d, "roll", "reference_prep.roll", math.nan, -180.0, 180.0),
+        label=_parse_label(d.get("label"), "reference_prep.label"),
+    )
+    unknown = set(d) - set(asdict(prep))
+    if unknown:
+        raise _fail("reference_prep", f"unknown key(s) {', '.join(sorted(unknown))}")
+    return prep
+
+
 def job_from_dict(d: Any) -> Job:
     """Validate a parsed ``job.json`` and build a :class:`Job` (raises :class:`JobError`)."""
     if not isinstance(d, dict):
@@ -298,7 +341,10 @@ def job_from_dict(d: Any) -> Job:
         memory=_str(d, "memory", "memory", "normal", MEMORY_MODES),
         compile=_bool(d, "compile", "compile", False),
         frame_pattern=pattern, version=version,
+        reference_prep=_parse_reference_prep(d.get("reference_prep")),
     )
+    if job.reference_prep is not None and len(job.references) != 1:
+        raise _fail("reference_prep", f"describes one prepared reference, but the job has {len(job.references)}")
     seen_index: dict[int, int] = {}
     seen_name: dict[str, int] = {}
     for i, f in enumerate(frames):
@@ -393,7 +439,8 @@ def job_hash(job: Job, job_dir: str | os.PathLike | None = None) -> str:
     """Stable hash of everything that changes the pixels (not the output folder or file names).
 
     Covers the settings, device, dtype, the model folder identity, and the contents of every
-    reference, condition and proxy image, plus each frame's index, scene frame and label. Not ``memory`` or
+    reference, condition and proxy image, plus each frame's index, scene frame and label, and the reference
+    preparation (crop and pose) when there is one. Not ``memory`` or
     ``compile``: they change speed and memory, not the picture (beyond floating-point rounding), so switching them
     keeps the frames already written.
     Relative paths are resolved against ``job_dir`` (default: the current folder).
@@ -410,4 +457,6 @@ def job_hash(job: Job, job_dir: str | os.PathLike | None = None) -> str:
                     "condition": file_digest(f.condition),
                     "proxy": None if f.proxy is None else file_digest(f.proxy)} for f in j.frames],
     }
+    if j.reference_prep is not None:  # only when set, so jobs without one keep the hashes they always had
+        payload["reference_prep"] = asdict(j.reference_prep)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

@@ -12,7 +12,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -55,8 +55,9 @@ def default_scheduler_config() -> dict[str, Any]:
 
 
 def save_model_folder(components: dict[str, Any], path: str | Path, overwrite: bool = False,
-                      family: Any = None) -> Path:
+                      family: Any = None, on_saved: Callable[[str], None] | None = None) -> Path:
     """Write ``components`` (name -> module / scheduler) as a model folder; a missing scheduler gets the default.
+    ``on_saved(name)`` is called after each component is written (the converter's progress).
 
     ``family``: a :class:`dp3d_core.families.Family` written to ``model_index.json`` (default: DiffPortrait3D).
 
@@ -85,6 +86,8 @@ def save_model_folder(components: dict[str, Any], path: str | Path, overwrite: b
                 continue
             items[name].save_pretrained(str(staging / name))
             index[name] = list(COMPONENTS[name])
+            if on_saved is not None:
+                on_saved(name)
         (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         staging.chmod(0o755)  # mkdtemp makes it private
         if path.exists():

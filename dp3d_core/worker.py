@@ -277,7 +277,8 @@ def run_job(job_dir: Path, emit: Emitter) -> int:
 
     check_model_folder(job.model)
     size = job.settings.size
-    references = [load_rgb(p, size) for p in job.references]
+    crop = job.reference_prep.crop if job.reference_prep is not None else None  # the prepared square
+    references = [load_rgb(p, size, crop=crop) for p in job.references]
     conditions = [load_rgb(f.condition, size) for f in frames]
     proxies = [None if f.proxy is None else load_rgb(f.proxy, size) for f in frames]
 
