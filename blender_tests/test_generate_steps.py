@@ -420,3 +420,44 @@ def test_stalled_background_blender_is_stopped(scene, tmp_path, monkeypatch):
     pid = int(marker.read_text())
     stat = Path(f"/proc/{pid}/stat")
     assert not stat.exists() or stat.read_text().split()[2] == "Z", "the stalled child was stopped"
+
+
+class _Layout:
+    """Records what a panel draws (labels and progress bars)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def label(self, text="", icon='NONE'):
+        self.lines.append(text)
+
+    def progress(self, factor=0.0, type='BAR', text=""):
+        self.lines.append(f"[{factor:.2f}] {text}")
+
+    def box(self):
+        return self
+
+
+def test_panel_shows_preparation_resume_and_preview(scene, tmp_path, monkeypatch):
+    from addon import panel
+
+    monkeypatch.setenv("PORTRAIT3D_WORKER_PYTHON", str(fake_preview_worker_python(
+        tmp_path / "bin", "--gate --previews 1 --resume-from 3 --steps 10")))
+    p = bpy.context.window_manager.portrait3d_progress
+    run = job_runner.begin_generation(bpy.context, preparation={"frames_per_step": 1})
+    while not (run.preparing and run.preparation.progress.phase == "Rendering conditions"
+               and run.preparation.progress.done == 2):
+        run.update(bpy.context)
+    layout = _Layout()
+    panel.draw_progress(layout, p)
+    assert layout.lines == ["[0.50] Rendering conditions 2/4"]
+    _update_until(run, lambda: run.preview.shown == 1)
+    layout = _Layout()
+    panel.draw_progress(layout, p)
+    assert "Resumed from step 3" in layout.lines and "Latest preview: step 4" in layout.lines, layout.lines
+    assert layout.lines[0].startswith("[") and "0/4 frames  step 4/10" in layout.lines[0], layout.lines
+    run.cancel()
+    _update_until(run, lambda: run.finished)
+    layout = _Layout()
+    panel.draw_progress(layout, p)
+    assert "Latest preview: step 4" not in layout.lines and "Resumed from step 3" in layout.lines
