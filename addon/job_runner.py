@@ -511,7 +511,7 @@ def run_turntable_job(out_dir: str | os.PathLike, *, frames: int = 16, reference
         except reference_prep.ReferencePrepError as exc:
             raise JobRunError(f"{exc} (Or pass --no-prepare to use the photo's centre square as it is.)") from None
     try:
-        out = preflight.probe_output_folder(Path(out_dir).expanduser().resolve())
+        out = preflight.probe_output_folder(Path(out_dir).expanduser())  # absolute, links not followed
         settings.output_folder = str(out) + os.sep
         settings.output_size = size
         settings.turntable_frames = frames

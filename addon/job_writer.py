@@ -270,6 +270,11 @@ class JobPreparation:
             raise JobSetupError("No head anchor: add one with 'Add Head Anchor' or pick an Empty as Head Anchor.")
         if end < start:
             raise JobSetupError(f"The frame range {start}-{end} is empty: make End greater than or equal to Start.")
+        from .preflight_checks import check_frame_count
+        try:
+            check_frame_count(end - start + 1)  # before the poses: a huge range must not freeze the UI first
+        except preflight.PreflightError as exc:
+            raise JobSetupError(str(exc)) from None
         size = int(s.output_size)
         if size % 64:
             suggestion = max(64, round(size / 64) * 64)

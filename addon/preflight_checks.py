@@ -12,16 +12,21 @@ from .core import preflight
 from .poses import frame_filename
 
 
+def check_frame_count(count: int) -> None:
+    """PreflightError for a frame range beyond the job limit (checked before any pose is computed)."""
+    if count > jobspec.MAX_FRAMES:
+        raise preflight.PreflightError(
+            f"The frame range has {count} frames; one job holds at most {jobspec.MAX_FRAMES} (all frames are "
+            "denoised together and kept in memory).", "Shorten the frame range, or split it into several jobs.")
+
+
 def check_before_render(settings, out: Path, model_dir: Path, frames: list[int], size: int, reference: Path,
                         condition_images: list[Path] | None = None) -> list[str]:
     """Warnings for the job the scene describes; PreflightError (plain words) for one that cannot work.
 
     ``condition_images``: the images an image-folder source will use (None when conditions are rendered).
     """
-    if len(frames) > jobspec.MAX_FRAMES:
-        raise preflight.PreflightError(
-            f"The frame range has {len(frames)} frames; one job holds at most {jobspec.MAX_FRAMES} (all frames are "
-            "denoised together and kept in memory).", "Shorten the frame range, or split it into several jobs.")
+    check_frame_count(len(frames))
     rendered = condition_images is None
     images = [(reference, "reference portrait")]
     images += [(p, "condition image") for p in (condition_images or [])]

@@ -81,7 +81,8 @@ def probe_worker_python(python: str | os.PathLike, timeout: float = PROBE_TIMEOU
     """Check quickly that ``python`` is a Python 3.10+ that can find torch, diffusers and the rest.
 
     Returns its version; raises WorkerStartError with one plain sentence of what is wrong and one of what to do.
-    A success is remembered for that executable (path, mtime and size), so it costs one interpreter start once.
+    A success is remembered for that executable (its path as given, mtime and size), so it costs one interpreter
+    start once.
     Failures are not remembered: installing the missing package must make the next try pass.
     """
     exe = resolve_worker_python(python)
@@ -89,8 +90,9 @@ def probe_worker_python(python: str | os.PathLike, timeout: float = PROBE_TIMEOU
         st = exe.stat()
     except OSError as exc:
         raise WorkerStartError(str(failures.worker_python_failure("no_run", exe, exc.strerror or "unreadable")))
-    # Not resolved: a venv's python is a link to the base interpreter, and two venvs must not share a verdict.
-    key = (str(exe.absolute()), st.st_mtime_ns, st.st_size)
+    # the path as given, not resolved: every venv's python links to the same interpreter binary, and what a venv
+    # can import depends on where that link sits
+    key = (os.path.abspath(exe), st.st_mtime_ns, st.st_size)
     if key in _probe_ok:
         return _probe_ok[key]
     try:

@@ -185,6 +185,12 @@ def test_out_under_a_file(cli, tmp_path):
     assert "Cannot write to the output folder" in msg and "is a file, not a folder" in msg
 
 
+@pytest.mark.parametrize("target", ["loop", "nowhere"])
+def test_out_through_a_broken_or_looping_link(cli, tmp_path, target):
+    (tmp_path / "link").symlink_to(tmp_path / ("link" if target == "loop" else "nowhere"))
+    assert "symbolic link that leads nowhere" in cli(out=str(tmp_path / "link" / "out"))
+
+
 def test_out_is_a_file(cli, tmp_path):
     (tmp_path / "out.png").write_text("x")
     assert "is a file, not a folder" in cli(out=str(tmp_path / "out.png"))
@@ -263,3 +269,73 @@ def test_probe_is_cached_by_path_and_mtime(tmp_path):
     os.utime(py, (1, 1))  # a changed interpreter is checked again
     worker_process.probe_worker_python(py)
     assert counter.read_text().count("x") == 2
+    # a venv's python is a link to a shared interpreter: another link to it is another environment
+    (tmp_path / "venv2").mkdir()
+    (tmp_path / "venv2" / "python").symlink_to(py)
+    worker_process.probe_worker_python(tmp_path / "venv2" / "python")
+    assert counter.read_text().count("x") == 3
+
+
+# ---------------------------------------------------------------- the panel's Generate runs the same checks
+
+
+@pytest.fixture
+def panel(empty_scene, tmp_path, monkeypatch):
+    from blender_tests.helpers import setup_generation_scene
+
+    monkeypatch.setenv("PORTRAIT3D_WORKER_PYTHON", str(fake_worker_python(tmp_path / "py", "exit 7")))
+    addon.register()
+    setup_generation_scene(empty_scene, out=tmp_path / "out", model=fake_model_folder(tmp_path / "model"),
+                           frames=4)
+    yield empty_scene.portrait3d
+    job_runner.stop_all()
+    addon.unregister()
+
+
+def _generate_refused(tmp_path: Path) -> str:
+    before = snapshot(tmp_path)
+    with pytest.raises(job_runner.JobRunError) as info:
+        job_runner.start_generation(bpy.context)
+    message = str(info.value)
+    assert not RAW_TEXT.search(message), message
+    assert not job_runner.is_running()
+    assert snapshot(tmp_path) == before
+    return message
+
+
+def test_panel_huge_frame_range_is_refused_before_the_poses(panel, tmp_path):
+    panel.use_scene_range = False
+    panel.frame_start, panel.frame_end = 1, 1_000_000
+    msg = _generate_refused(tmp_path)
+    assert "1000000 frames" in msg and str(jobspec.MAX_FRAMES) in msg
+
+
+def test_panel_window_and_pickles_are_checked_before_rendering(panel, tmp_path):
+    (tmp_path / "model" / "view_modules" / "config.json").write_text(json.dumps({"clip_length": 4}))
+    assert "exactly 4 views" in _generate_refused(tmp_path)
+    (tmp_path / "model" / "view_modules" / "config.json").write_text("{}")
+    (tmp_path / "model" / "vae" / "diffusion_pytorch_model.ckpt").write_bytes(b"\x80\x04pickle")
+    assert "pickled weights" in _generate_refused(tmp_path)
+
+
+def test_panel_bin_false_worker(panel, tmp_path, monkeypatch):
+    monkeypatch.setenv("PORTRAIT3D_WORKER_PYTHON", "/bin/false")
+    assert "is not a Python interpreter" in _generate_refused(tmp_path)
+    p = bpy.context.window_manager.portrait3d_progress
+    assert "/bin/false" in p.last_error and not p.running
+
+
+def test_probe_says_too_old_and_times_out(tmp_path):
+    """An old Python still prints its version first (the probe's first line runs on Python 2 too)."""
+    old = tmp_path / "old" / "python"
+    old.parent.mkdir()
+    old.write_text('#!/bin/sh\necho "dp3d-probe-version 2.7.18"\nexit 1\n')
+    old.chmod(0o755)
+    with pytest.raises(worker_process.WorkerStartError, match="is Python 2.7.18; the worker needs Python 3.10"):
+        worker_process.probe_worker_python(old)
+    slow = tmp_path / "slow" / "python"
+    slow.parent.mkdir()
+    slow.write_text("#!/bin/sh\nexec sleep 30\n")
+    slow.chmod(0o755)
+    with pytest.raises(worker_process.WorkerStartError, match="did not answer within 1 s"):
+        worker_process.probe_worker_python(slow, timeout=1)

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from .families import FAMILY_3D, Family, FamilyError, check_family, detect_family
-from .models.config import (ModelConfigError, diffportrait360_params, network_configs, official_params,
+from .models.config import (DP360_POSITIONAL_ROWS, ModelConfigError, network_configs, official_params,
                             params_from_parity_config)
 
 UNET = "model.diffusion_model."
@@ -190,8 +190,7 @@ def infer_params(sd: dict[str, torch.Tensor], family: Family = FAMILY_3D) -> dic
     if pe:
         motion["temporal_position_encoding_max_len"] = int(pe[0].shape[1])
     elif family.layout == "diffportrait360":  # the DiffPortrait360 yaml's table length
-        motion["temporal_position_encoding_max_len"] = diffportrait360_params()["unet_additional_kwargs"][
-            "motion_module_kwargs"]["temporal_position_encoding_max_len"]
+        motion["temporal_position_encoding_max_len"] = DP360_POSITIONAL_ROWS
     params = official_params({
         "in_channels": int(conv_in.shape[1]), "out_channels": int(sd[UNET + "out.2.weight"].shape[0]),
         "model_channels": model_channels, "channel_mult": mult, "num_res_blocks": num_res,

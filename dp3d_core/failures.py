@@ -124,6 +124,9 @@ def _os_failure(exc: OSError) -> Failure | None:
     if code == errno.ENAMETOOLONG:
         return Failure(f"A file name is too long for the file system: {where}.",
                        "Use a shorter output folder path or frame name pattern.")
+    if code == errno.ELOOP:
+        return Failure(f"The path {where} goes round in a loop of symbolic links.",
+                       "Choose a folder whose path does not pass through that link loop.")
     if code == errno.ENOENT or isinstance(exc, FileNotFoundError):
         return Failure(f"{where} does not exist.", "Check the path, or export the job again from the add-on.")
     if code == errno.ENOMEM:
@@ -140,6 +143,9 @@ def translate(exc: BaseException) -> Failure:
     backend = oom_backend(text) if (isinstance(exc, RuntimeError) or "OutOfMemory" in type(exc).__name__) else None
     if backend is not None:
         return Failure(*_OOM[backend])
+    if isinstance(exc, RuntimeError) and text.startswith("Symlink loop from"):  # pathlib.resolve, Python < 3.13
+        return Failure(f"The path {clip(text[len('Symlink loop from '):].strip(chr(39)))} goes round in a loop of "
+                       "symbolic links.", "Choose a folder whose path does not pass through that link loop.")
     if isinstance(exc, RecursionError):
         return Failure("A file is nested too deeply to read (JSON inside JSON thousands of levels deep).",
                        "Export the job again from the add-on instead of using this file.")
@@ -149,6 +155,7 @@ def translate(exc: BaseException) -> Failure:
             return failure
     if isinstance(exc, ModuleNotFoundError):
         name = (exc.name or "a package").split(".")[0]
+        name = {"PIL": "pillow"}.get(name, name)  # the name pip installs
         return Failure(f"The worker Python lacks the package '{name}'.", PACKAGES_HINT)
     module = type(exc).__module__
     if module.startswith(("torch._dynamo", "torch._inductor")):
@@ -181,7 +188,8 @@ def worker_python_failure(kind: str, python: str | os.PathLike, detail: str = ""
         return Failure(f"The worker Python {p} cannot be started ({detail}).",
                        "Point Worker Python at a python executable with torch and diffusers.")
     return Failure(f"The worker Python {p} is not a Python interpreter{f' ({detail})' if detail else ''}.",
-                   "Point Worker Python at the python executable of an environment with torch and diffusers.")
+                   "Point Worker Python at the python executable of an environment with torch and diffusers, or "
+                   "press Set Up Worker in Preferences > Add-ons > Portrait 3D to make one.")
 
 
 # ---------------------------------------------------------------- log files

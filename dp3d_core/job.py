@@ -128,8 +128,12 @@ class Job:
 
     def output_path(self, frame: FrameSpec) -> Path:
         """Absolute output path of ``frame``; refuses anything outside the output folder."""
-        out = Path(self.output).resolve()
-        path = (out / self.frame_name(frame)).resolve()
+        try:
+            out = Path(self.output).resolve()
+            path = (out / self.frame_name(frame)).resolve()
+        except RuntimeError:  # pathlib's "Symlink loop from ..." (Python < 3.13)
+            raise _fail("output", f"the path {_clip(self.output)} goes round in a loop of symbolic links; choose "
+                        "an output folder whose path does not pass through it") from None
         if path.parent != out:
             raise JobError(f"frame_pattern: frame {frame.index} would be written to {path}, outside the "
                            f"output folder {out}; use a plain file name such as {DEFAULT_FRAME_PATTERN!r}")

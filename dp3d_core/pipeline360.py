@@ -35,7 +35,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
 from .families import BACK_HEAD, FAMILY_360_BACK_HEAD, FAMILY_360_VIEWS, VIEWS, Family
-from .model_folder import load_model_folder
+from .model_folder import load_model_folder, save_model_folder
 from .pipeline import DiffPortrait3DPipeline, ImageInput, PipelineError, image_size
 from .schedulers import OfficialDDIMScheduler, make_scheduler
 
@@ -60,11 +60,9 @@ class _Float16Schedule:
 
     def save_pretrained(self, save_directory: Any, overwrite: bool = False, **kwargs: Any) -> None:
         """Write the model folder (with its family) that ``from_pretrained`` reads."""
-        from .model_folder import save_model_folder
-
         if kwargs:
             raise TypeError(f"unsupported argument(s) {sorted(kwargs)}")
-        components = {k: v for k, v in self.components.items() if v is not None and k != "back_head"}
+        components = {k: v for k, v in self.components.items() if v is not None}
         save_model_folder(components, save_directory, overwrite=overwrite, family=self.family)
 
 
@@ -208,10 +206,18 @@ class DiffPortrait360Pipeline(_Float16Schedule, DiffPortrait3DPipeline):
                 ``callback_kwargs["stage"]`` is ``"back_head"`` or ``"views"``. ``callback_on_window`` is called
                 for both stages too (the back stage: one window per step).
             Other arguments (window, overlap, share_noise, latents, sample_posterior, ...) as in
-            :meth:`DiffPortrait3DPipeline.__call__`; they apply to the view stage.
+            :meth:`DiffPortrait3DPipeline.__call__`; they apply to the view stage (sample_posterior to both).
         """
+        # the checks DiffPortrait3DPipeline makes, before the back stage is spent
         if isinstance(reference_image, (list, tuple)):
             raise PipelineError("DiffPortrait360 takes one portrait (reference_image), not a list")
+        if condition_images is None or isinstance(condition_images, PIL.Image.Image) or len(condition_images) == 0:
+            raise PipelineError("no condition images: give a list with one camera-condition image per output view")
+        if proxy_images is not None and len(proxy_images) != len(condition_images):
+            raise PipelineError(f"{len(proxy_images)} proxy images for {len(condition_images)} views; give one per "
+                                f"view (or None)")
+        if output_type not in ("pil", "np", "latent"):
+            raise PipelineError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
         if back_image is None and (back_condition_image is None or self.back_head is None):
             raise PipelineError("the back view is needed: load the back-head model (from_pretrained(..., back_head="
                                 "FOLDER)) and give back_condition_image, or give back_image")
@@ -224,6 +230,7 @@ class DiffPortrait360Pipeline(_Float16Schedule, DiffPortrait3DPipeline):
             back = self.back_head(reference_image, [back_condition_image], num_inference_steps=num_inference_steps,
                                   guidance_scale=guidance_scale, eta=eta, generator=generator, scheduler=scheduler,
                                   height=height, width=width, output_type="np",
+                                  sample_posterior=kwargs.get("sample_posterior", True),
                                   callback_on_step_end=self._staged(callback_on_step_end, BACK_HEAD),
                                   callback_on_window=callback_on_window)
             back_image = back.images[0]

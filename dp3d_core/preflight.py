@@ -75,6 +75,10 @@ def probe_output_folder(folder: str | os.PathLike) -> Path:
     out = Path(os.path.abspath(os.path.expanduser(os.fspath(folder))))
     base = existing_ancestor(out)
     if not base.is_dir():
+        if base.is_symlink():
+            raise PreflightError(f"Cannot write to the output folder {clip(out)}: {clip(base)} is a symbolic link "
+                                 "that leads nowhere (broken, or a loop).",
+                                 "Choose another output folder, or repair that link.")
         raise PreflightError(f"Cannot write to the output folder {clip(out)}: {clip(base)} is a file, "
                              "not a folder.", "Choose another output folder, or move that file away.")
     created: list[Path] = []

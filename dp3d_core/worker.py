@@ -22,8 +22,8 @@ plain words (:mod:`dp3d_core.failures`); the raw text and traceback go to ``<job
 (or the log folder of :func:`dp3d_core.failures.log_dir`), whose path the hint names.
 
 CPU threads: OpenMP threads wait passively (``OMP_WAIT_POLICY=PASSIVE``) unless the environment
-says otherwise, so a busy machine slows the worker in proportion to the load instead of letting
-spinning threads fight the other programs (docs/PERFORMANCE.md, "CPU worker under load").
+says otherwise, so spinning threads do not fight the other programs of a busy machine for its cores
+(docs/PERFORMANCE.md, "CPU worker under load", measures old against new).
 """
 from __future__ import annotations
 
@@ -37,7 +37,13 @@ from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from . import failures, preflight, protocol
-from .images import ImageError, encode_png, load_rgb
+try:
+    from .images import ImageError, encode_png, load_rgb
+except ModuleNotFoundError as _exc:  # no Pillow or numpy in this Python: main() says so in one error event
+    _MISSING_PACKAGE: ModuleNotFoundError | None = _exc
+    ImageError = ValueError  # never raised then; keeps run()'s except clauses valid
+else:
+    _MISSING_PACKAGE = None
 from .job import Job, JobError, job_hash, read_job
 from .protocol import EXIT_CANCELLED, EXIT_ERROR, EXIT_OK, encode_event
 
@@ -177,8 +183,9 @@ def configure_cpu_threads(env: dict | None = None) -> None:
 
     Spinning waiters (the default policy spins for a while at every barrier) burn the cores another busy
     program needs and are then descheduled in the middle of a parallel region, so every barrier waits for a
-    time slice: a 2-core machine with one other busy process made a job 15x slower. Passive waiters yield,
-    and the slowdown stays roughly proportional to the load. A value already set by the user wins.
+    time slice: a 2-core machine with one other busy process made a job 15x slower. Passive waiters yield the
+    core (on the shared 2-core machine the same job ran about 7x faster next to busy programs; see
+    docs/PERFORMANCE.md). A value already set by the user wins.
     """
     env = os.environ if env is None else env
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -218,7 +225,7 @@ def drop_stale_cancel(job_dir: Path, started_wall: float, warn: Callable[[str], 
         warn("ignored a cancel request left over from an earlier run of this job (it is older than this run)")
 
 
-def preflight_job(job: Job, job_dir: Path, names: list[str], warn: Callable[[str], None]) -> None:
+def preflight_job(job: Job, names: list[str], warn: Callable[[str], None]) -> None:
     """The shared pre-work checks (dp3d_core.preflight) for a resolved job; PreflightError on failure."""
     frames = job.frames
     plan = preflight.Plan(output=Path(job.output), frame_names=names, size=job.settings.size, model=Path(job.model),
@@ -266,7 +273,7 @@ def run_job(job_dir: Path, emit: Emitter) -> int:
     frames = job.ordered_frames()
     out_dir = Path(job.output)
     names = [job.output_path(f).name for f in frames]  # also refuses paths outside the output folder
-    preflight_job(job, job_dir, names, warn)
+    preflight_job(job, names, warn)
     digest = job_hash(job)
     _remove_stale_temp_files(out_dir, names)
     done = protocol.frames_done(out_dir, names, digest)
@@ -358,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
         emit("error", message="usage: python -m dp3d_core.worker <job dir>",
              hint="the add-on starts the worker with the job folder as the only argument")
+        return EXIT_ERROR
+    if _MISSING_PACKAGE is not None:
+        failure = failures.translate(_MISSING_PACKAGE)
+        emit("error", message=failure.message, hint=failure.hint)
         return EXIT_ERROR
     return run(Path(argv[0]), emit)
 

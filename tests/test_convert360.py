@@ -148,3 +148,23 @@ def test_cli_writes_the_view_folder(tmp_path, capsys, io, embedding_file):
                                             [views["inputs.ref_latent"], views["inputs.back_ref_latent"]],
                                             views["inputs.pose"])
     assert (eps - views["t501.eps_cond"]).abs().max() < 1e-4
+
+
+class _Exploit:
+    """Unpickling this would create a file (stands in for arbitrary code execution)."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_pickled_back_head_checkpoint_that_would_run_code_is_refused(tmp_path, capsys):
+    marker = tmp_path / "pwned.txt"
+    checkpoint = tmp_path / "back_head-230000.th"
+    torch.save({"state_dict": {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)},
+                "payload": _Exploit(marker)}, checkpoint)
+    assert main([str(checkpoint), str(tmp_path / "out")]) == 2
+    assert "refusing to load" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "out").exists()

@@ -140,6 +140,15 @@ def test_output_folder_under_a_file(tmp_path):
     assert_refused(tmp_path, job, "is a file", "choose another output folder", subprocess=True)
 
 
+def test_output_folder_through_a_symlink_loop(tmp_path):
+    job = make_job(tmp_path)
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    data = json.loads((job / "job.json").read_text())
+    data["output"] = str(tmp_path / "loop" / "out")
+    (job / "job.json").write_text(json.dumps(data))
+    assert_refused(tmp_path, job, "loop of symbolic links", "output")
+
+
 def test_output_folder_is_a_file(tmp_path):
     job = make_job(tmp_path)
     (tmp_path / "out").write_text("x")
@@ -352,6 +361,8 @@ def test_fresh_cancel_is_honoured_before_loading_and_removed(tmp_path):
     (IsADirectoryError(errno.EISDIR, "Is a directory", "/out/frame_0001.png"), "is a folder where a file"),
     (OSError(errno.ENAMETOOLONG, "File name too long", "/out/" + "x" * 5000), "too long"),
     (OSError(errno.EROFS, "Read-only file system", "/mnt/ro"), "read-only"),
+    (OSError(errno.ELOOP, "Too many levels of symbolic links", "/a/loop/out"), "loop of symbolic links"),
+    (RuntimeError("Symlink loop from '/a/loop/out'"), "/a/loop/out goes round in a loop of symbolic links"),
     (RecursionError("maximum recursion depth exceeded"), "nested too deeply"),
     (ModuleNotFoundError("No module named 'diffusers'", name="diffusers"), "lacks the package 'diffusers'"),
     (KeyboardInterrupt(), "interrupted"),
@@ -574,3 +585,17 @@ def test_thread_policy_is_set_before_torch_loads():
     assert env["OMP_WAIT_POLICY"] == "ACTIVE"
     assert cpu_threads({"OMP_NUM_THREADS": "3"}) == 3
     assert 1 <= cpu_threads({}) <= (os.cpu_count() or 1)
+
+
+def test_a_worker_python_without_pillow_gets_one_error_event(tmp_path):
+    """Even a missing Pillow (imported by the worker module itself) ends in one plain error event."""
+    job = make_job(tmp_path)
+    code = ("import runpy, sys\n"
+            "sys.modules['PIL'] = None\n"
+            f"sys.argv = ['dp3d_core.worker', {str(job)!r}]\n"
+            "runpy.run_module('dp3d_core.worker', run_name='__main__')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    events = [parse_event(line) for line in r.stdout.splitlines() if line.strip()]
+    assert r.returncode == protocol.EXIT_ERROR and [e.kind for e in events] == ["error"], (r.stdout, r.stderr)
+    assert "lacks the package 'pillow'" in events[0]["message"] and "Traceback" not in r.stderr

@@ -199,6 +199,10 @@ def test_bad_inputs_and_wrong_folders(pipe: DiffPortrait360Pipeline, folders, tm
         pipe(front, conds, num_inference_steps=1)
     with pytest.raises(PipelineError, match="one portrait"):
         pipe([front, front], conds, back_image=front, num_inference_steps=1)
+    with pytest.raises(PipelineError, match="no condition images"):  # refused before the back stage runs
+        pipe(front, [], back_condition_image=front, num_inference_steps=1)
+    with pytest.raises(PipelineError, match="proxy"):
+        pipe(front, conds, back_condition_image=front, proxy_images=[None], num_inference_steps=1)
     with pytest.raises(ModelFolderError, match="holds a DiffPortrait360 view model.*back-head model .* is needed"):
         BackHeadPipeline.from_pretrained(folders[0])
     with pytest.raises(ModelFolderError, match="holds a DiffPortrait360 back-head model.*view model .* is needed"):

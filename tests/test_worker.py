@@ -190,7 +190,7 @@ def test_error_hints_are_plain() -> None:
     message, hint = _error_hint(SchedulerError("unknown scheduler 'euler'"))
     assert message == "unknown scheduler 'euler'." and "settings" in hint
     message, hint = _error_hint(ModuleNotFoundError("no torch", name="torch"))
-    assert "torch" in message and "Worker Python" in hint
+    assert "torch" in message and "Set Up Worker" in hint and "pip install" in hint
     message, hint = _error_hint(RuntimeError("weird"))
     assert "RuntimeError" not in message and "weird" not in message and "log" in hint
 

@@ -48,6 +48,8 @@ HINT_ENCODER_CHANNELS = (16, 32, 96, 256)
 CLIP_LENGTH = 8
 # Where the view modules sit (see models/view_modules.py).
 LAYOUTS = ("diffportrait3d", "diffportrait360")
+# DiffPortrait360's temporal_position_encoding_max_len (DiffPortrait3D: 32).
+DP360_POSITIONAL_ROWS = 24
 
 
 class ModelConfigError(ValueError):
@@ -67,7 +69,8 @@ def diffportrait360_params(overrides: dict[str, Any] | None = None, back_head: b
     :func:`official_params`: the same networks, view modules in the DiffPortrait360 layout with a 24-row
     positional table (the back-head model has none)."""
     params = official_params(overrides)
-    params["unet_additional_kwargs"]["motion_module_kwargs"]["temporal_position_encoding_max_len"] = 24
+    params["unet_additional_kwargs"]["motion_module_kwargs"]["temporal_position_encoding_max_len"] = \
+        DP360_POSITIONAL_ROWS
     params["view_module_layout"] = None if back_head else "diffportrait360"
     return params
 
