@@ -1,7 +1,10 @@
 """Running generation: one worker at a time, its progress on the window manager, the full CLI job.
 
-``start_generation`` writes the job and starts the worker without blocking (the UI polls
-``GenerationRun.update`` from a timer); ``wait`` blocks (background mode, CLI, tests).
+``begin_generation`` checks the job and returns a run the UI advances from a timer: each
+``GenerationRun.update`` is one small preparation step (job_writer.JobPreparation: poses, conditions rendered by
+a background Blender or a few at a time here), then starts the worker and polls it, showing its live previews.
+``start_generation`` does the preparation in a row and starts the worker (background mode, CLI, scripts);
+``wait`` blocks until the run ends.
 ``run_turntable_job`` is the whole scripted path: rig, poses, condition images, job, worker,
 imported frames, GIF + contact sheet, saved .blend.
 """
