@@ -75,6 +75,7 @@ def progress_text(status: WorkerStatus) -> str:
 
 
 PREPARE_INTERVAL = 0.01  # seconds between preparation steps in the UI (each step is one small batch)
+WAIT_INTERVAL = 0.1      # ... while the preparation only waits for another process (a background Blender)
 WORKER_INTERVAL = 0.25   # seconds between polls of the worker
 
 
@@ -117,7 +118,9 @@ class GenerationRun:
     @property
     def poll_interval(self) -> float:
         """Seconds until the next :meth:`update` should run."""
-        return PREPARE_INTERVAL if self.preparing else WORKER_INTERVAL
+        if self.preparing:
+            return WAIT_INTERVAL if self.preparation.waiting else PREPARE_INTERVAL
+        return WORKER_INTERVAL
 
     def cancel(self) -> None:
         """While preparing: stop now (scene as it was, job folder untouched, no worker). Then: ask the worker to

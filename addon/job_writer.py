@@ -311,6 +311,7 @@ class JobPreparation:
         self.progress = PrepProgress("Checking the job")
         self.result: PreparedJob | None = None
         self.frames_rendered = 0  # condition + proxy renders so far (tests check the per-step bound)
+        self.waiting = False  # True while the steps only wait for another process (the UI may poll less often)
         self._built_head = ""
         self._steps = self._run()
 
@@ -410,6 +411,7 @@ class JobPreparation:
             return self._fallback(f"it could not start: {exc}")
         try:
             last, last_change = None, time.monotonic()
+            self.waiting = True
             while (rc := process.poll()) is None:
                 done = process.counts()
                 if done != last:
@@ -427,6 +429,7 @@ class JobPreparation:
                 return self._fallback(f"exit code {rc}: " + " | ".join(process.tail(3)), process.tail(40))
             return conditions, proxies
         finally:
+            self.waiting = False
             process.kill()
 
     def _fallback(self, why: str, lines: list[str] = ()) -> str:
@@ -479,8 +482,10 @@ class JobPreparation:
             return None
         scene, _, _ = self._objects()
         while self.step_budget_s is not None and reference_prep.pending(scene):
+            self.waiting = True
             yield PrepProgress("Preparing the reference")
             scene, _, _ = self._objects()
+        self.waiting = False
         context = bpy.context
         try:
             with context.temp_override(scene=scene) if context.scene != scene else contextlib.nullcontext():

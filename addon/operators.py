@@ -323,7 +323,7 @@ class PORTRAIT3D_OT_generate(bpy.types.Operator):
         _redraw_ui(context)
         self._report_prepared(self._run)
         if not finished:
-            if self._run.poll_interval != self._interval:  # preparation done: poll the worker less often
+            if self._run.poll_interval != self._interval:  # waiting for a process: poll less often
                 context.window_manager.event_timer_remove(self._timer)
                 self._add_timer(context)
             return {'PASS_THROUGH'}

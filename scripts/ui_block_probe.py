@@ -120,7 +120,7 @@ def probe(out: Path, frames: int, size: int, proxy_views: bool, frames_per_step:
             phase = run.preparation.progress.phase if run.preparing else "finish: move images, write job, start worker"
             phases.setdefault(phase, []).append(seconds)
             slowest.append((seconds, seconds.cpu, f"after '{before}'"))
-            time.sleep(job_runner.PREPARE_INTERVAL)  # the timer's interval: Blender's own work would go here
+            time.sleep(run.poll_interval)  # the timer's interval: Blender's own work would go here
         if run.worker is None:
             raise SystemExit(f"preparation failed: {run.status.message}")
         polls = [_timed(run.update, context)[0] for _ in range(20)]
