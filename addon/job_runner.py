@@ -431,7 +431,7 @@ def _save_blend(out: Path) -> Path:
 
 
 def run_turntable_job(out_dir: str | os.PathLike, *, frames: int = 16, reference: str | None = None,
-                      yaw_range_deg: float = 45.0, pitch_deg: float = 0.0, size: int = 512,
+                      yaw_range_deg: float = 45.0, pitch_deg: float = 0.0, size: int | None = None,
                       model: str | os.PathLike | None = None, worker_python: str | os.PathLike | None = None,
                       steps: int | None = None, seed: int | None = None, conditions: str = "procedural",
                       device: str | None = None, memory: str | None = None, compile: bool | None = None,
@@ -442,6 +442,7 @@ def run_turntable_job(out_dir: str | os.PathLike, *, frames: int = 16, reference
                       context: bpy.types.Context | None = None) -> JobResult:
     """Anchor (reused) + turntable + poses; with ``generate``: conditions, worker, import, GIF, sheet.
 
+    ``size``: the frames' side in pixels; None: the resolution the model was trained at.
     Writes ``dataset.json`` and ``scene.blend`` into ``out_dir`` (with ``generate``, only once every pre-work
     check has passed: a job that fails them writes nothing there). Blocks until the worker ends.
     ``preview_sheet``: a PNG path refreshed with a contact sheet of the worker's latest previews.
@@ -455,8 +456,16 @@ def run_turntable_job(out_dir: str | os.PathLike, *, frames: int = 16, reference
     if frames > jobspec.MAX_FRAMES:
         raise JobRunError(f"--frames is {frames}; one job holds at most {jobspec.MAX_FRAMES} frames (all frames are "
                           "denoised together and kept in memory). Split the turntable into several jobs.")
+    if size is None:
+        settings.size_mode = 'MODEL'
+        size = job_writer.output_size(context, model)
+    else:
+        settings.size_mode = 'CUSTOM'
     if not 16 <= size <= 2048:
         raise JobRunError(f"--size must be between 16 and 2048 pixels, got {size}.")
+    if generate and size % 64 and settings.size_mode != 'CUSTOM':
+        raise JobRunError(f"The model's resolution ({size} px) is not a multiple of 64, which generation needs: "
+                          f"pass --size {max(64, round(size / 64) * 64)}.")
     if generate and size % 64:
         raise JobRunError(f"--size must be a multiple of 64 to generate, got {size}; try {max(64, round(size / 64) * 64)}.")
     if not 0.0 <= yaw_range_deg <= 180.0:
@@ -519,7 +528,8 @@ def run_turntable_job(out_dir: str | os.PathLike, *, frames: int = 16, reference
     try:
         out = preflight.probe_output_folder(Path(out_dir).expanduser())  # absolute, links not followed
         settings.output_folder = str(out) + os.sep
-        settings.output_size = size
+        if settings.size_mode == 'CUSTOM':
+            settings.output_size = size  # (a size of 16-63 px stays the camera's only: --poses-only)
         settings.turntable_frames = frames
         settings.turntable_yaw_range = math.radians(yaw_range_deg)
         settings.turntable_pitch = math.radians(pitch_deg)
@@ -527,7 +537,7 @@ def run_turntable_job(out_dir: str | os.PathLike, *, frames: int = 16, reference
         anchor = settings.head_anchor or rig.add_head_anchor(context, location=(0.0, 0.0, 0.0))
         start_yaw, pitch = None, settings.turntable_pitch
         if from_photo_view and prep is not None:
-            start_yaw = math.radians(prep.yaw)
+            start_yaw = math.radians(prep.camera_yaw())
             pitch = max(-math.radians(89.0), min(math.radians(89.0), math.radians(prep.pitch)))
         camera = rig.build_turntable(scene, anchor, frames=frames, yaw_range=settings.turntable_yaw_range,
                                      pitch=pitch, size_px=size, start_yaw=start_yaw)
@@ -584,7 +594,8 @@ def cli_parser() -> argparse.ArgumentParser:
                                                 "or PORTRAIT3D_WORKER_PYTHON)")
     parser.add_argument("--steps", type=int, help="denoising steps (default 50)")
     parser.add_argument("--seed", type=int, help="noise seed (default 0)")
-    parser.add_argument("--size", type=int, default=512, help="output size in pixels, a multiple of 64 (default 512)")
+    parser.add_argument("--size", type=int, help="output size in pixels, a multiple of 64 (default: the size the "
+                                                 "model was trained at, e.g. 64 for the bundled small model)")
     parser.add_argument("--conditions", default="procedural",
                         help="'procedural' (render a proxy head) or a folder of condition images (name order)")
     parser.add_argument("--device", help="auto, cuda, mps or cpu (default auto)")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import bpy
 
-from . import background_render, preferences, reference_prep
+from . import background_render, model_manager, preferences, reference_prep
 from .core import CORE_PARENT, failures, job as jobspec, preflight
 from .poses import FramePose, PoseError, scene_poses, write_dataset
 from .poses import output_folder as poses_output_folder
@@ -98,6 +98,29 @@ def model_folder(context: bpy.types.Context, override: str | os.PathLike | None 
         return check_model_folder(bundled)
     raise JobSetupError("No model folder: set Model Folder in the Generation panel, or convert the official "
                         "checkpoint in Preferences > Add-ons > Portrait 3D.")
+
+
+FALLBACK_SIZE = 512  # "Model's Resolution" when the model's configs do not say (DiffPortrait3D's own size)
+
+
+def output_size(context: bpy.types.Context, model: str | os.PathLike | None = None) -> int:
+    """The frames' side in pixels: Custom Size, or (the default) the resolution the model to use was trained at.
+    Add Turntable (the camera's render resolution) and the job both ask here, so they agree."""
+    return output_size_and_source(context, model)[0]
+
+
+def output_size_and_source(context: bpy.types.Context,
+                           model: str | os.PathLike | None = None) -> tuple[int, str]:
+    """(size, where it comes from in words) for :func:`output_size` and the panel."""
+    s = context.scene.portrait3d
+    if s.size_mode == 'CUSTOM':
+        return int(s.output_size), "custom"
+    try:
+        folder = model_folder(context, model)
+    except JobSetupError:  # no usable model yet: Generate says so itself
+        return FALLBACK_SIZE, "no usable model found yet"
+    size = model_manager.model_resolution(folder)
+    return (size, f"from the model {folder.name}") if size else (FALLBACK_SIZE, "the model's configs do not say")
 
 
 def check_camera_motion(poses: list[FramePose], camera_name: str) -> list[str]:
@@ -275,9 +298,12 @@ class JobPreparation:
             check_frame_count(end - start + 1)  # before the poses: a huge range must not freeze the UI first
         except preflight.PreflightError as exc:
             raise JobSetupError(str(exc)) from None
-        size = int(s.output_size)
+        size = output_size(context, model)
         if size % 64:
             suggestion = max(64, round(size / 64) * 64)
+            if s.size_mode != 'CUSTOM':
+                raise JobSetupError(f"The model's resolution ({size} px, from its configs) is not a multiple of 64, "
+                                    f"which generation needs: set Output Size to Custom with {suggestion} px.")
             raise JobSetupError(f"Output Size {size} px is not a multiple of 64 (the model needs that); use "
                                 f"{suggestion}.")
         try:

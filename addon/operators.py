@@ -96,7 +96,7 @@ class PORTRAIT3D_OT_add_turntable(bpy.types.Operator):
             if s.turntable_from_photo:
                 start_yaw, pitch = rig.photo_view(context)
             rig.build_turntable(scene, s.head_anchor, frames=s.turntable_frames, yaw_range=s.turntable_yaw_range,
-                                pitch=pitch, size_px=s.output_size, start_yaw=start_yaw)
+                                pitch=pitch, size_px=job_writer.output_size(context), start_yaw=start_yaw)
         except (PoseError, reference_prep.ReferencePrepError) as exc:
             self.report({'ERROR'}, str(exc))
             return {'CANCELLED'}
@@ -406,8 +406,11 @@ class PORTRAIT3D_OT_check_worker(_WatchesCommand, bpy.types.Operator):
     def _show(self, context, result: WorkerCheck) -> set[str]:
         prefs = preferences.get_preferences(context)
         if prefs is not None:
-            prefs.check_result = "\n".join([result.summary] + [f"  {line}" for line in result.lines[:8]])
+            prefs.check_result = "\n".join([result.summary] + [f"Warning: {w}" for w in result.warnings]
+                                            + [f"  {line}" for line in result.lines[:8]])
         self.report({'INFO'} if result.ok else {'ERROR'}, result.summary)
+        for warning in result.warnings:
+            self.report({'WARNING'}, warning)
         return {'FINISHED'} if result.ok else {'CANCELLED'}
 
     def execute(self, context):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import bpy
 
-from . import job_runner, reference_prep
+from . import job_runner, job_writer, reference_prep
 from .job_runner import format_eta
 from .operators import export_blocker
 
@@ -81,7 +81,14 @@ class PORTRAIT3D_PT_turntable(_Portrait3DPanel, bpy.types.Panel):
         row = layout.row()
         row.active = not s.turntable_from_photo
         row.prop(s, "turntable_pitch")
-        layout.prop(s, "output_size")
+        layout.prop(s, "size_mode")
+        if s.size_mode == 'CUSTOM':
+            layout.prop(s, "output_size")
+        else:
+            row = layout.row()
+            row.alignment = 'RIGHT'
+            size, source = job_writer.output_size_and_source(context)
+            row.label(text=f"{size} px ({source})")
         layout.operator("portrait3d.add_turntable", icon='CAMERA_DATA')
 
 

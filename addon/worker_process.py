@@ -437,6 +437,12 @@ for name in ("diffusers", "safetensors", "PIL", "numpy"):
         missing.append(name)
         print("error", name, type(exc).__name__, exc)
 print("missing", " ".join(missing) or "-")
+try:  # reference preparation (on by default at Generate) needs the face models; their absence is a warning
+    from dp3d_core import face_landmarks
+    face_landmarks.check_installed()
+    print("reference-prep ok")
+except Exception as exc:
+    print("reference-prep", (str(exc) or type(exc).__name__).splitlines()[0])
 """
 
 
@@ -448,6 +454,7 @@ class WorkerCheck:
     ok: bool
     summary: str
     lines: list[str]
+    warnings: list[str] = field(default_factory=list)  # usable, but something the artist will miss
 
 
 def start_worker_check(python: str | os.PathLike) -> "BackgroundCommand":
@@ -467,7 +474,12 @@ def worker_check_result(python: str | os.PathLike, returncode: int, lines: Seque
         return WorkerCheck(False, f"Missing in {python}: {', '.join(missing)}; {PACKAGES_HINT}.", lines)
     summary = (f"OK: Python {info.get('python', '?').split()[0]}, torch {info.get('torch')}, "
                f"diffusers {info.get('diffusers')}, GPU: {info.get('cuda')}")
-    return WorkerCheck(True, summary, lines)
+    warnings = []
+    prep = info.get("reference-prep", "ok").strip()
+    if prep != "ok":
+        warnings.append(f"Reference preparation will not work: {prep} (Or turn off Reference Preparation in the "
+                        "Portrait 3D panel.)")
+    return WorkerCheck(True, summary, lines, warnings)
 
 
 def finish_worker_check(python: str | os.PathLike, cmd: "BackgroundCommand", timeout: float) -> WorkerCheck:
