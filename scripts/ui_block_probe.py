@@ -18,7 +18,7 @@ a run: the first live preview on the card, a preview reload, and the import of t
 The bpy module has no Blender binary, so ``--background-blender`` starts a Python with the bpy module on the same
 child script a real ``blender -b`` runs. The worker is a stand-in (a shell script that sleeps; POSIX only): the worker's own time is spent in another
 process and never blocks Blender. The scene is a head anchor, the add-on's turntable and the procedural proxy
-head, on the bundled example portrait.
+head, on the bundled example portrait; reference preparation is off (its face detection runs in the worker Python).
 """
 from __future__ import annotations
 
@@ -75,6 +75,8 @@ def _scene(out: Path, frames: int, size: int, proxy_views: bool) -> None:
     s.output_folder = str(out / "out") + os.sep
     s.model_folder = str(_fake_model(out / "model")) + os.sep
     s.use_proxy_views = proxy_views
+    if hasattr(s, "use_reference_prep"):  # face detection runs in the worker Python, not on the main thread
+        s.use_reference_prep = False
 
 
 class Timing(float):
