@@ -156,18 +156,27 @@ def _draw_reference_thumbnail(layout, path: str) -> None:
 
 
 def draw_progress(layout, progress) -> None:
-    """Progress bar (Blender 4.0+ ``layout.progress``; a label before), last error and hint."""
+    """Progress bar (Blender 4.0+ ``layout.progress``; a label before), resume and preview notes, last error
+    and hint."""
     if progress.running:
-        text = f"{progress.frames_done}/{progress.frames_total} frames"
-        if progress.total_steps:
-            text += f"  step {progress.step}/{progress.total_steps}  ETA {format_eta(progress.eta_seconds)}"
+        if progress.preparing:
+            text = progress.status  # "Rendering conditions 12/48"
+        else:
+            text = f"{progress.frames_done}/{progress.frames_total} frames"
+            if progress.total_steps:
+                text += f"  step {progress.step}/{progress.total_steps}  ETA {format_eta(progress.eta_seconds)}"
         if hasattr(layout, "progress"):
             layout.progress(factor=progress.fraction, type='BAR', text=text)
         else:
             layout.label(text=f"{progress.fraction * 100:.0f}%  {text}")
-        layout.label(text=progress.status)
+        if not progress.preparing:
+            layout.label(text=progress.status)
     elif progress.status:
         layout.label(text=progress.status, icon='INFO')
+    if progress.resumed_step >= 0:
+        layout.label(text=f"Resumed from step {progress.resumed_step}", icon='RECOVER_LAST')
+    if progress.running and progress.preview_step >= 0:
+        layout.label(text=f"Latest preview: step {progress.preview_step}", icon='IMAGE_DATA')
     if progress.last_error:
         box = layout.box()
         box.label(text=progress.last_error, icon='ERROR')

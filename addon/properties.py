@@ -177,6 +177,12 @@ class PORTRAIT3D_PG_progress(bpy.types.PropertyGroup):
     """Run-time state of the current or last generation (on the window manager, not saved)."""
 
     running: BoolProperty(name="Running", default=False)
+    preparing: BoolProperty(name="Preparing", default=False,
+                            description="Poses and condition images are being made, before the worker starts")
+    resumed_step: IntProperty(name="Resumed From Step", default=-1,
+                              description="The denoising step this run continued from (-1: it started afresh)")
+    preview_step: IntProperty(name="Preview Step", default=-1,
+                              description="The denoising step of the latest preview (-1: none yet)")
     status: StringProperty(name="Status", default="")
     fraction: FloatProperty(name="Progress", default=0.0, min=0.0, max=1.0, subtype='FACTOR')
     frames_done: IntProperty(name="Frames Done", default=0)

@@ -306,6 +306,12 @@ def _finish_background(scene_name: str) -> None:
                 area.tag_redraw()
 
 
+def pending(scene) -> bool:
+    """True while a background preparation of ``scene``'s current inputs runs (its timer stores the result)."""
+    running = _pending.get(scene.name)
+    return running is not None and running[1] == input_key(scene.portrait3d) and running[0].poll() is None
+
+
 def stop_all() -> None:
     """Kill background preparations (add-on unregistered)."""
     for cmd, _, _ in list(_pending.values()):
