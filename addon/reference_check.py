@@ -8,11 +8,12 @@ resized) and only reported here, so the user knows what happens to the photo.
 from __future__ import annotations
 
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import bpy
+
+from .core import preflight
 
 MIN_SIDE = 64
 HUGE_SIDE = 4096
@@ -31,36 +32,6 @@ class ReferenceInfo:
     notes: list[str] = field(default_factory=list)
 
 
-def _header_size(path: Path) -> tuple[int, int] | None:
-    """(width, height) read from a PNG or JPEG header without decoding the pixels; None otherwise."""
-    try:
-        with path.open("rb") as f:
-            head = f.read(32)
-            if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
-                return struct.unpack(">II", head[16:24])
-            if head[:2] != b"\xff\xd8":
-                return None
-            f.seek(2)
-            while True:
-                marker = f.read(2)
-                if len(marker) < 2 or marker[0] != 0xFF:
-                    return None
-                kind = marker[1]
-                if kind in (0xD8, 0x01) or 0xD0 <= kind <= 0xD7:
-                    continue
-                length_bytes = f.read(2)
-                if len(length_bytes) < 2:
-                    return None
-                length = struct.unpack(">H", length_bytes)[0]
-                if 0xC0 <= kind <= 0xCF and kind not in (0xC4, 0xC8, 0xCC):
-                    data = f.read(5)
-                    height, width = struct.unpack(">HH", data[1:5])
-                    return width, height
-                f.seek(length - 2, os.SEEK_CUR)
-    except (OSError, struct.error):
-        return None
-
-
 def check_reference(path: str | os.PathLike, *, prepared: bool = False) -> ReferenceInfo:
     """Check the reference portrait; raise ReferenceImageError for what cannot work. ``prepared``: the face
     crop is found by reference preparation, so a non-square photo needs no note."""
@@ -73,11 +44,10 @@ def check_reference(path: str | os.PathLike, *, prepared: bool = False) -> Refer
     if not p.is_file():
         raise ReferenceImageError(f"The reference portrait {p} is a folder, not an image file.")
 
-    size = _header_size(p)
-    if size is not None and max(size) > HUGE_SIDE:
+    header = preflight.image_header(p)  # (format, width, height) without decoding the pixels
+    if header is not None and header[1] is not None and max(header[1:]) > HUGE_SIDE:
         # Decoding an 8k photo in Blender only to read its size costs seconds and hundreds of MB.
-        width, height = size
-        info = ReferenceInfo(p, width, height)
+        info = ReferenceInfo(p, header[1], header[2])
     else:
         info = _load_in_blender(p)
     if min(info.width, info.height) < MIN_SIDE:

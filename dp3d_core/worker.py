@@ -126,25 +126,11 @@ def pick_dtype(name: str, device: Any, warn: Callable[[str], None]) -> Any:
     return table[name]
 
 
-def check_model_folder(folder: str) -> Path:
-    """Fail early (before importing torch) when the model folder is plainly missing."""
-    path = Path(folder)
-    if not path.is_dir():
-        raise WorkerError(f"model folder not found: {path}",
-                          "set the model folder in the add-on preferences (convert the official checkpoint "
-                          "or use the bundled demo model)")
-    if not (path / "model_index.json").is_file():
-        raise WorkerError(f"{path} is not a DiffPortrait3D model folder (it has no model_index.json)",
-                          "choose the folder that holds model_index.json, or convert the official checkpoint "
-                          "into a fresh folder")
-    return path
-
-
 def load_pipeline(folder: str, device: Any, dtype: Any) -> Any:
     """The pipeline from a model folder, on ``device`` in ``dtype``."""
     from . import model_folder
 
-    path = check_model_folder(folder)
+    path = Path(folder)  # checked by preflight_job before the work
     from .pipeline import DiffPortrait3DPipeline
 
     try:
@@ -393,7 +379,6 @@ def run_job(job_dir: Path, emit: Emitter) -> int:
         emit("done", frames_written=0, seconds=round(time.monotonic() - started, 3), cancelled=False)
         return EXIT_OK
 
-    check_model_folder(job.model)
     size = job.settings.size
     crop = job.reference_prep.crop if job.reference_prep is not None else None  # the prepared square
     references = [load_rgb(p, size, crop=crop) for p in job.references]

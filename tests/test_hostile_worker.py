@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -500,13 +501,22 @@ def test_convert_pickles_makes_a_refused_folder_loadable(tmp_path):
 class _FakePipe:
     """Stands in for the loaded pipeline: runs ``action`` instead of denoising (no model is loaded)."""
 
+    vae_scale_factor = 8
+    vae_batch_size = 8
+    unet = SimpleNamespace(config=SimpleNamespace(in_channels=4))
+
     def __init__(self, action):
         self.action = action
 
+    def scheduler_for(self, steps, name):
+        return SimpleNamespace(timesteps=list(range(steps)))
+
+    def decode_latents(self, latents):
+        return np.zeros((len(latents), 64, 64, 3), np.float32)
+
     def __call__(self, references, conditions, **kwargs):
-        from types import SimpleNamespace
         self.action()
-        return SimpleNamespace(images=[np.zeros((64, 64, 3), np.float32) for _ in conditions])
+        return SimpleNamespace(images=np.zeros((len(conditions), 4, 8, 8), np.float32))  # latents
 
 
 def _raise(exc):
