@@ -17,7 +17,7 @@ from dp3d_core.cameras import from_label, intrinsics_from_focal, sample_lookat, 
 from training.config import ConfigError, load_config, make_config
 from training.data import DatasetError, MultiViewDataset, batch_for_step, read_labels, write_labels
 from training.models import TRAINABLE, params_of
-from training.train import Trainer, step_generator
+from training.train import Trainer, sample_generators
 
 SIZE = 32
 
@@ -223,7 +223,7 @@ def test_loss_falls_on_a_fixed_batch(stage: str, dataset_root: Path, tiny_model:
     batch = batch_for_step(trainer.data, 0, 2)
     first = trainer.loss_on(batch)
     for _ in range(30):
-        loss = trainer.micro_loss(batch, step_generator(0, 0))
+        loss = trainer.micro_loss(batch, sample_generators(0, 0, 0, range(2)))
         trainer.accelerator.backward(loss)
         trainer.optimizer.step()
         trainer.optimizer.zero_grad()

@@ -44,7 +44,8 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    batch_size: int = 4                # samples (identities) per micro-batch; stage 3: clips of num_targets views
+    batch_size: int = 4                # GLOBAL samples (identities) per micro-batch, split over the processes;
+                                       # stage 3: clips of num_targets views
     grad_accum: int = 1
     max_steps: int = 1000              # optimizer steps
     max_minutes: float = 0.0           # wall-clock budget of one run (0: none); reaching it ends the stage too
@@ -69,6 +70,8 @@ class TrainConfig:
     cache_images: bool = False         # keep each decoded image in memory after first use (small datasets)
     num_threads: int = 0               # torch CPU threads (0: torch's default)
     save_fp16: bool = False            # write the final model folder in float16
+    gradient_checkpointing: bool = False  # recompute the trainable network's activations in the backward pass
+    optimizer: str = "adamw"           # "adamw" (torch) or "adamw8bit" (bitsandbytes, optional)
 
     @property
     def stage_dir(self) -> Path:
@@ -116,6 +119,11 @@ def _check(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"'image_size' must be a multiple of 8 (the latent factor), got {cfg.image_size}")
     if not cfg.data_root:
         raise ConfigError("'data_root' is required: the dataset folder with dataset.json")
+    if cfg.optimizer not in ("adamw", "adamw8bit"):
+        raise ConfigError(f"'optimizer' must be 'adamw' or 'adamw8bit' (bitsandbytes), got {cfg.optimizer!r}")
+    if cfg.gradient_checkpointing and cfg.stage == "0" and cfg.reference_prob > 0:
+        raise ConfigError("'gradient_checkpointing' cannot be combined with stage 0's 'reference_prob': F would "
+                          "recompute its reference attention after the reference bank is gone; turn one off")
     if not 0.0 < cfg.ema_decay < 1.0:
         raise ConfigError(f"'ema_decay' must be in (0, 1), got {cfg.ema_decay}")
     return cfg
