@@ -244,7 +244,7 @@ class Trainer:
                         else "DeepSpeed's sharded optimizer state is not saved in checkpoints")
         else:
             set_optimizer_state_dict(self.model, self.optimizer.optimizer, state["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
+                                     options=StateDictOptions(full_state_dict=True, strict=False))
         if state["scheduler"] is not None:
             self.lr_schedule.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(
                 self.lr_schedule.lr_lambdas)})
