@@ -26,7 +26,7 @@ IDENTITIES = 3
 VIEWS = 9
 
 
-def make_dataset(root: Path, seed: int = 0) -> dict[str, np.ndarray]:
+def make_dataset(root: Path, seed: int = 0, size: int = SIZE) -> dict[str, np.ndarray]:
     """Numpy images: each identity a base colour + noise; conditions mirror the layout under cond/."""
     rng = np.random.default_rng(seed)
     entries, labels = [], {}
@@ -36,7 +36,7 @@ def make_dataset(root: Path, seed: int = 0) -> dict[str, np.ndarray]:
             rel = f"id{i:02d}/v{v:02d}.png"
             for folder, img_base in ((root, base), (root / "cond", rng.random(3))):
                 (folder / f"id{i:02d}").mkdir(parents=True, exist_ok=True)
-                img = np.clip(img_base + 0.2 * rng.standard_normal((SIZE, SIZE, 3)), 0, 1)
+                img = np.clip(img_base + 0.2 * rng.standard_normal((size, size, 3)), 0, 1)
                 Image.fromarray((img * 255).astype(np.uint8)).save(folder / rel)
             label = to_label(sample_lookat(np.pi / 2 + rng.uniform(-0.6, 0.6), np.pi / 2 + rng.uniform(-0.3, 0.3)),
                              intrinsics_from_focal())
@@ -60,7 +60,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def config(stage: str, data: Path, model: Path, out: Path, **extra):
-    values = {"data_root": str(data), "image_size": SIZE, "output_dir": str(out), "init_model": str(model),
+    values = {"data_root": str(data), "image_size": extra.pop("image_size", SIZE), "output_dir": str(out),
+              "init_model": str(model),
               "batch_size": 2, "max_steps": 2, "num_targets": 8 if stage == "3" else 1, "val_steps": 2,
               "val_samples": 1, "validate_every": 1000, "checkpoint_every": 1000, "device": "cpu",
               "vae_config": {"block_out_channels": [16, 16, 16, 16], "latent_channels": 4}}

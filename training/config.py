@@ -42,6 +42,7 @@ class TrainConfig:
     prompt_length: int = 8             # stage 0: tokens of the fixed (random) prompt embedding
     lr: float = 1e-5
     adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_epsilon: float = 1e-8
     weight_decay: float = 0.0
     warmup_steps: int = 0
     batch_size: int = 4                # GLOBAL samples (identities) per micro-batch, split over the processes;
@@ -55,6 +56,7 @@ class TrainConfig:
     reference_timestep: int = -1       # stage 0: timestep of the tied reference pass (-1: the sample's; 0: clean)
     high_noise_weight: float = 1.0     # cap of the per-row loss weight clamp(1/SNR(t), 1, cap); 1: plain eps-MSE
     mixed_precision: str = "no"        # "no", "fp16", "bf16"
+    dtype: str = "float32"             # the networks' weights: "float32", or "float64" for exactness checks
     ema: bool = False
     ema_decay: float = 0.999
     checkpoint_every: int = 500
@@ -100,7 +102,7 @@ def _check(cfg: TrainConfig) -> TrainConfig:
         if not value > 0:
             raise ConfigError(f"'{name}' must be positive, got {value!r}")
 
-    for name in ("lr", "batch_size", "grad_accum", "max_steps", "num_targets", "image_size", "checkpoint_every",
+    for name in ("lr", "adam_epsilon", "batch_size", "grad_accum", "max_steps", "num_targets", "image_size", "checkpoint_every",
                  "validate_every", "val_steps", "log_every", "keep_checkpoints"):
         positive(name, getattr(cfg, name))
     if not cfg.max_minutes >= 0:
@@ -113,6 +115,8 @@ def _check(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"'high_noise_weight' must be at least 1 (1: plain eps-MSE), got {cfg.high_noise_weight}")
     if not 0.0 <= cfg.uncond_prob < 1.0:
         raise ConfigError(f"'uncond_prob' must be in [0, 1), got {cfg.uncond_prob}")
+    if cfg.dtype not in ("float32", "float64"):
+        raise ConfigError(f"'dtype' must be 'float32' or 'float64', got {cfg.dtype!r}")
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):
         raise ConfigError(f"'mixed_precision' must be 'no', 'fp16' or 'bf16', got {cfg.mixed_precision!r}")
     if cfg.image_size % 8:

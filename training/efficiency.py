@@ -64,11 +64,11 @@ def enable_gradient_checkpointing(network: nn.Module) -> int:
 
 
 def make_optimizer(name: str, params: list[nn.Parameter], lr: float, betas: tuple[float, float],
-                   weight_decay: float) -> torch.optim.Optimizer:
+                   weight_decay: float, eps: float = 1e-8) -> torch.optim.Optimizer:
     """``adamw`` (torch) or ``adamw8bit`` (bitsandbytes' AdamW8bit: optimizer moments in 8 bits, ~75 % less
     optimizer memory; needs bitsandbytes and, for its fast kernels, a GPU)."""
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     if name == "adamw8bit":
         try:
             import bitsandbytes as bnb
@@ -77,5 +77,5 @@ def make_optimizer(name: str, params: list[nn.Parameter], lr: float, betas: tupl
                 f"optimizer 'adamw8bit' needs the bitsandbytes package, which cannot be imported here ({exc}). "
                 f"Install it into this environment (pip install bitsandbytes) or set \"optimizer\": \"adamw\"."
             ) from None
-        return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay)
+        return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}")

@@ -36,6 +36,11 @@ class StageInputs:
     group: int                  # rows per sample (1, or the clip length in stage 3)
 
 
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision networks (the loss and latents stay in float32), else the networks' own."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def per_sample(generators: Sequence[torch.Generator], shape: tuple[int, ...], fn=torch.randn) -> torch.Tensor:
     """Rows drawn sample by sample: ``shape[0]`` rows split evenly, sample j's rows from ``generators[j]``."""
     count = len(generators)
@@ -54,16 +59,17 @@ def encode(vae: Any, images: torch.Tensor, generators: Sequence[torch.Generator]
     image is computed once and kept on the CPU."""
     if cache is None or keys is None:
         dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
-        mean, std = dist.mean.float().cpu(), dist.std.float().cpu()
+        mean, std = dist.mean.to(work_dtype(vae.dtype)).cpu(), dist.std.to(work_dtype(vae.dtype)).cpu()
     else:
         missing = [i for i, k in enumerate(keys) if k not in cache]
         if missing:
             dist = vae.encode(images[missing].to(vae.device, vae.dtype)).latent_dist
             for j, i in enumerate(missing):
-                cache[keys[i]] = (dist.mean[j].float().cpu(), dist.std[j].float().cpu())
+                cache[keys[i]] = (dist.mean[j].to(work_dtype(vae.dtype)).cpu(),
+                                  dist.std[j].to(work_dtype(vae.dtype)).cpu())
         mean = torch.stack([cache[k][0] for k in keys])
         std = torch.stack([cache[k][1] for k in keys])
-    noise = per_sample(generators, tuple(mean.shape))
+    noise = per_sample(generators, tuple(mean.shape)).to(mean.dtype)
     return (mean + std * noise) * float(vae.config.scaling_factor)
 
 
@@ -77,7 +83,7 @@ def prepare_inputs(batch: dict[str, Any], vae: Any, generators: Sequence[torch.G
     x0 = encode(vae, targets.flatten(0, 1), generators, cache, target_keys).to(device)
     ref = encode(vae, batch["reference"], generators, cache, ref_keys).to(device)
     reference = ref.repeat_interleave(t, dim=0)
-    condition = batch["conditions"].flatten(0, 1).to(device)
+    condition = batch["conditions"].flatten(0, 1).to(device, x0.dtype)
     return StageInputs(x0=x0, reference=reference, condition=condition, group=t)
 
 
@@ -86,9 +92,10 @@ def noisy(x0: torch.Tensor, alphas_cumprod: torch.Tensor, group: int,
     """DDPM forward process: (x_t, t, eps); one timestep per sample of ``group`` rows (a clip shares it)."""
     steps = alphas_cumprod.shape[0]
     t = torch.cat([torch.randint(0, steps, (1,), generator=g) for g in generators]).repeat_interleave(group)
-    eps = per_sample(generators, tuple(x0.shape))
-    acp = alphas_cumprod.to(torch.float64)[t].float().view(-1, 1, 1, 1)
-    x0_cpu = x0.detach().float().cpu()
+    work = work_dtype(x0.dtype)
+    eps = per_sample(generators, tuple(x0.shape)).to(work)
+    acp = alphas_cumprod.to(torch.float64)[t].to(work).view(-1, 1, 1, 1)
+    x0_cpu = x0.detach().to(work).cpu()
     xt = acp.sqrt() * x0_cpu + (1 - acp).sqrt() * eps
     return xt.to(x0.device, x0.dtype), t.to(x0.device), eps.to(x0.device, x0.dtype)
 
@@ -120,10 +127,12 @@ def eps_loss(pred: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alphas_cump
     (weights normalised to mean 1 over the batch): up to that cap, a noisy row counts like its x0 error. Plain
     eps-MSE barely rewards the right colours at high noise, which is where a sample's colours are decided."""
     if high_noise_weight <= 1:
-        return F.mse_loss(pred.float(), eps.float())
+        work = work_dtype(pred.dtype)
+        return F.mse_loss(pred.to(work), eps.to(work))
     acp = alphas_cumprod.to(torch.float64)[t.cpu()]
-    weight = ((1 - acp) / acp).clamp(1.0, float(high_noise_weight)).float().to(pred.device)
-    per_row = ((pred.float() - eps.float()) ** 2).flatten(1).mean(1)
+    work = work_dtype(pred.dtype)
+    weight = ((1 - acp) / acp).clamp(1.0, float(high_noise_weight)).to(pred.device, work)
+    per_row = ((pred.to(work) - eps.to(work)) ** 2).flatten(1).mean(1)
     return (weight * per_row).sum() / weight.sum()
 
 

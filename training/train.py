@@ -125,9 +125,10 @@ class Trainer:
         self.scheduler_config = dict(getattr(self.components.get("scheduler"), "config", None)
                                      or DEFAULT_SCHEDULER_CONFIG)
         self.alphas_cumprod = make_scheduler("ddim", self.scheduler_config).alphas_cumprod
+        self.dtype = getattr(torch, cfg.dtype)
         for module in self.components.values():
             if isinstance(module, torch.nn.Module):
-                module.to(self.device).eval()
+                module.to(self.device, self.dtype).eval()
         self.denoiser = None
         if self.stage != "vae":
             clip = cfg.num_targets if self.stage == "3" else 1
@@ -151,7 +152,7 @@ class Trainer:
             self.progress.step = int(state["progress"]["step"])
         params = [p for p in self.trainable.parameters() if p.requires_grad]
         try:
-            optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.adam_betas, cfg.weight_decay)
+            optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.adam_betas, cfg.weight_decay, cfg.adam_epsilon)
         except OptimizerUnavailable as exc:
             raise TrainingError(str(exc)) from None
         warmup = max(cfg.warmup_steps, 0)
@@ -261,7 +262,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
     def context(self) -> torch.Tensor:
-        return self.components["prompt_embedding"]().to(self.device)
+        return self.components["prompt_embedding"]().to(self.device, self.dtype)
 
     def inputs_for(self, batch: dict[str, Any], generators: list[torch.Generator]) -> StageInputs:
         return prepare_inputs(batch, self.components["vae"], generators, self.device, self.latent_cache)
@@ -279,9 +280,10 @@ class Trainer:
         from .stages import per_sample
         vae = self.components["vae"]
         # each sample's images consecutively (reference, then its targets): its posterior noise is its own
-        images = torch.cat([batch["reference"].unsqueeze(1), batch["targets"]], 1).flatten(0, 1).to(self.device)
+        images = torch.cat([batch["reference"].unsqueeze(1), batch["targets"]], 1).flatten(0, 1).to(self.device,
+                                                                                                   self.dtype)
         dist = vae.encode(images).latent_dist
-        noise = per_sample(generators, tuple(dist.mean.shape)).to(self.device)
+        noise = per_sample(generators, tuple(dist.mean.shape)).to(self.device, self.dtype)
         rec = vae.decode(dist.mean + dist.std * noise).sample
         kl = dist.kl().mean() / images[0].numel()
         return F.l1_loss(rec, images) + F.mse_loss(rec, images) + 1e-3 * kl
@@ -291,7 +293,7 @@ class Trainer:
         the mean loss over the global batch (the same number on every process)."""
         cfg = self.cfg
         step = self.progress.step
-        total = torch.zeros((), device=self.device)
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
         for micro in range(cfg.grad_accum):
             batch = batch_for_step(self.data, step * cfg.grad_accum + micro, cfg.batch_size, cfg.seed,
                                    self.positions)
@@ -303,7 +305,7 @@ class Trainer:
                 with self.accelerator.autocast():
                     loss = self.model(batch, generators)
                 self.accelerator.backward(loss / cfg.grad_accum)
-            total += loss.detach().float() / cfg.grad_accum
+            total += loss.detach().double() / cfg.grad_accum
         if self.world > 1:
             total = self.accelerator.reduce(total, "mean")
         if not torch.isfinite(total):
