@@ -98,7 +98,9 @@ def measure(stage: str, model: Path, data: Path, image: int, checkpointing: bool
                        "gradient_checkpointing": checkpointing, "mixed_precision": precision,
                        "cache_images": True}, stage)
     trainer = Trainer(cfg, resume=False)
-    trainer.train_step()  # warm-up (first-call allocations, caches)
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        trainer.train_step()  # warm-up (first-call allocations, caches), counting the step's floating-point work
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -111,7 +113,7 @@ def measure(stage: str, model: Path, data: Path, image: int, checkpointing: bool
     trainable = sum(p.numel() for p in trainer.trainable.parameters() if p.requires_grad)
     return {"stage": stage, "checkpointing": checkpointing, "precision": precision, "s_per_step": seconds,
             "peak_gib": memory, "memory": kind, "trainable_params": trainable, "device": str(trainer.device),
-            "views": cfg.num_targets}
+            "views": cfg.num_targets, "tflop_per_step": counter.get_total_flops() / 1e12}
 
 
 def machine() -> str:
@@ -123,11 +125,12 @@ def machine() -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| stage | views | checkpointing | precision | s/step | peak memory (GiB) | trainable params |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| stage | views | checkpointing | precision | s/step | peak memory (GiB) | trainable params | TFLOP/step |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['stage']} | {r['views']} | {'on' if r['checkpointing'] else 'off'} | {r['precision']} "
-                     f"| {r['s_per_step']:.2f} | {r['peak_gib']:.2f} ({r['memory']}) | {r['trainable_params'] / 1e6:.1f} M |")
+                     f"| {r['s_per_step']:.2f} | {r['peak_gib']:.2f} ({r['memory']}) | {r['trainable_params'] / 1e6:.1f} M "
+                     f"| {r['tflop_per_step']:.3f} |")
     return "\n".join(lines)
 
 
