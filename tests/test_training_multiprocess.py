@@ -84,8 +84,9 @@ def well_conditioned_model(path: Path) -> Path:
     parts = {"unet": UNet2DConditionModel(**unet), "reference_unet": UNet2DConditionModel(**unet),
              "view_controlnet": ControlNetModel(**configs["view_controlnet"]),
              "view_modules": ViewModules(**configs["view_modules"]),
-             "vae": AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                                  sample_size=SIZE, scaling_factor=0.18215, **TINY_VAE)}
+             "vae": AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4,
+                                  up_block_types=("UpDecoderBlock2D",) * 4, sample_size=SIZE, scaling_factor=0.18215,
+                                  **TINY_VAE)}
     for module in parts.values():
         _wake_zero_parameters(module, generator)  # zero convolutions / projections would hide the stages' paths
     parts["prompt_embedding"] = PromptEmbedding.from_tensor(

@@ -150,7 +150,8 @@ def load_motion_modules(view_modules: torch.nn.Module, state: dict[str, torch.Te
         if tuple(own[target].shape) != tuple(value.shape):
             raise InitModelError(f"motion-module tensor {key} has shape {tuple(value.shape)} but the view module "
                                  f"{target} needs {tuple(own[target].shape)}; the motion modules were made for "
-                                 f"another UNet (SD 1.5's needs block_out_channels {list(view_modules.config.block_out_channels)})")
+                                 f"another UNet (this one needs block_out_channels "
+                                 f"{list(view_modules.config.block_out_channels)})")
         new[target] = value.to(own[target].dtype)
     with torch.no_grad():
         for key, tensor in own.items():

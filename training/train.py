@@ -152,7 +152,8 @@ class Trainer:
             self.progress.step = int(state["progress"]["step"])
         params = [p for p in self.trainable.parameters() if p.requires_grad]
         try:
-            optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.adam_betas, cfg.weight_decay, cfg.adam_epsilon)
+            optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.adam_betas, cfg.weight_decay,
+                                       cfg.adam_epsilon)
         except OptimizerUnavailable as exc:
             raise TrainingError(str(exc)) from None
         warmup = max(cfg.warmup_steps, 0)
