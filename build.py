@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Build the installable Blender extension zip: ``python build.py`` prints its path.
 
-Stages ``addon/*`` + ``blender_manifest.toml`` + a copy of ``dp3d_core/`` into
+Stages ``addon/*`` + ``blender_manifest.toml`` + a copy of ``dp3d_core/`` + the bundled small model
+(``models/small/``, so an installed extension generates with no settings touched) into
 ``build/extension/portrait3d/`` and runs Blender's own extension tool to build and validate it.
 By default the tool is the script shipped inside the ``bpy`` module, run with this Python;
 ``--blender PATH`` uses a Blender binary (``blender --command extension ...``) instead.
@@ -20,6 +21,7 @@ ROOT = Path(__file__).resolve().parent
 MANIFEST = ROOT / "blender_manifest.toml"
 STAGING_PARENT = ROOT / "build" / "extension"
 DIST = ROOT / "dist"
+BUNDLED_MODEL = Path("models") / "small"
 # Never shipped inside the extension: tests, training code, caches.
 _IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "tests", "training", ".pytest_cache")
 
@@ -78,6 +80,10 @@ def stage(staging_parent: Path = STAGING_PARENT) -> Path:
     shutil.copytree(ROOT / "addon", staging, ignore=_IGNORE)
     shutil.copy2(MANIFEST, staging / MANIFEST.name)
     shutil.copytree(ROOT / "dp3d_core", staging / "dp3d_core", ignore=_IGNORE)
+    if not (ROOT / BUNDLED_MODEL / "model_index.json").is_file():
+        raise BuildError(f"The bundled model {ROOT / BUNDLED_MODEL} is missing; the extension would not work "
+                         "out of the box. Restore models/small from git.")
+    shutil.copytree(ROOT / BUNDLED_MODEL, staging / BUNDLED_MODEL, ignore=_IGNORE)
     return staging
 
 

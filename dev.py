@@ -19,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 REQUIREMENTS = ROOT / "requirements.txt"
+REQUIREMENTS_NODEPS = ROOT / "requirements-nodeps.txt"  # packages installed without their dependencies
 STAMP = VENV / ".requirements.sha256"
 TEST_SUITES = ("tests", "blender_tests")
 
@@ -33,7 +34,7 @@ def ensure_environment() -> Path:
     """Create .venv and install requirements.txt; a no-op when nothing changed."""
     if sys.version_info[:2] != (3, 11):
         sys.exit(f"dev.py needs Python 3.11 (bpy 5.0.1 is built for it); this is {sys.version.split()[0]}.")
-    wanted = hashlib.sha256(REQUIREMENTS.read_bytes()).hexdigest()
+    wanted = hashlib.sha256(REQUIREMENTS.read_bytes() + REQUIREMENTS_NODEPS.read_bytes()).hexdigest()
     python = venv_python()
     if python.exists() and STAMP.exists() and STAMP.read_text().strip() == wanted:
         return python
@@ -43,6 +44,8 @@ def ensure_environment() -> Path:
     print("[dev] installing requirements.txt (first run only; bpy and torch are large)", flush=True)
     subprocess.run([str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q",
                     "-r", str(REQUIREMENTS)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q", "--no-deps",
+                    "-r", str(REQUIREMENTS_NODEPS)], check=True)
     STAMP.write_text(wanted)
     return python
 

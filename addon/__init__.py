@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import bpy
 
-from . import cli, job_runner, operators, panel, preferences, properties
+from . import (cli, job_runner, model_operators, operators, panel, preferences, properties, reference_prep,
+               setup_operators)
 
 classes = (
     properties.PORTRAIT3D_PG_settings,
     properties.PORTRAIT3D_PG_progress,
     *operators.classes,
+    *setup_operators.classes,
+    *model_operators.classes,
     *preferences.classes,
     *panel.classes,
 )
@@ -27,6 +30,9 @@ def register() -> None:
 
 def unregister() -> None:
     job_runner.stop_all()
+    setup_operators.stop_all()
+    model_operators.stop_all()
+    reference_prep.stop_all()
     cli.unregister()
     del bpy.types.WindowManager.portrait3d_progress
     del bpy.types.Scene.portrait3d

@@ -16,11 +16,14 @@ from typing import Callable
 
 import bpy
 
-from . import frame_import, job_writer, preferences, rig
-from .poses import FramePose, PoseError, check_writable_folder, scene_poses, write_dataset
+from . import frame_import, job_writer, preferences, reference_prep, rig
+from .core import failures, job as jobspec, preflight
+from .poses import DATASET_FILE, FramePose, PoseError, scene_poses, write_dataset
 from .previews import PreviewError, make_movie, make_previews
 from .properties import DEVICES, MEMORY_MODES, active_camera
-from .worker_process import WorkerProcess, WorkerStartError, WorkerStatus, resolve_worker_python
+from .worker_env import NO_WORKER, not_ready_problem
+from .worker_process import (WorkerProcess, WorkerStartError, WorkerStatus, probe_worker_python,
+                             resolve_worker_python)
 
 BLEND_FILE = "scene.blend"
 _active: "GenerationRun | None" = None
@@ -151,12 +154,22 @@ def start_generation(context: bpy.types.Context | None = None, *, worker_python:
         raise JobRunError("A generation is already running: wait for it or press Cancel first.")
     p = progress_state(context)
     try:
-        python = str(resolve_worker_python(worker_python_setting(context, worker_python)))
-        prepared = job_writer.prepare_job(context, model=model)
+        setting = worker_python_setting(context, worker_python)
+        if not setting.strip():
+            raise WorkerStartError(NO_WORKER)
+        python = str(resolve_worker_python(setting))
+        if (problem := not_ready_problem(python)) is not None:  # a setup was cancelled or failed halfway
+            raise WorkerStartError(problem)
+        probe_worker_python(python)  # before anything is rendered: seconds, once per interpreter
+        prepared = job_writer.prepare_job(context, model=model, worker_python=python)
         worker = WorkerProcess(prepared.job_dir, python)
     except (job_writer.JobSetupError, WorkerStartError) as exc:
         p.running, p.last_error, p.last_hint, p.last_log = False, str(exc), "", ""
         raise JobRunError(str(exc)) from None
+    except OSError as exc:  # e.g. the disk filled up while the conditions were rendered
+        failure = failures.report(exc, [], name="generate.log")
+        p.running, p.last_error, p.last_hint, p.last_log = False, failure.message, failure.hint_with_log, ""
+        raise JobRunError(str(failure)) from None
     run = GenerationRun(prepared, worker, context.scene)
     _active = _last = run
     p.last_error = p.last_hint = p.last_log = ""
@@ -208,6 +221,7 @@ class JobResult:
     movie: Path | None = None
     job_dir: Path | None = None
     status: WorkerStatus | None = None
+    reference_prep: object | None = None  # dp3d_core.job.ReferencePrep of the generated job, if prepared
 
     def files(self) -> list[Path]:
         extra = [p for p in (self.gif, self.contact_sheet, self.movie) if p is not None]
@@ -239,13 +253,14 @@ def run_turntable_job(out_dir: str | os.PathLike, *, frames: int = 16, reference
                       model: str | os.PathLike | None = None, worker_python: str | os.PathLike | None = None,
                       steps: int | None = None, seed: int | None = None, conditions: str = "procedural",
                       device: str | None = None, memory: str | None = None, compile: bool | None = None,
-                      proxy_views: bool | None = None,
-                      generate: bool = True, previews: bool = True,
+                      proxy_views: bool | None = None, prepare: bool | None = None,
+                      from_photo_view: bool = False, generate: bool = True, previews: bool = True,
                       import_as: tuple[str, ...] = ("CARD",), log: Callable[[str], None] | None = None,
                       context: bpy.types.Context | None = None) -> JobResult:
     """Anchor (reused) + turntable + poses; with ``generate``: conditions, worker, import, GIF, sheet.
 
-    Always writes ``dataset.json`` and ``scene.blend`` into ``out_dir``. Blocks until the worker ends.
+    Writes ``dataset.json`` and ``scene.blend`` into ``out_dir`` (with ``generate``, only once every pre-work
+    check has passed: a job that fails them writes nothing there). Blocks until the worker ends.
     """
     context = context or bpy.context
     log = log or (lambda _msg: None)
@@ -253,6 +268,9 @@ def run_turntable_job(out_dir: str | os.PathLike, *, frames: int = 16, reference
     settings = scene.portrait3d
     if frames < 1:
         raise JobRunError(f"--frames must be at least 1, got {frames}.")
+    if frames > jobspec.MAX_FRAMES:
+        raise JobRunError(f"--frames is {frames}; one job holds at most {jobspec.MAX_FRAMES} frames (all frames are "
+                          "denoised together and kept in memory). Split the turntable into several jobs.")
     if not 16 <= size <= 2048:
         raise JobRunError(f"--size must be between 16 and 2048 pixels, got {size}.")
     if generate and size % 64:
@@ -265,16 +283,22 @@ def run_turntable_job(out_dir: str | os.PathLike, *, frames: int = 16, reference
         raise JobRunError(f"--steps must be between 1 and 1000, got {steps}.")
     if reference is not None:
         ref = Path(reference).expanduser().resolve()
-        if not ref.is_file():
-            raise JobRunError(f"Reference image not found: {ref}. Pass an existing portrait with --reference.")
+        try:
+            preflight.check_image(ref, "reference portrait")
+        except preflight.PreflightError as exc:
+            raise JobRunError(str(exc)) from None
         settings.reference_image = str(ref)
     elif generate and not settings.reference_image:
         raise JobRunError("No reference portrait: pass --reference face.png.")
     if conditions.lower() == "procedural":
         settings.condition_source = 'PROCEDURAL'
     else:
+        folder = Path(conditions).expanduser().resolve()
+        if not folder.is_dir():
+            raise JobRunError(f"--conditions {failures.clip(folder)} is not a folder of condition images. Pass "
+                              "'procedural' or an existing folder with one image per frame.")
         settings.condition_source = 'IMAGE_FOLDER'
-        settings.condition_folder = str(Path(conditions).expanduser().resolve()) + os.sep
+        settings.condition_folder = str(folder) + os.sep
     if steps is not None:
         settings.steps = steps
     if seed is not None:
@@ -291,9 +315,25 @@ def run_turntable_job(out_dir: str | os.PathLike, *, frames: int = 16, reference
         settings.use_compile = compile
     if proxy_views is not None:
         settings.use_proxy_views = proxy_views
+    if prepare is not None:
+        settings.use_reference_prep = prepare
     settings.import_as = set(import_as)
+    if generate:  # the worker Python is checked before anything is built, rendered or written
+        try:
+            probe_worker_python(worker_python_setting(context, worker_python))
+        except WorkerStartError as exc:
+            raise JobRunError(str(exc)) from None
+    if from_photo_view and not settings.use_reference_prep:
+        raise JobRunError("--from-photo-view needs the prepared reference: drop --no-prepare.")
+    prep = None
+    if from_photo_view and settings.reference_image:  # else Generate prepares it, after its cheaper checks
+        log("preparing the reference (face, crop, photo camera)...")
+        try:
+            prep = reference_prep.ensure(context, worker_python_setting(context, worker_python))
+        except reference_prep.ReferencePrepError as exc:
+            raise JobRunError(f"{exc} (Or pass --no-prepare to use the photo's centre square as it is.)") from None
     try:
-        out = check_writable_folder(Path(out_dir).expanduser().resolve())
+        out = preflight.probe_output_folder(Path(out_dir).expanduser())  # absolute, links not followed
         settings.output_folder = str(out) + os.sep
         settings.output_size = size
         settings.turntable_frames = frames
@@ -301,19 +341,26 @@ def run_turntable_job(out_dir: str | os.PathLike, *, frames: int = 16, reference
         settings.turntable_pitch = math.radians(pitch_deg)
         settings.use_scene_range = True
         anchor = settings.head_anchor or rig.add_head_anchor(context, location=(0.0, 0.0, 0.0))
+        start_yaw, pitch = None, settings.turntable_pitch
+        if from_photo_view and prep is not None:
+            start_yaw = math.radians(prep.yaw)
+            pitch = max(-math.radians(89.0), min(math.radians(89.0), math.radians(prep.pitch)))
         camera = rig.build_turntable(scene, anchor, frames=frames, yaw_range=settings.turntable_yaw_range,
-                                     pitch=settings.turntable_pitch, size_px=size)
+                                     pitch=pitch, size_px=size, start_yaw=start_yaw)
         poses = scene_poses(scene, camera, anchor, range(scene.frame_start, scene.frame_end + 1))
-        dataset = write_dataset(out, poses)
-    except PoseError as exc:
-        raise JobRunError(str(exc)) from exc
+        # with generate, prepare_job writes dataset.json once every check has passed
+        dataset = out / DATASET_FILE if generate else write_dataset(out, poses)
+    except (PoseError, preflight.PreflightError) as exc:
+        raise JobRunError(str(exc)) from None
     warnings = [f"frame {p.frame}: {w}" for p in poses for w in p.warnings]
     result = JobResult(out, dataset, out / BLEND_FILE, poses, warnings)
+    result.reference_prep = None if prep is None else prep.job_prep()
     if generate:
-        log("rendering condition images and writing the job...")
+        log("checking the job, then rendering the condition images and writing the job...")
         run = start_generation(context, worker_python=worker_python, model=model)
         result.job_dir, result.notes = run.prepared.job_dir, list(run.prepared.notes)
         result.warnings = list(run.prepared.warnings)
+        result.reference_prep = run.prepared.job.reference_prep or result.reference_prep
         log(f"worker started: {run.worker.python} -m dp3d_core.worker {run.prepared.job_dir}")
         status = wait(run, context, on_update=_print_progress(log))
         result.status = status
@@ -360,6 +407,12 @@ def cli_parser() -> argparse.ArgumentParser:
     parser.add_argument("--proxy-views", action="store_true", default=None,
                         help="3D-aware noise: start from the portrait projected onto the proxy head (procedural "
                              "conditions only)")
+    parser.add_argument("--no-prepare", dest="prepare", action="store_false", default=True,
+                        help="use the reference's centre square as it is, seen from the front (default: find the "
+                             "face, crop it like the training data and estimate the photo's camera)")
+    parser.add_argument("--from-photo-view", action="store_true",
+                        help="start the turntable at the photo's own view (its found yaw and pitch; --pitch is "
+                             "ignored)")
     parser.add_argument("--compile", action="store_true", default=None,
                         help="torch.compile the networks (minutes at the first step, faster after)")
     parser.add_argument("--yaw-range", type=float, default=45.0, help="sweep -DEG..+DEG (default 45)")
@@ -382,10 +435,16 @@ def cli_main(argv: list[str]) -> int:
                                    model=args.model, worker_python=args.worker_python, steps=args.steps,
                                    seed=args.seed, conditions=args.conditions, device=args.device,
                                    memory=args.memory, compile=args.compile, proxy_views=args.proxy_views,
+                                   prepare=args.prepare, from_photo_view=args.from_photo_view,
                                    generate=not args.poses_only, log=lambda m: print(f"portrait3d: {m}", flush=True))
     except JobRunError as exc:
         print(f"portrait3d: error: {exc}")
         return 1
+    prep = result.reference_prep
+    if prep is not None:
+        crop = ", ".join(f"{v:.0f}" for v in prep.crop)
+        print(f"portrait3d: reference pose: yaw {prep.yaw:+.1f}, pitch {prep.pitch:+.1f}, roll {prep.roll:+.1f} "
+              f"degrees; crop [{crop}]")
     for note in result.notes:
         print(f"portrait3d: note: {note}")
     for w in result.warnings:

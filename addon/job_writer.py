@@ -16,8 +16,8 @@ from pathlib import Path
 
 import bpy
 
-from . import preferences
-from .core import CORE_PARENT, job as jobspec
+from . import preferences, reference_prep
+from .core import CORE_PARENT, failures, job as jobspec, preflight
 from .poses import FramePose, PoseError, scene_poses, write_dataset
 from .poses import output_folder as poses_output_folder
 from .properties import active_camera, frame_range
@@ -70,7 +70,7 @@ def check_model_folder(path: str | os.PathLike) -> Path:
     p = Path(bpy.path.abspath(raw)).expanduser()
     if not p.is_dir():
         raise JobSetupError(f"Model folder not found: {p}. Convert the official checkpoint (Preferences > Add-ons "
-                            "> Portrait 3D > Convert Official Checkpoint) or pick an existing model folder.")
+                            "> Portrait 3D > Models > Get Official Weights) or pick an existing model folder.")
     if not (p / "model_index.json").is_file():
         raise JobSetupError(f"{p} is not a Portrait 3D model folder (no model_index.json). Pick the folder the "
                             "converter wrote, which holds model_index.json, unet/, vae/ and the others.")
@@ -175,8 +175,10 @@ def _proxy_objects(scene: bpy.types.Scene, anchor: bpy.types.Object, seed: int) 
 
 def render_conditions(scene: bpy.types.Scene, camera: bpy.types.Object, anchor: bpy.types.Object,
                       frames: list[int], cond_dir: Path, size: int, *, reference: Path | None = None,
-                      proxy_views: bool = False) -> tuple[list[Path], list[Path] | None, list[str]]:
-    """(condition images, proxy views or None, warnings) per the scene's condition source."""
+                      proxy_views: bool = False, reference_label: list[float] | None = None
+                      ) -> tuple[list[Path], list[Path] | None, list[str]]:
+    """(condition images, proxy views or None, warnings) per the scene's condition source. Proxy views project
+    ``reference`` from the camera ``reference_label`` (an EG3D label; None: the frontal EG3D camera)."""
     from .condition_render import ConditionRenderError, render_condition_images, render_proxy_views
 
     s = scene.portrait3d
@@ -203,7 +205,8 @@ def render_conditions(scene: bpy.types.Scene, camera: bpy.types.Object, anchor: 
         else:
             try:
                 proxies = render_proxy_views(scene, camera, frames, cond_dir, reference_image_path=str(reference),
-                                             proxy_object=objects[0], anchor=anchor, size=size)
+                                             proxy_object=objects[0], anchor=anchor, size=size,
+                                             reference_label_or_camera=reference_label)
             except ConditionRenderError as exc:
                 raise JobSetupError(f"Rendering the 3D-aware proxy views failed: {exc}") from None
     for path in [*(conditions if objects else []), *(proxies or [])]:
@@ -220,8 +223,12 @@ def _rel(path: Path, base: Path) -> str:
         return str(path.resolve())
 
 
-def prepare_job(context: bpy.types.Context, *, model: str | os.PathLike | None = None) -> PreparedJob:
-    """Check everything, render the conditions and write ``<out>/.job/job.json``; JobSetupError otherwise."""
+def prepare_job(context: bpy.types.Context, *, model: str | os.PathLike | None = None,
+                worker_python: str | os.PathLike | None = None) -> PreparedJob:
+    """Check everything, render the conditions and write ``<out>/.job/job.json``; JobSetupError otherwise.
+
+    With Prepare Reference on, the reference is prepared (in ``worker_python``, default the preference) unless
+    a fresh result is stored: the job records its crop and camera, and proxy views project the crop from it."""
     scene = context.scene
     s = scene.portrait3d
     start, end = frame_range(scene)
@@ -232,12 +239,17 @@ def prepare_job(context: bpy.types.Context, *, model: str | os.PathLike | None =
         raise JobSetupError("No head anchor: add one with 'Add Head Anchor' or pick an Empty as Head Anchor.")
     if end < start:
         raise JobSetupError(f"The frame range {start}-{end} is empty: make End greater than or equal to Start.")
+    from .preflight_checks import check_frame_count
+    try:
+        check_frame_count(end - start + 1)  # before the poses: a huge range must not freeze the UI first
+    except preflight.PreflightError as exc:
+        raise JobSetupError(str(exc)) from None
     size = int(s.output_size)
     if size % 64:
         suggestion = max(64, round(size / 64) * 64)
         raise JobSetupError(f"Output Size {size} px is not a multiple of 64 (the model needs that); use {suggestion}.")
     try:
-        ref = check_reference(s.reference_image)
+        ref = check_reference(s.reference_image, prepared=s.use_reference_prep)
     except ReferenceImageError as exc:
         raise JobSetupError(str(exc)) from None
     out = output_folder(scene)
@@ -250,15 +262,31 @@ def prepare_job(context: bpy.types.Context, *, model: str | os.PathLike | None =
         raise JobSetupError(str(exc)) from None
     notes = list(ref.notes) + check_camera_motion(poses, camera.name)
     warnings = list(ref.warnings) + [f"frame {p.frame}: {w}" for p in poses for w in p.warnings]
+    warnings += _preflight(s, out, model_dir, frames, size, ref.path)
+    try:  # after the cheap checks, before the renders
+        prep = reference_prep.ensure(context, None if worker_python is None else str(worker_python))
+    except reference_prep.ReferencePrepError as exc:
+        raise JobSetupError(f"{exc} (Or turn off Prepare Reference, --no-prepare on the command line, to use the "
+                            "photo's centre square as it is.)") from None
+    if prep is not None:
+        notes.append(f"Reference prepared: {prep.summary()}")
+        warnings += prep.warnings
 
     job_dir = out / JOB_SUBDIR
     cond_dir = job_dir / CONDITION_SUBDIR
     try:
         cond_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise JobSetupError(f"Cannot create {cond_dir}: {exc.strerror or exc}. Choose another output folder.") from None
+        raise JobSetupError(str(failures.translate(exc))) from None
+    projected, projected_from = ref.path, None
+    if prep is not None and s.use_proxy_views:
+        try:
+            projected, projected_from = reference_prep.copy_crop(prep, job_dir), prep.label
+        except reference_prep.ReferencePrepError as exc:
+            raise JobSetupError(str(exc)) from None
     conditions, proxies, cond_warnings = render_conditions(
-        scene, camera, s.head_anchor, frames, cond_dir, size, reference=ref.path, proxy_views=s.use_proxy_views)
+        scene, camera, s.head_anchor, frames, cond_dir, size, reference=projected, proxy_views=s.use_proxy_views,
+        reference_label=projected_from)
     warnings += cond_warnings
 
     specs = [jobspec.FrameSpec(index=i, scene_frame=p.frame, label=list(p.label),
@@ -269,10 +297,25 @@ def prepare_job(context: bpy.types.Context, *, model: str | os.PathLike | None =
                                           scheduler=SCHEDULER_IDS.get(s.scheduler, "ddim"))
     job = jobspec.Job(references=[str(ref.path.resolve())], frames=specs, model=str(model_dir.resolve()),
                       output=str(out.resolve()), settings=settings, device=s.device.lower(),
-                      memory=s.memory.lower(), compile=s.use_compile)
+                      memory=s.memory.lower(), compile=s.use_compile,
+                      reference_prep=None if prep is None else prep.job_prep())
     try:
         jobspec.write_job(job, job_dir)
         write_dataset(out, poses)
-    except (jobspec.JobError, PoseError, OSError) as exc:
+    except (jobspec.JobError, PoseError) as exc:
         raise JobSetupError(f"Cannot write the job: {exc}") from None
+    except OSError as exc:
+        raise JobSetupError(str(failures.translate(exc))) from None
     return PreparedJob(job_dir, out, job, poses, warnings, notes)
+
+
+def _preflight(s, out: Path, model_dir: Path, frames: list[int], size: int, reference: Path) -> list[str]:
+    """The shared pre-work checks (addon.preflight_checks) before anything is rendered or written."""
+    from .preflight_checks import check_before_render
+
+    try:
+        images = folder_conditions(s.condition_folder, len(frames))[0] if s.condition_source == 'IMAGE_FOLDER' \
+            else None
+        return check_before_render(s, out, model_dir, frames, size, reference, images)
+    except preflight.PreflightError as exc:
+        raise JobSetupError(str(exc)) from None

@@ -1,4 +1,4 @@
-"""Operators: head anchor, turntable, pose export, generate/cancel, import, worker check, converter."""
+"""Operators: head anchor, turntable, pose export, generate/cancel, import, worker check."""
 from __future__ import annotations
 
 import functools
@@ -7,7 +7,7 @@ from pathlib import Path
 import bpy
 from bpy.props import FloatProperty, StringProperty
 
-from . import frame_import, job_runner, preferences, rig
+from . import frame_import, job_runner, preferences, reference_prep, rig, worker_env
 from .worker_process import (CHECK_TIMEOUT, BackgroundCommand, WorkerCheck, WorkerStartError, check_worker_python,
                              finish_worker_check, start_worker_check)
 from .poses import FramePose, PoseError, output_folder, scene_poses, write_dataset
@@ -86,10 +86,13 @@ class PORTRAIT3D_OT_add_turntable(bpy.types.Operator):
     def execute(self, context):
         scene = context.scene
         s = scene.portrait3d
+        pitch, start_yaw = s.turntable_pitch, None
         try:
+            if s.turntable_from_photo:
+                start_yaw, pitch = rig.photo_view(context)
             rig.build_turntable(scene, s.head_anchor, frames=s.turntable_frames, yaw_range=s.turntable_yaw_range,
-                                pitch=s.turntable_pitch, size_px=s.output_size)
-        except PoseError as exc:
+                                pitch=pitch, size_px=s.output_size, start_yaw=start_yaw)
+        except (PoseError, reference_prep.ReferencePrepError) as exc:
             self.report({'ERROR'}, str(exc))
             return {'CANCELLED'}
         return {'FINISHED'}
@@ -330,6 +333,9 @@ class PORTRAIT3D_OT_check_worker(_WatchesCommand, bpy.types.Operator):
 
     def execute(self, context):
         self._python = self.python or preferences.worker_python(context)
+        problem = worker_env.not_ready_problem(self._python) if self._python else None
+        if problem:
+            return self._show(context, WorkerCheck(False, problem, []))
         if bpy.app.background:
             return self._show(context, check_worker_python(self._python))
         try:  # in the UI the check runs in the background: importing torch can take many seconds
@@ -347,81 +353,50 @@ class PORTRAIT3D_OT_check_worker(_WatchesCommand, bpy.types.Operator):
         return self._show(context, finish_worker_check(self._python, cmd, CHECK_TIMEOUT))
 
 
-class PORTRAIT3D_OT_convert_checkpoint(_WatchesCommand, bpy.types.Operator):
-    """Pick the downloaded official DiffPortrait3D checkpoint and convert it into a model folder (runs in the worker Python)"""
+class PORTRAIT3D_OT_prepare_reference(_WatchesCommand, bpy.types.Operator):
+    """Find the face in the reference photo, crop it like the training data and estimate the photo's camera (runs in the worker Python)"""
 
-    bl_idname = "portrait3d.convert_checkpoint"
-    bl_label = "Convert Official Checkpoint..."
+    bl_idname = "portrait3d.prepare_reference"
+    bl_label = "Prepare Reference"
     bl_options = {'REGISTER'}
 
-    filepath: StringProperty(subtype='FILE_PATH', options={'SKIP_SAVE'})
-    filter_glob: StringProperty(default="*.th;*.ckpt;*.pt;*.pth;*.safetensors", options={'HIDDEN'})
-    model_name: StringProperty(name="Model Name", default="diffportrait3d",
-                               description="Folder name of the converted model inside the models folder")
-    python: StringProperty(name="Python", default="", options={'SKIP_SAVE', 'HIDDEN'})
+    def _finish(self, context, result) -> set[str]:
+        reference_prep.load_thumbnail(result)
+        _report_list(self, 'WARNING', result.warnings)
+        self.report({'INFO'}, f"Reference prepared: {result.summary()}")
+        return {'FINISHED'}
 
-    def _start(self, context) -> BackgroundCommand | None:
-        ckpt = Path(bpy.path.abspath(self.filepath))
-        if not ckpt.is_file():
-            self.report({'ERROR'}, f"Checkpoint not found: {ckpt}. Pick the downloaded official file.")
-            return None
-        name = self.model_name.strip()
-        if not name or any(c in name for c in "/\\:"):
-            self.report({'ERROR'}, "Model Name must be a plain folder name")
-            return None
-        self._out = preferences.models_dir(context) / name
-        if self._out.exists() and any(self._out.iterdir()):
-            self.report({'ERROR'}, f"{self._out} already exists; choose another Model Name")
-            return None
-        try:
-            self._out.parent.mkdir(parents=True, exist_ok=True)
-            return BackgroundCommand(self.python or preferences.worker_python(context),
-                                     ["-m", "dp3d_core.convert", str(ckpt), str(self._out)])
-        except (WorkerStartError, OSError) as exc:
-            self.report({'ERROR'}, str(exc))
-            return None
-
-    def _set_status(self, context, text: str) -> None:
-        prefs = preferences.get_preferences(context)
-        if prefs is not None:
-            prefs.convert_status = text
-
-    def _finish(self, context, cmd: BackgroundCommand) -> set[str]:
-        rc = cmd.poll()
-        if rc == 0:
-            prefs = preferences.get_preferences(context)
-            if prefs is not None:
-                prefs.default_model = str(self._out)
-            self._set_status(context, f"Converted into {self._out} ({cmd.elapsed:.0f} s)")
-            self.report({'INFO'}, f"Converted into {self._out}; it is now the default model")
-            return {'FINISHED'}
-        tail = " | ".join(cmd.tail(3))
-        self._set_status(context, f"Conversion failed: {tail}")
-        self.report({'ERROR'}, f"Conversion failed (exit code {rc}): {tail}")
+    def _fail(self, context, message: str) -> set[str]:
+        reference_prep.store_error(context.scene.portrait3d, message)
+        self.report({'ERROR'}, message)
         return {'CANCELLED'}
 
-    def invoke(self, context, event):
-        if bpy.app.background:
-            return self.execute(context)
-        context.window_manager.fileselect_add(self)
-        return {'RUNNING_MODAL'}
-
     def execute(self, context):
-        cmd = self._start(context)
-        if cmd is None:
-            return {'CANCELLED'}
         if bpy.app.background:
-            cmd.wait()
-            return self._finish(context, cmd)
+            try:
+                return self._finish(context, reference_prep.run(context))
+            except reference_prep.ReferencePrepError as exc:
+                return self._fail(context, str(exc))
+        try:
+            cmd, self._key, self._out = reference_prep.start(context)
+        except reference_prep.ReferencePrepError as exc:
+            return self._fail(context, str(exc))
+        context.scene.portrait3d.prep_error = ""
         return self._watch(context, cmd)
 
     def _tick(self, context, cmd: BackgroundCommand) -> set[str] | None:
-        if cmd.poll() is not None:
-            return self._finish(context, cmd)
-        last = cmd.tail(1)
-        self._set_status(context, f"Converting... {cmd.elapsed:.0f} s" + (f": {last[0][:80]}" if last else ""))
-        _redraw_ui(context)
-        return None
+        rc = cmd.poll()
+        if rc is None and cmd.elapsed < reference_prep.TIMEOUT:
+            return None
+        if rc is None:
+            cmd.kill()
+            return self._fail(context, f"Preparing the reference did not finish within {reference_prep.TIMEOUT:.0f} s.")
+        try:
+            result = reference_prep.parse_output(rc, list(cmd.lines), self._out)
+        except reference_prep.ReferencePrepError as exc:
+            return self._fail(context, str(exc))
+        reference_prep.store(context.scene.portrait3d, self._key, result)
+        return self._finish(context, result)
 
 
 classes = (
@@ -432,5 +407,5 @@ classes = (
     PORTRAIT3D_OT_cancel,
     PORTRAIT3D_OT_import_frames,
     PORTRAIT3D_OT_check_worker,
-    PORTRAIT3D_OT_convert_checkpoint,
-)
+    PORTRAIT3D_OT_prepare_reference,
+)  # the converter's operator lives in model_operators (with the model list)

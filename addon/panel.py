@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import bpy
 
-from . import job_runner
+from . import job_runner, reference_prep
 from .job_runner import format_eta
 from .operators import export_blocker
 
@@ -31,6 +31,41 @@ class PORTRAIT3D_PT_main(_Portrait3DPanel, bpy.types.Panel):
         layout.operator("portrait3d.add_head_anchor", icon='EMPTY_DATA')
 
 
+class PORTRAIT3D_PT_reference(_Portrait3DPanel, bpy.types.Panel):
+    bl_label = "Reference Preparation"
+    bl_parent_id = "PORTRAIT3D_PT_main"
+
+    def draw_header(self, context):
+        self.layout.prop(context.scene.portrait3d, "use_reference_prep", text="")
+
+    def draw(self, context):
+        layout = self.layout
+        layout.use_property_split = True
+        layout.use_property_decorate = False
+        s = context.scene.portrait3d
+        layout.active = s.use_reference_prep
+        layout.operator("portrait3d.prepare_reference", icon='USER')
+        col = layout.column(align=True)
+        col.prop(s, "prep_scale")
+        col.prop(s, "prep_offset_x")
+        col.prop(s, "prep_offset_y")
+        if s.prep_error:
+            layout.label(text=s.prep_error, icon='ERROR')
+        result = reference_prep.stored(s, fresh=False)
+        if result is None:
+            if s.use_reference_prep:
+                layout.label(text="Not prepared yet: Generate prepares it", icon='INFO')
+            return
+        image = reference_prep.thumbnail_image()
+        if image is not None and image.preview is not None:
+            layout.template_icon(icon_value=image.preview.icon_id, scale=6.0)
+        layout.label(text=result.summary(), icon='CAMERA_DATA')
+        if reference_prep.stored(s) is None:
+            layout.label(text="Photo or nudge changed: prepare again", icon='INFO')
+        for w in result.warnings:
+            layout.label(text=w, icon='ERROR')
+
+
 class PORTRAIT3D_PT_turntable(_Portrait3DPanel, bpy.types.Panel):
     bl_label = "Turntable"
     bl_parent_id = "PORTRAIT3D_PT_main"
@@ -42,7 +77,10 @@ class PORTRAIT3D_PT_turntable(_Portrait3DPanel, bpy.types.Panel):
         s = context.scene.portrait3d
         layout.prop(s, "turntable_frames")
         layout.prop(s, "turntable_yaw_range")
-        layout.prop(s, "turntable_pitch")
+        layout.prop(s, "turntable_from_photo")
+        row = layout.row()
+        row.active = not s.turntable_from_photo
+        row.prop(s, "turntable_pitch")
         layout.prop(s, "output_size")
         layout.operator("portrait3d.add_turntable", icon='CAMERA_DATA')
 
@@ -157,6 +195,7 @@ class PORTRAIT3D_PT_generate(_Portrait3DPanel, bpy.types.Panel):
 
 classes = (
     PORTRAIT3D_PT_main,
+    PORTRAIT3D_PT_reference,
     PORTRAIT3D_PT_turntable,
     PORTRAIT3D_PT_generation,
     PORTRAIT3D_PT_output,

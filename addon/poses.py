@@ -10,7 +10,7 @@ from typing import Iterable
 import bpy
 import numpy as np
 
-from .core import cameras
+from .core import cameras, preflight
 
 MAX_ABS_YAW = 90.0
 MAX_ABS_PITCH = 45.0
@@ -149,7 +149,10 @@ def output_folder(scene: "bpy.types.Scene") -> Path:
     if folder.startswith("//") and not bpy.data.filepath:
         raise PoseError("The output folder is relative to the .blend file, which is not saved yet: "
                         "save the file or choose an absolute output folder.")
-    return check_writable_folder(bpy.path.abspath(folder))
+    try:  # proves it can be created and written, and leaves nothing behind (writing comes after every check)
+        return preflight.probe_output_folder(bpy.path.abspath(folder))
+    except preflight.PreflightError as exc:
+        raise PoseError(str(exc)) from None
 
 
 def write_dataset(folder: str | os.PathLike, poses: Iterable[FramePose]) -> Path:

@@ -46,6 +46,12 @@ IMPORT_MODES = (
 _PATH_OPTIONS = {'PATH_SUPPORTS_BLEND_RELATIVE'} if bpy.app.version >= (4, 5, 0) else set()
 
 
+def _prep_inputs_changed(self, context) -> None:
+    from .reference_prep import inputs_changed
+
+    inputs_changed(self, context)
+
+
 def _poll_empty(_self, obj: bpy.types.Object) -> bool:
     return obj.type == 'EMPTY'
 
@@ -61,7 +67,7 @@ def _poll_mesh(_self, obj: bpy.types.Object) -> bool:
 class PORTRAIT3D_PG_settings(bpy.types.PropertyGroup):
     reference_image: StringProperty(
         name="Reference Image", subtype='FILE_PATH', options=_PATH_OPTIONS,
-        description="The portrait photo to turn into views")
+        description="The portrait photo to turn into views", update=_prep_inputs_changed)
     head_anchor: PointerProperty(
         name="Head Anchor", type=bpy.types.Object, poll=_poll_empty,
         description="Empty at the head's centre; its -Y axis points out of the face, +Z up")
@@ -113,6 +119,33 @@ class PORTRAIT3D_PG_settings(bpy.types.PropertyGroup):
                                   default="//portrait3d/",
                                   description="Where frames and dataset.json are written")
 
+    use_reference_prep: BoolProperty(
+        name="Prepare Reference", default=True, update=_prep_inputs_changed,
+        description="Find the face in the photo, crop it the way the model was trained (eyes, chin and size like "
+                    "the official samples) and estimate where the photo's camera was. Off: the photo's centre "
+                    "square is used as it is, seen from the front")
+    prep_scale: FloatProperty(
+        name="Crop Scale", default=1.0, min=0.5, max=2.0, step=1, update=_prep_inputs_changed,
+        description="Nudge the found crop: larger shows more around the face")
+    prep_offset_x: FloatProperty(
+        name="Crop Offset X", default=0.0, min=-0.5, max=0.5, step=1, subtype='FACTOR',
+        update=_prep_inputs_changed,
+        description="Move the found crop right (a fraction of its side)")
+    prep_offset_y: FloatProperty(
+        name="Crop Offset Y", default=0.0, min=-0.5, max=0.5, step=1, subtype='FACTOR',
+        update=_prep_inputs_changed,
+        description="Move the found crop down (a fraction of its side)")
+    prep_result: StringProperty(name="Prepared Reference", default="", options={'HIDDEN'},
+                                description="The last preparation's result (JSON)")
+    prep_key: StringProperty(name="Prepared Inputs", default="", options={'HIDDEN'},
+                             description="What the stored preparation was made from")
+    prep_error: StringProperty(name="Preparation Error", default="", options={'HIDDEN'})
+
+    turntable_from_photo: BoolProperty(
+        name="Start at the Photo's View", default=False,
+        description="The first frame looks at the head from where the photo was taken (its prepared yaw and "
+                    "pitch) and the sweep of twice the Yaw Range turns toward the other side; the Pitch setting "
+                    "is replaced by the photo's")
     turntable_frames: IntProperty(name="Frames", default=16, min=1, max=1000,
                                   description="Number of frames of the turntable")
     turntable_yaw_range: FloatProperty(

@@ -61,8 +61,9 @@ def _header_size(path: Path) -> tuple[int, int] | None:
         return None
 
 
-def check_reference(path: str | os.PathLike) -> ReferenceInfo:
-    """Check the reference portrait; raise ReferenceImageError for what cannot work."""
+def check_reference(path: str | os.PathLike, *, prepared: bool = False) -> ReferenceInfo:
+    """Check the reference portrait; raise ReferenceImageError for what cannot work. ``prepared``: the face
+    crop is found by reference preparation, so a non-square photo needs no note."""
     raw = str(path).strip()
     if not raw:
         raise ReferenceImageError("No reference portrait: pick a photo in the Portrait 3D panel (Reference Image).")
@@ -86,9 +87,9 @@ def check_reference(path: str | os.PathLike) -> ReferenceInfo:
     if max(info.width, info.height) > HUGE_SIDE:
         info.warnings.append(f"The reference portrait is {info.width}x{info.height} px; it will be downscaled "
                              "(a face crop of about 512-1024 px is enough and loads faster).")
-    if info.width != info.height:
+    if info.width != info.height and not prepared:
         info.notes.append(f"The reference portrait is {info.width}x{info.height}; its centre square is used "
-                          "(crop it yourself to keep a face that is off-centre).")
+                          "(turn on Prepare Reference, or crop it yourself, to keep a face that is off-centre).")
     return info
 
 

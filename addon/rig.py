@@ -31,19 +31,23 @@ TARGET_NAME = "Turntable Look-at"
 CAMERA_NAME = "Turntable Camera"
 
 
-def turntable_yaws(frames: int, yaw_range: float) -> list[float]:
+def turntable_yaws(frames: int, yaw_range: float, start: float | None = None) -> list[float]:
     """Yaw (radians) per frame, sweeping -yaw_range..+yaw_range.
 
     A partial sweep includes both ends; a full turn (range >= 180 deg) stops one step short, so the
-    last frame never repeats the first.
+    last frame never repeats the first. With ``start`` (the photo's view) the sweep begins there and covers
+    the same span (twice ``yaw_range``) toward the other side of the face (toward +yaw for a frontal start).
     """
     if frames < 1:
         raise PoseError(f"A turntable needs at least 1 frame, got {frames}.")
     if frames == 1:
-        return [0.0]
+        return [0.0 if start is None else start]
     span = 2.0 * yaw_range
     full_turn = span >= 2.0 * math.pi - 1e-9
     step = span / frames if full_turn else span / (frames - 1)
+    if start is not None:
+        direction = -1.0 if start > 1e-6 else 1.0
+        return [start + direction * i * step for i in range(frames)]
     return [-yaw_range + i * step for i in range(frames)]
 
 
@@ -97,14 +101,16 @@ def _new_rig_object(scene: bpy.types.Scene, name: str, data, role: str, parent: 
 
 
 def build_turntable(scene: bpy.types.Scene, anchor: bpy.types.Object, *, frames: int, yaw_range: float,
-                    pitch: float, size_px: int, frame_start: int | None = None) -> bpy.types.Object:
+                    pitch: float, size_px: int, frame_start: int | None = None,
+                    start_yaw: float | None = None) -> bpy.types.Object:
     """(Re)build the orbiting camera around ``anchor``; set scene camera, frame range and resolution.
 
-    Angles in radians. Returns the camera object. Any previous rig in the scene is replaced.
+    Angles in radians. ``start_yaw``: begin the sweep there (see :func:`turntable_yaws`). Returns the camera
+    object. Any previous rig in the scene is replaced.
     """
     if anchor is None:
         raise PoseError("No head anchor: add one with 'Add Head Anchor' or pick an Empty as Head Anchor.")
-    yaws = turntable_yaws(frames, yaw_range)
+    yaws = turntable_yaws(frames, yaw_range, start_yaw)
     settings = scene.portrait3d
     remove_turntable(scene)
 
@@ -165,9 +171,23 @@ def build_turntable(scene: bpy.types.Scene, anchor: bpy.types.Object, *, frames:
     return camera
 
 
-def expected_labels(frames: int, yaw_range: float, pitch: float) -> list[np.ndarray]:
+def expected_labels(frames: int, yaw_range: float, pitch: float,
+                    start_yaw: float | None = None) -> list[np.ndarray]:
     """The EG3D labels the rig reproduces, from ``cameras.sample_lookat`` (for checks and tests)."""
     v = math.pi / 2 * (1.0 - math.sin(pitch))  # inverse of pitch = asin(1 - 2 v / pi)
     k = cameras.intrinsics_from_focal(cameras.EG3D_FOCAL)
     return [cameras.to_label(cameras.sample_lookat(math.pi / 2 + yaw, v), k)
-            for yaw in turntable_yaws(frames, yaw_range)]
+            for yaw in turntable_yaws(frames, yaw_range, start_yaw)]
+
+
+def photo_view(context: bpy.types.Context, python: str | None = None) -> tuple[float, float]:
+    """(yaw, pitch) in radians of the prepared reference photo's camera (prepared now when needed; raises
+    reference_prep.ReferencePrepError)."""
+    from . import reference_prep
+
+    settings = context.scene.portrait3d
+    result = reference_prep.stored(settings)
+    if result is None:
+        result = reference_prep.run(context, python)
+    limit = math.radians(89.0)
+    return math.radians(result.yaw), max(-limit, min(limit, math.radians(result.pitch)))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .core import CORE_PARENT, protocol
+from .core import CORE_PARENT, failures, protocol
 
 CANCEL_GRACE_S = 10.0
 KILL_GRACE_S = 5.0
@@ -52,6 +52,72 @@ def resolve_worker_python(path: str | os.PathLike | None) -> Path:
     if not os.access(p, os.X_OK):
         raise WorkerStartError(f"Worker Python {p} is not executable; point it at a python executable.")
     return p
+
+
+# ---------------------------------------------------------------- the quick worker Python check
+
+# Asks the interpreter for its version and whether the worker's packages can be found (importlib's find_spec:
+# no import, so it takes the interpreter's start-up time, not torch's seconds). Written to run on any Python,
+# so an old one still reports its version.
+PROBE_SCRIPT = (
+    "import sys\n"
+    "sys.stdout.write('dp3d-probe-version %d.%d.%d\\n' % tuple(sys.version_info[:3]))\n"
+    "from importlib.util import find_spec\n"
+    f"missing = [n for n in {failures.PACKAGES!r} if find_spec(n) is None]\n"
+    "sys.stdout.write('dp3d-probe-missing %s\\n' % (' '.join(missing) or '-'))\n"
+)
+PROBE_TIMEOUT = 60.0  # seconds: an interpreter's start on a cold, busy disk
+MIN_PYTHON = (3, 10)
+_probe_ok: dict[tuple[str, int, int], str] = {}
+
+
+def probe_worker_python(python: str | os.PathLike, timeout: float = PROBE_TIMEOUT) -> str:
+    """Check quickly that ``python`` is a Python 3.10+ that can find torch, diffusers and the rest.
+
+    Returns its version; raises WorkerStartError with one plain sentence of what is wrong and one of what to do.
+    A success is remembered for that executable (its path as given, mtime and size), so it costs one interpreter
+    start once.
+    Failures are not remembered: installing the missing package must make the next try pass.
+    """
+    exe = resolve_worker_python(python)
+    try:
+        st = exe.stat()
+    except OSError as exc:
+        raise WorkerStartError(str(failures.worker_python_failure("no_run", exe, exc.strerror or "unreadable")))
+    # the path as given, not resolved: every venv's python links to the same interpreter binary, and what a venv
+    # can import depends on where that link sits
+    key = (os.path.abspath(exe), st.st_mtime_ns, st.st_size)
+    if key in _probe_ok:
+        return _probe_ok[key]
+    try:
+        r = subprocess.run([str(exe), "-c", PROBE_SCRIPT], cwd=str(CORE_PARENT), env=worker_env(CORE_PARENT),
+                           stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise WorkerStartError(str(failures.worker_python_failure("timeout", exe, f"{timeout:.0f}"))) from None
+    except OSError as exc:
+        raise WorkerStartError(str(failures.worker_python_failure(
+            "not_python", exe, (exc.strerror or "it cannot be executed").lower()))) from None
+    out = r.stdout.decode("utf-8", "replace").splitlines()
+    info = dict(line.split(" ", 1) for line in out if line.startswith("dp3d-probe-") and " " in line)
+    version = info.get("dp3d-probe-version", "").strip()
+    if not version:
+        said = next((line.strip() for line in out + r.stderr.decode("utf-8", "replace").splitlines()
+                     if line.strip()), "")
+        detail = (f"it exited with code {r.returncode} and printed nothing" if not said else
+                  f"it exited with code {r.returncode} and printed {failures.clip(said, 80)!r}")
+        raise WorkerStartError(str(failures.worker_python_failure("not_python", exe, detail)))
+    try:
+        numbers = tuple(int(x) for x in version.split(".")[:2])
+    except ValueError:
+        numbers = (0, 0)
+    if numbers < MIN_PYTHON:
+        raise WorkerStartError(str(failures.worker_python_failure("too_old", exe, f"Python {version}")))
+    missing = info.get("dp3d-probe-missing", "-").split()
+    if missing != ["-"] and missing:
+        names = ", ".join("pillow" if m == "PIL" else m for m in missing)
+        raise WorkerStartError(str(failures.worker_python_failure("missing", exe, names)))
+    _probe_ok[key] = version
+    return version
 
 
 def worker_env(core_parent: str | os.PathLike = CORE_PARENT) -> dict[str, str]:
@@ -122,9 +188,9 @@ def diagnose(returncode: int | None, stderr: Sequence[str]) -> tuple[str, str]:
     if "SyntaxError" in text or "requires Python" in text:
         return ("The worker Python is too old or not a CPython 3 interpreter.",
                 "pick a Python 3.10 or newer with torch and diffusers as Worker Python")
-    if "out of memory" in text.lower() or "OutOfMemoryError" in text:
-        return ("The worker ran out of GPU memory.", "set GPU Memory to Low or Lowest, lower the Output Size, or set "
-                "Device to CPU")
+    oom = failures.out_of_memory(text)
+    if oom is not None:
+        return oom.message, oom.hint
     if returncode is not None and returncode < 0:
         try:
             sig = signal.Signals(-returncode).name
@@ -256,9 +322,17 @@ class WorkerProcess:
         elif self._error_event is not None:
             s.state = "failed"
             s.message, s.hint = str(self._error_event["message"]), str(self._error_event["hint"])
+            if self._error_event.get("log"):
+                s.log_tail = []  # the raw text is in the log file the hint names, not for the user's eyes
         else:
             s.state = "failed"
             s.message, s.hint = diagnose(rc, list(self._stderr))
+            log = failures.write_log([self.job_dir / "worker.log"], f"{self.python} -m dp3d_core.worker "
+                                     f"{self.job_dir} ended with exit code {rc}; its stderr:\n" +
+                                     "\n".join(self._stderr))
+            if log is not None:
+                s.hint = f"{s.hint} (details: {log})"
+                s.log_tail = []
 
     # ------------------------------------------------------------ control
 

@@ -42,3 +42,11 @@ def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():
         pytest.fail(f"shared fixtures not found at {FIXTURES} (the repository expects ../shared beside it)")
     return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def extension_zip(tmp_path_factory) -> Path:
+    """The extension zip, built and validated once per test session by Blender's own tool."""
+    import build
+
+    return build.build(tmp_path_factory.mktemp("dist"))

@@ -80,18 +80,24 @@ def fake_model_folder(path: Path) -> Path:
     return path
 
 
+FAKE_PROBE_ANSWER = 'if [ "$1" = "-c" ]; then echo "dp3d-probe-version 3.11.0"; echo "dp3d-probe-missing -"; exit 0; fi'
+
+
 def fake_worker_python(folder: Path, body: str = "exec sleep 30") -> Path:
-    """An executable standing in for the worker Python (a shell script running ``body``)."""
+    """An executable standing in for the worker Python (a shell script running ``body``); it answers the quick
+    worker Python check (``python -c ...``) like a Python with every package."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "python"
-    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.write_text(f"#!/bin/sh\n{FAKE_PROBE_ANSWER}\n{body}\n")
     path.chmod(0o755)
     return path
 
 
 def setup_generation_scene(scene, *, out: Path, model: Path, frames: int = 8, size: int = 64, steps: int = 2,
-                           seed: int = 0, source: str = "PROCEDURAL", reference: Path = PORTRAIT):
-    """Anchor + turntable + generation settings for a small, fast job."""
+                           seed: int = 0, source: str = "PROCEDURAL", reference: Path = PORTRAIT,
+                           prepare: bool = False):
+    """Anchor + turntable + generation settings for a small, fast job (reference preparation off unless
+    ``prepare``: most tests stand in a fake worker Python)."""
     scene.cursor.location = (0.0, 0.0, 0.0)
     assert bpy.ops.portrait3d.add_head_anchor() == {'FINISHED'}
     s = scene.portrait3d
@@ -100,6 +106,7 @@ def setup_generation_scene(scene, *, out: Path, model: Path, frames: int = 8, si
     s.output_size = size
     assert bpy.ops.portrait3d.add_turntable() == {'FINISHED'}
     s.reference_image = str(reference)
+    s.use_reference_prep = prepare
     s.output_folder = str(out) + os.sep
     s.model_folder = str(model) + os.sep
     s.steps = steps

@@ -83,7 +83,8 @@ def test_output_folder_not_writable(ready, tmp_path):
     blocker = tmp_path / "a file"
     blocker.write_text("x")
     bpy.context.scene.portrait3d.output_folder = str(blocker / "out")  # a folder inside a file cannot exist
-    assert "Cannot write to the output folder" in generate_error()
+    msg = generate_error()
+    assert "Cannot write to the output folder" in msg and "is a file, not a folder" in msg
 
 
 def test_condition_folder_with_too_few_images(ready, tmp_path):
@@ -206,7 +207,8 @@ def test_model_folder_incomplete(ready, tmp_path):
 
 def test_worker_python_unset(ready, monkeypatch):
     monkeypatch.delenv("PORTRAIT3D_WORKER_PYTHON")
-    assert "No worker Python set" in generate_error()
+    msg = generate_error()
+    assert "No worker Python set" in msg and "Set Up Worker" in msg
 
 
 def test_worker_python_missing(ready, monkeypatch, tmp_path):
@@ -223,15 +225,14 @@ def bare_python(tmp_path_factory):
 
 
 def test_worker_python_without_torch_fails_with_hint(ready, monkeypatch, bare_python):
+    """Found by the quick worker Python check, before anything is rendered or written."""
     monkeypatch.setenv("PORTRAIT3D_WORKER_PYTHON", str(bare_python))
-    run = job_runner.start_generation(bpy.context)
-    status = job_runner.wait(run, bpy.context, timeout=60)
-    assert status.state == "failed"
+    with pytest.raises(job_runner.JobRunError, match="lacks torch, diffusers"):
+        job_runner.start_generation(bpy.context)
     p = bpy.context.window_manager.portrait3d_progress
     assert not p.running and not job_runner.is_running()
-    assert "lacks the package" in p.last_error
-    assert "install torch, diffusers" in p.last_hint
-    assert "ModuleNotFoundError" in p.last_log
+    assert "lacks torch" in p.last_error and "pip install torch diffusers" in p.last_error
+    assert not (Path(bpy.context.scene.portrait3d.output_folder) / ".job").exists()
 
 
 def test_check_worker_button(scene, bare_python):
@@ -276,7 +277,7 @@ def test_worker_warning_shows_as_the_status(tmp_path):
 
 def test_diagnose_plain_words():
     msg, hint = diagnose(1, ["Traceback ...", "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate"])
-    assert "out of GPU memory" in msg and "Output Size" in hint
+    assert "GPU ran out of memory" in msg and "Output Size" in hint
     msg, hint = diagnose(-9, [])
     assert "SIGKILL" in msg and "not recomputed" in hint
     msg, _ = diagnose(1, ["ModuleNotFoundError: No module named 'diffusers'"])

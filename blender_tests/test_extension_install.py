@@ -13,11 +13,6 @@ import build
 PACKAGE_ID = "portrait3d"
 
 
-@pytest.fixture(scope="module")
-def extension_zip(tmp_path_factory) -> Path:
-    return build.build(tmp_path_factory.mktemp("dist"))
-
-
 @pytest.fixture
 def temp_repo(tmp_path):
     """A local extension repository in a temporary folder, removed afterwards."""
@@ -42,7 +37,18 @@ def test_zip_has_core_and_no_dev_files(extension_zip):
     for required in ("blender_manifest.toml", "__init__.py", "core.py", "poses.py", "rig.py", "job_writer.py",
                      "worker_process.py", "frame_import.py", "reference_check.py", "previews.py",
                      "dp3d_core/__init__.py", "dp3d_core/cameras.py", "dp3d_core/job.py", "dp3d_core/protocol.py",
-                     "dp3d_core/worker.py"):
+                     "dp3d_core/worker.py", "dp3d_core/hub_download.py", "worker_env.py", "worker_requirements.txt",
+                     "setup_operators.py", "model_manager.py", "model_operators.py"):
+        assert required in names
+    # The bundled small model travels with the extension, byte for byte, so it works with no settings touched.
+    model = build.ROOT / build.BUNDLED_MODEL
+    shipped = sorted(p.relative_to(build.ROOT).as_posix() for p in model.rglob("*") if p.is_file())
+    assert shipped and "models/small/unet/diffusion_pytorch_model.safetensors" in shipped
+    with zipfile.ZipFile(extension_zip) as z:
+        for name in shipped:
+            assert z.read(name) == (build.ROOT / name).read_bytes(), name
+    for required in ("reference_prep.py", "dp3d_core/prepare_reference.py", "dp3d_core/face_landmarks.py",
+                     "dp3d_core/face_pose.py", "dp3d_core/data/face_landmarks_3d.json"):  # reference preparation
         assert required in names
     for name in names:
         parts = name.split("/")

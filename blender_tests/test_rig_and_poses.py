@@ -305,7 +305,7 @@ def test_cli_job_writes_dataset_and_blend(scene, tmp_path, fixtures_dir):
 def test_cli_job_rejects_bad_input(scene, tmp_path, capsys, fixtures_dir):
     missing = str(tmp_path / "nope.png")
     assert job_runner.cli_main(["--frames", "3", "--out", str(tmp_path), "--reference", missing]) == 1
-    assert "Reference image not found" in capsys.readouterr().out
+    assert "Reference portrait not found" in capsys.readouterr().out
     assert job_runner.cli_main(["--frames", "0", "--out", str(tmp_path), "--poses-only"]) == 1
     assert "--frames must be at least 1" in capsys.readouterr().out
     assert job_runner.cli_main(["--frames", "3"]) != 0  # --out missing: argparse usage error, no traceback

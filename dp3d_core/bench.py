@@ -1,5 +1,8 @@
 """Benchmark the official compute schedule against the fast path: ``python -m dp3d_core.bench``.
 
+``--model diffportrait360``: the DiffPortrait360 view model instead (20 view modules, TWO references, front and
+back, in every reference attention; the official mode runs F_ref on 8 copies of each).
+
 Random-weight networks (speed does not depend on the weights) at ``--size tiny|mid|sd15``; N denoising steps
 with guidance 3 for one window of 8 views, in two modes in ONE run:
 
@@ -37,11 +40,16 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .models.config import CLIP_LENGTH, network_configs, official_params
+from .models.config import CLIP_LENGTH, diffportrait360_params, network_configs, official_params
 
 VIEWS = CLIP_LENGTH
 GUIDANCE = 3.0
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# model -> (official parameters from size overrides, references per view)
+MODELS: dict[str, tuple[Callable[[dict[str, Any]], dict[str, Any]], int]] = {
+    "diffportrait3d": (official_params, 1),
+    "diffportrait360": (diffportrait360_params, 2),
+}
 
 
 class BenchError(ValueError):
@@ -81,13 +89,14 @@ def _register_cpu_sdpa_flops() -> None:
         return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-def build_networks(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> list[torch.nn.Module]:
+def build_networks(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0,
+                   model: str = "diffportrait3d") -> list[torch.nn.Module]:
     """F, F_ref, F_cam and the view modules with random weights at ``size`` (built directly on ``device``)."""
     from diffusers import ControlNetModel, UNet2DConditionModel
 
     from .models.view_modules import ViewModules
 
-    configs = network_configs(official_params(SIZES[size].overrides))
+    configs = network_configs(MODELS[model][0](SIZES[size].overrides))
     torch.manual_seed(seed)
     with torch.device(device):
         nets = [UNet2DConditionModel(**configs["unet"]), UNet2DConditionModel(**configs["reference_unet"]),
@@ -95,21 +104,23 @@ def build_networks(size: str, device: torch.device, dtype: torch.dtype, seed: in
     return [n.to(dtype).eval().requires_grad_(False) for n in nets]
 
 
-def build_denoiser(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """A DiffPortrait3DDenoiser with random weights at ``size``."""
+def build_denoiser(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0, model: str = "diffportrait3d"):
+    """A DiffPortrait3DDenoiser with random weights at ``size`` (the networks of ``model``)."""
     from .models.denoiser import DiffPortrait3DDenoiser
 
-    return DiffPortrait3DDenoiser(*build_networks(size, device, dtype, seed), clip_length=VIEWS)
+    return DiffPortrait3DDenoiser(*build_networks(size, device, dtype, seed, model), clip_length=VIEWS)
 
 
-def make_inputs(denoiser, size: str, device: torch.device, dtype: torch.dtype, seed: int = 1) -> dict[str, Any]:
+def make_inputs(denoiser, size: str, device: torch.device, dtype: torch.dtype, seed: int = 1,
+                references: int = 1) -> dict[str, Any]:
+    """``reference``: a list of ``references`` latents ``[1, 4, h, w]`` (DiffPortrait360: front, back)."""
     lat = SIZES[size].latent
     g = torch.Generator().manual_seed(seed)
     dim = denoiser.unet.config.cross_attention_dim
 
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g).to(device, dtype)
-    return {"x": randn(VIEWS, 4, lat, lat), "reference": randn(1, 4, lat, lat),
+    return {"x": randn(VIEWS, 4, lat, lat), "reference": [randn(1, 4, lat, lat) for _ in range(references)],
             "condition": (torch.rand(VIEWS, 3, 8 * lat, 8 * lat, generator=g) * 2 - 1).to(device, dtype),
             "context": randn(1, 77, dim)}
 
@@ -117,7 +128,8 @@ def make_inputs(denoiser, size: str, device: torch.device, dtype: torch.dtype, s
 def official_step(denoiser, t: int, inputs: dict[str, Any]) -> torch.Tensor:
     """One guided step as the official sampler computes it (see the module docstring)."""
     x, context, condition = inputs["x"], inputs["context"], inputs["condition"]
-    references = inputs["reference"].expand(VIEWS, -1, -1, -1).contiguous()  # the official 8 identical copies
+    # the official 8 identical copies of each reference
+    references = [r.expand(VIEWS, -1, -1, -1).contiguous() for r in inputs["reference"]]
     e_c = denoiser.eps_cond(x, t, context, references, condition).float()
     tt = torch.full((VIEWS,), t, device=x.device, dtype=torch.long)
     denoiser.view_controlnet(x, tt, encoder_hidden_states=context.expand(VIEWS, -1, -1), controlnet_cond=condition,
@@ -357,32 +369,37 @@ def report(measure: Callable[[], dict[str, Any]], format_table: Callable[[dict[s
 
 
 def run_bench(size: str = "mid", dtype: str = "fp32", device: str = "cpu", steps: int = 3,
-              channels_last: bool = False, compile: str | None = None, threads: int | None = None) -> dict[str, Any]:
+              channels_last: bool = False, compile: str | None = None, threads: int | None = None,
+              model: str = "diffportrait3d") -> dict[str, Any]:
     """Both modes on one set of networks; returns the JSON-able record. ``compile``: None, "fast" (the fast mode
-    compiled, the official one eager) or "both"."""
+    compiled, the official one eager) or "both". ``model``: "diffportrait3d" or "diffportrait360" (view model)."""
     if compile not in (None, "fast", "both"):
         raise BenchError(f"unknown compile choice {compile!r}; use 'fast' or 'both'")
+    if model not in MODELS:
+        raise BenchError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
     dev = check_request(size, dtype, device, steps)
     with _cpu_settings(threads, flush_denormal=dev.type == "cpu"):
-        return _measure(size, dtype, dev, steps, channels_last, compile)
+        return _measure(size, dtype, dev, steps, channels_last, compile, model)
 
 
-def _measure(size: str, dtype: str, dev: torch.device, steps: int, channels_last: bool, compile: str | None) -> dict:
+def _measure(size: str, dtype: str, dev: torch.device, steps: int, channels_last: bool, compile: str | None,
+             model: str = "diffportrait3d") -> dict:
     load_start = _loadavg()
     torch_dtype = DTYPES[dtype]
-    denoiser = build_denoiser(size, dev, torch_dtype)
+    denoiser = build_denoiser(size, dev, torch_dtype, model=model)
     if channels_last:
         for net in (denoiser.unet, denoiser.reference_unet, denoiser.view_controlnet):
             net.to(memory_format=torch.channels_last)
     if compile:
         denoiser.compile_networks()
-    inputs = make_inputs(denoiser, size, dev, torch_dtype)
+    inputs = make_inputs(denoiser, size, dev, torch_dtype, references=MODELS[model][1])
     timesteps = [int(t) for t in torch.linspace(981, 1, steps + 1).round().long()][:steps] if steps > 1 else [981]
     modes, eps_difference = run_modes(denoiser, inputs, timesteps, dev, eager_official=compile != "both")
     o, f = modes["official"], modes["fast"]
     cfg = SIZES[size]
     return {
-        "config": {"size": size, "dtype": dtype, "device": str(dev), "steps": steps, "views": VIEWS,
+        "config": {"model": model, "references": MODELS[model][1], "size": size, "dtype": dtype, "device": str(dev),
+                   "steps": steps, "views": VIEWS,
                    "guidance": GUIDANCE, "image": cfg.image, "latent": cfg.latent,
                    "model_channels": official_params(cfg.overrides)["model_channels"],
                    "channels_last": channels_last, "compile": compile, "first_timestep": timesteps[0],
@@ -409,7 +426,8 @@ def _loadavg() -> list[float] | None:
 
 def format_table(record: dict[str, Any]) -> str:
     c, m = record["config"], record["machine"]
-    lines = [f"DiffPortrait3D bench: size {c['size']} ({c['image']}x{c['image']}, model_channels "
+    name = {"diffportrait360": "DiffPortrait360 view model (2 references)"}.get(c.get("model"), "DiffPortrait3D")
+    lines = [f"{name} bench: size {c['size']} ({c['image']}x{c['image']}, model_channels "
              f"{c['model_channels']}), {c['dtype']}, {c['device']} ({m['device_name']}), {c['views']} views, "
              f"guidance {c['guidance']}, {c['steps']} timed steps + 1 warm-up, torch {m['torch']}, "
              f"{c['threads']} threads, load {m['loadavg_before_after']}",
@@ -432,13 +450,15 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dp3d_core.bench", description=__doc__.split("\n")[0])
     add_request_arguments(parser, size="mid", steps=3, steps_help="timed denoising steps (after one warm-up step)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--model", default="diffportrait3d", choices=sorted(MODELS),
+                        help="diffportrait360: the DiffPortrait360 view model (20 view modules, front + back reference)")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", nargs="?", const="fast", choices=("fast", "both"),
                         help="torch.compile F, F_ref and F_cam for the fast mode (official mode stays eager); "
                              "'both': the official mode compiled too")
     args = parser.parse_args(list(argv) if argv is not None else None)
     return report(lambda: run_bench(args.size, args.dtype, args.device, args.steps, args.channels_last,
-                                    args.compile, args.threads), format_table, args.json)
+                                    args.compile, args.threads, args.model), format_table, args.json)
 
 
 if __name__ == "__main__":

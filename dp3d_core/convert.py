@@ -1,6 +1,9 @@
-"""Official DiffPortrait3D single-file checkpoint -> the project's diffusers-style model folder.
+"""Official DiffPortrait3D / DiffPortrait360 single-file checkpoint -> the project's diffusers-style model folder.
 
-    python -m dp3d_core.convert <checkpoint> <out folder> [--config params.json] [--context-from FILE]
+    python -m dp3d_core.convert <checkpoint> <out folder> [--config params.json] [--context-from FILE] [--family F]
+
+The family (DiffPortrait3D; DiffPortrait360 view model or back-head model) is detected from the checkpoint's
+key names (:mod:`dp3d_core.families`) and written to ``model_index.json``.
 
 Key names are translated by diffusers' own single-file converters (``convert_ldm_unet_checkpoint`` for F and F_ref,
 ``convert_controlnet_checkpoint`` for F_cam, ``convert_animatediff_checkpoint_to_diffusers`` for the view modules,
@@ -22,7 +25,9 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .models.config import ModelConfigError, network_configs, official_params, params_from_parity_config
+from .families import FAMILY_3D, Family, FamilyError, check_family, detect_family
+from .models.config import (DP360_POSITIONAL_ROWS, ModelConfigError, network_configs, official_params,
+                            params_from_parity_config)
 
 UNET = "model.diffusion_model."
 REFERENCE = "control_model."
@@ -46,7 +51,7 @@ IGNORED: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"^control_model\.input_hint_block\."), "reference net's hint encoder, never called"),
     # Sinusoidal tables (sin on even, cos on odd channels); recomputed and checked equal in convert_state_dict.
     (re.compile(r"^model\.diffusion_model\..*_motion_module\..*\.pos_encoder\.pe$"), "positional table (recomputed)"),
-    # Saved by transformers < 4.31 only; a constant arange(77).
+    # Saved by transformers < 4.31 only (DiffPortrait360's checkpoints have it); a constant arange(77).
     (re.compile(r"^cond_stage_model\.transformer\.text_model\.embeddings\.position_ids$"), "constant CLIP buffer"),
     # EMA copies, if a training checkpoint carries them (the released model uses the plain weights).
     (re.compile(r"^model_ema\."), "EMA weights (not used by the official inference)"),
@@ -162,7 +167,7 @@ def unwrap_state_dict(state: Any, origin: str = "checkpoint") -> dict[str, torch
 
 
 # ------------------------------------------------------------------------------------------------ config
-def infer_params(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
+def infer_params(sd: dict[str, torch.Tensor], family: Family = FAMILY_3D) -> dict[str, Any]:
     """Official UNet parameters read from tensor shapes (num_heads cannot be seen in shapes: 8 as in the yaml)."""
     conv_in = sd[UNET + "input_blocks.0.0.weight"]
     model_channels = int(conv_in.shape[0])
@@ -184,6 +189,8 @@ def infer_params(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
     pe = [v for k, v in sd.items() if k.endswith("pos_encoder.pe")]
     if pe:
         motion["temporal_position_encoding_max_len"] = int(pe[0].shape[1])
+    elif family.layout == "diffportrait360":  # the DiffPortrait360 yaml's table length
+        motion["temporal_position_encoding_max_len"] = DP360_POSITIONAL_ROWS
     params = official_params({
         "in_channels": int(conv_in.shape[1]), "out_channels": int(sd[UNET + "out.2.weight"].shape[0]),
         "model_channels": model_channels, "channel_mult": mult, "num_res_blocks": num_res,
@@ -191,6 +198,7 @@ def infer_params(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
         "use_linear_in_transformer": linear,
     })
     params["unet_additional_kwargs"]["motion_module_kwargs"] = motion
+    params["view_module_layout"] = family.layout
     if POSE + "input_hint_block.0.weight" in sd:
         params["hint_channels"] = int(sd[POSE + "input_hint_block.0.weight"].shape[1])
     return params
@@ -210,24 +218,23 @@ def read_params_file(path: str | Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ conversion
-def check_is_diffportrait3d(sd: dict[str, torch.Tensor]) -> None:
-    has = {p: any(k.startswith(p) for k in sd) for p in (UNET, REFERENCE, POSE, VAE, CLIP)}
-    motion = any(MOTION_MARK in k for k in sd)
-    if has[UNET] and has[REFERENCE] and has[POSE] and motion:
-        return
-    expected = ("a DiffPortrait3D checkpoint (e.g. the released model_state-540000-001.th) with the UNet and its "
-                "view modules under 'model.diffusion_model.' (incl. '*_motion_module.*'), the appearance/reference "
-                "net under 'control_model.' and the camera ControlNet under 'pose_control_model.'")
-    if has[UNET] and not (has[REFERENCE] or has[POSE] or motion):
-        raise ConversionError(f"this looks like a plain Stable Diffusion checkpoint (only 'model.diffusion_model.' "
-                              f"UNet weights, no reference net, camera ControlNet or view modules); expected {expected}")
-    if has[REFERENCE] and not has[UNET]:
-        raise ConversionError(f"this looks like a stand-alone ControlNet checkpoint; expected {expected}")
-    missing = [name for name, ok in (("model.diffusion_model.", has[UNET]), ("control_model.", has[REFERENCE]),
-                                     ("pose_control_model.", has[POSE]), ("*_motion_module.*", motion)) if not ok]
-    sample = ", ".join(list(sd)[:3])
-    raise ConversionError(f"not a DiffPortrait3D checkpoint: no {', '.join(missing)} keys (first keys: {sample}); "
-                          f"expected {expected}")
+def check_family_keys(sd: dict[str, torch.Tensor], expected: str | None = None) -> Family:
+    """The checkpoint's family from its keys (:func:`dp3d_core.families.detect_family`), as a ConversionError when
+    the keys match no family or not the ``expected`` one."""
+    try:
+        family = detect_family(sd)
+        check_family(family, expected)
+    except FamilyError as exc:
+        raise ConversionError(str(exc)) from None
+    return family
+
+
+def _layout_params(params: dict[str, Any], family: Family) -> dict[str, Any]:
+    """``params`` with the view-module layout the keys say; a config that says otherwise is an error."""
+    if "view_module_layout" in params and params["view_module_layout"] != family.layout:
+        raise ConversionError(f"the config gives view_module_layout {params['view_module_layout']!r}, but the "
+                              f"checkpoint is {family.describe()} (layout {family.layout!r}); fix or drop --config")
+    return {**params, "view_module_layout": family.layout}
 
 
 def _motion_name(key: str) -> str | None:
@@ -263,17 +270,21 @@ class ConvertedCheckpoint:
     state_dicts: dict[str, dict[str, torch.Tensor]]
     report: ConversionReport
     pe_tables: list[torch.Tensor]
+    family: Family = FAMILY_3D
 
 
-def convert_state_dict(sd: dict[str, torch.Tensor], params: dict[str, Any] | None = None) -> ConvertedCheckpoint:
-    """Translate official key names into one diffusers state dict per component; account for every key."""
+def convert_state_dict(sd: dict[str, torch.Tensor], params: dict[str, Any] | None = None,
+                       family: str | None = None) -> ConvertedCheckpoint:
+    """Translate official key names into one diffusers state dict per component; account for every key.
+
+    The family comes from the keys; ``family`` (a name), if given, must agree with them."""
     from diffusers.loaders.single_file_utils import (
         convert_animatediff_checkpoint_to_diffusers, convert_controlnet_checkpoint, convert_ldm_clip_checkpoint,
         convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint)
 
     sd = unwrap_state_dict(sd)
-    check_is_diffportrait3d(sd)
-    params = params if params is not None else infer_params(sd)
+    found = check_family_keys(sd, family)
+    params = _layout_params(params, found) if params is not None else infer_params(sd, found)
     try:
         configs = network_configs(params)
     except ModelConfigError as exc:
@@ -295,7 +306,8 @@ def convert_state_dict(sd: dict[str, torch.Tensor], params: dict[str, Any] | Non
             name = _motion_name(k[len(UNET):])
             if name is not None:
                 motion_src[name] = v
-    out["view_modules"] = convert_animatediff_checkpoint_to_diffusers(motion_src)
+    if found.layout is not None:
+        out["view_modules"] = convert_animatediff_checkpoint_to_diffusers(motion_src)
     pe_tables = [v for k, v in sd.items() if k.startswith(UNET) and k.endswith(".pos_encoder.pe")]
 
     if any(k.startswith(VAE) for k in sd):
@@ -335,7 +347,8 @@ def convert_state_dict(sd: dict[str, torch.Tensor], params: dict[str, Any] | Non
             report.ignored[k] = reason
     if not pe_tables:
         report.notes.append("no 'pos_encoder.pe' tables in the checkpoint; they are recomputed")
-    return ConvertedCheckpoint(params=params, state_dicts=out, report=report, pe_tables=pe_tables)
+    report.notes.append(f"checkpoint family: {found.describe()}")
+    return ConvertedCheckpoint(params=params, state_dicts=out, report=report, pe_tables=pe_tables, family=found)
 
 
 # ------------------------------------------------------------------------------------------------ building
@@ -405,8 +418,9 @@ def build_networks(converted: ConvertedCheckpoint, device: str | torch.device = 
         "unet": (UNet2DConditionModel, configs["unet"]),
         "reference_unet": (UNet2DConditionModel, configs["reference_unet"]),
         "view_controlnet": (ControlNetModel, configs["view_controlnet"]),
-        "view_modules": (ViewModules, configs["view_modules"]),
     }
+    if "view_modules" in configs:
+        classes["view_modules"] = (ViewModules, configs["view_modules"])
     if "vae" in converted.state_dicts:
         classes["vae"] = (AutoencoderKL, vae_config())
     meta = torch.device(device).type == "meta"
@@ -425,7 +439,7 @@ def build_networks(converted: ConvertedCheckpoint, device: str | torch.device = 
                 param.data = param.data.contiguous()
         module.eval()
         modules[name] = module
-    if not meta:
+    if not meta and "view_modules" in modules:
         check_positional_tables(converted, modules["view_modules"])
     return modules
 
@@ -512,22 +526,42 @@ def read_embedding(path: str | Path) -> torch.Tensor:
     return emb[None] if emb.ndim == 2 else emb
 
 
+PROGRESS_PREFIX = "progress "  # --progress: one JSON object per line after this prefix
+
+
+def _nbytes(component: Any) -> int:
+    state = component.state_dict() if isinstance(component, torch.nn.Module) else {}
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
 def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path, config: str | Path | None = None,
                        context_from: str | Path | None = None, strict: bool = True,
-                       overwrite: bool = False) -> ConversionReport:
-    """Convert an official checkpoint file and write the model folder; returns the report."""
+                       overwrite: bool = False, family: str | None = None,
+                       progress: Callable[[str, int, int], None] | None = None) -> ConversionReport:
+    """Convert an official checkpoint file and write the model folder; returns the report.
+
+    ``family``: the family the caller expects (None: whatever the keys say).
+    ``progress(phase, done, total)``: ``read`` and ``write`` count bytes, ``convert`` counts steps; writing the
+    folder (which reads the memory-mapped checkpoint) is most of the time for the full-size model.
+    """
     from .model_folder import save_model_folder
     from .models.prompt_embedding import PromptEmbedding
 
+    tell = progress or (lambda phase, done, total: None)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ConversionError(f"{out} already exists and is not empty; choose an empty folder or pass --overwrite")
 
+    size = Path(checkpoint).stat().st_size if Path(checkpoint).is_file() else 0
+    tell("read", 0, size)
     sd = load_checkpoint(checkpoint)
-    check_is_diffportrait3d(sd)
-    params = read_params_file(config) if config else infer_params(sd)
-    converted = convert_state_dict(sd, params)
+    tell("read", size, size)
+    found = check_family_keys(sd, family)
+    params = read_params_file(config) if config else infer_params(sd, found)
+    tell("convert", 0, 2)
+    converted = convert_state_dict(sd, params, family)
     modules = build_networks(converted)
+    tell("convert", 1, 2)
     report = converted.report
     if context_from is not None:
         embedding = read_embedding(context_from)
@@ -546,7 +580,16 @@ def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path, config: str 
     modules.pop("text_encoder", None)
     if strict and not report.ok:
         raise ConversionError(f"the checkpoint does not match the expected model; nothing written.\n{report}")
-    save_model_folder(modules, out, overwrite=overwrite)
+    tell("convert", 2, 2)
+    sizes = {name: _nbytes(m) for name, m in modules.items()}
+    total, written = sum(sizes.values()), [0]
+
+    def saved(name: str) -> None:
+        written[0] += sizes.get(name, 0)
+        tell("write", written[0], total)
+
+    tell("write", 0, total)
+    save_model_folder(modules, out, overwrite=overwrite, family=converted.family, on_saved=saved)
     return report
 
 
@@ -559,11 +602,20 @@ def main(argv: Iterable[str] | None = None) -> int:
                                                "weights: a model folder, .safetensors or .pt file")
     parser.add_argument("--allow-incomplete", action="store_true", help="write even if some source keys are unused")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
+    parser.add_argument("--family", choices=("DiffPortrait3D", "DiffPortrait360"),
+                        help="refuse a checkpoint of another family (default: convert whichever the keys say)")
+    parser.add_argument("--progress", action="store_true",
+                        help=f"print machine-readable progress lines ('{PROGRESS_PREFIX}{{json}}') for the add-on")
     args = parser.parse_args(list(argv) if argv is not None else None)
     from .model_folder import ModelFolderError
+
+    def print_progress(phase: str, done: int, total: int) -> None:
+        print(PROGRESS_PREFIX + json.dumps({"phase": phase, "done": done, "total": total}), flush=True)
+
     try:
         report = convert_checkpoint(args.checkpoint, args.out, args.config, args.context_from,
-                                    strict=not args.allow_incomplete, overwrite=args.overwrite)
+                                    strict=not args.allow_incomplete, overwrite=args.overwrite,
+                                    family=args.family, progress=print_progress if args.progress else None)
     except (ConversionError, ModelConfigError, ModelFolderError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

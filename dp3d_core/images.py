@@ -16,9 +16,11 @@ Rules applied by :func:`load_rgb`, so every input reaches the model the same way
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -55,8 +57,15 @@ def _open(path: Path, size: int | None) -> Image.Image:
     except UnidentifiedImageError:
         raise ImageError(f"not an image (or a format Pillow cannot read): {path}") from None
     except OSError as exc:
-        raise ImageError(f"cannot read image {path}: {exc}") from None
+        raise ImageError(f"cannot read image {path}: {_reason(exc)}") from None
     return im
+
+
+def _reason(exc: OSError) -> str:
+    """Why an image could not be read, without exception names or errno numbers."""
+    if exc.errno is not None and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or "damaged or unsupported data"
 
 
 def _centre_square(w: int, h: int) -> tuple[int, int, int, int]:
@@ -69,25 +78,78 @@ def _resize_float(channel: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(channel.astype(np.float32)).resize((size, size), Image.LANCZOS))
 
 
-def load_rgb(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
+def load_rgb(path: str | os.PathLike, size: int | None = None, crop: Sequence[float] | None = None) -> np.ndarray:
     """An RGB image as float32 ``[size, size, 3]`` in [0, 1] (see the module notes for the rules).
 
-    ``size`` None keeps the centre square at its own resolution. Raises :class:`ImageError`.
+    ``size`` None keeps the square at its own resolution. ``crop`` (x0, y0, x1, y1), a square in the pixels of
+    the upright image (EXIF orientation applied), replaces the centre square; parts of it outside the image
+    are filled by :func:`crop_square`. Raises :class:`ImageError`.
     """
     path = Path(path)
+    if crop is not None:
+        square = crop_square(load_full_rgb(path), crop)
+        if size is None or square.shape[0] == size:
+            return square
+        return np.stack([_resize_float(square[..., c], size) for c in range(3)], axis=2).clip(0.0, 1.0)
     im = _open(path, size)
     w, h = im.size
     try:
         im = im.crop(_centre_square(w, h))
+    except OSError as exc:  # truncated or corrupt data shows up only on load
+        raise ImageError(f"cannot decode image {path}: {exc}") from None
+    return _float_rgb(path, im, size)
+
+
+def load_full_rgb(path: str | os.PathLike) -> np.ndarray:
+    """The whole image, upright and composited like :func:`load_rgb`, as float32 ``[H, W, 3]`` in [0, 1]."""
+    path = Path(path)
+    return _float_rgb(path, _open(path, None), None)
+
+
+def crop_square(image: np.ndarray, crop: Sequence[float]) -> np.ndarray:
+    """The square ``crop`` (x0, y0, x1, y1, pixels, rounded to whole pixels) of an HxWx3 float image.
+
+    Outside the image the edge pixels are repeated and blurred (a smooth continuation of the border: a mirror
+    fill would invent a second face, black or white a hard frame the model has never seen).
+    """
+    x0, y0, x1, y1 = (float(v) for v in crop)
+    side = int(round(max(x1 - x0, y1 - y0)))
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)) or side < 1:
+        raise ImageError(f"invalid crop {list(crop)}: it needs four finite numbers with x1 > x0 and y1 > y0")
+    left, top = int(round(x0)), int(round(y0))
+    h, w = image.shape[:2]
+    if side > 8 * max(w, h):
+        raise ImageError(f"the crop {list(crop)} is more than 8 times the image size {w}x{h}")
+    ix0, iy0 = max(left, 0), max(top, 0)
+    ix1, iy1 = min(left + side, w), min(top + side, h)
+    if ix1 <= ix0 or iy1 <= iy0:
+        raise ImageError(f"the crop {list(crop)} does not overlap the {w}x{h} image")
+    inside = image[iy0:iy1, ix0:ix1]
+    pads = ((iy0 - top, top + side - iy1), (ix0 - left, left + side - ix1), (0, 0))
+    if not any(a or b for a, b in pads[:2]):
+        return np.ascontiguousarray(inside, dtype=np.float32)
+    out = np.pad(inside, pads, mode="edge").astype(np.float32)
+    small = max(8, side // 24)
+    blurred = np.stack([_resize_float(_resize_float(out[..., c], small), side) for c in range(3)], axis=2)
+    mask = np.ones((side, side), bool)
+    mask[pads[0][0]:side - pads[0][1], pads[1][0]:side - pads[1][1]] = False
+    out[mask] = blurred[mask]
+    return np.clip(out, 0.0, 1.0)
+
+
+def _float_rgb(path: Path, im: Image.Image, size: int | None) -> np.ndarray:
+    """``im`` converted to float32 RGB in [0, 1]; a square image is resized to ``size`` when given."""
+    try:
         im.load()
         out_size = size if size is not None else im.size[0]
+        resize = size is not None and im.size[0] != out_size
         if im.mode in _SIXTEEN_BIT or im.mode in ("I", "F"):
             a = np.asarray(im).astype(np.float32)
             if im.mode == "F":
                 a = np.clip(a, 0.0, 1.0)
             else:
                 a = a / (255.0 if im.mode == "I" and a.max(initial=0) <= 255 else 65535.0)
-            if a.shape[0] != out_size:
+            if resize:
                 a = _resize_float(a, out_size)
             return np.repeat(np.clip(a, 0.0, 1.0)[..., None], 3, axis=2)
         if im.mode == "P":
@@ -98,11 +160,11 @@ def load_rgb(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
             im = im.convert("RGBA")
         elif im.mode != "RGB":
             im = im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
-        if im.size[0] != out_size:
+        if resize:
             im = im.resize((out_size, out_size), Image.LANCZOS, reducing_gap=3.0)
         a = np.asarray(im).astype(np.float32) / 255.0
     except OSError as exc:  # truncated or corrupt data shows up only on load
-        raise ImageError(f"cannot decode image {path}: {exc}") from None
+        raise ImageError(f"cannot decode image {path}: {_reason(exc)}") from None
     if a.shape[2] == 4:
         alpha = a[..., 3:4]
         a = a[..., :3] * alpha + (1.0 - alpha)

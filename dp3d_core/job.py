@@ -33,6 +33,13 @@ LABEL_LENGTH = 25
 PATTERN_FIELDS = ("index", "scene_frame")
 DEFAULT_FRAME_PATTERN = "frame_{scene_frame:04d}.png"
 MAX_SIZE = 2048
+# All frames of a job are denoised as one joint trajectory, so every frame's latents, condition and proxy stay in
+# memory for the whole run (about 3.8 MB per frame at 512 px on the CPU side alone) and a cancel loses them all.
+# 1000 frames (40 s at 25 fps, about 3.8 GB of inputs at 512 px) is far beyond a turntable; longer sequences are
+# better split into several jobs.
+MAX_FRAMES = 1000
+MAX_PATTERN_LENGTH = 200  # characters of frame_pattern (names must also fit the file system: dp3d_core.preflight)
+MAX_JOB_BYTES = 64 << 20  # a job.json of MAX_FRAMES frames is well under 1 MB
 # Model files up to this size are hashed by content; bigger ones by (size, mtime).
 _SMALL_FILE = 1 << 20
 
@@ -68,6 +75,19 @@ class GenerationSettings:
 
 
 @dataclass
+class ReferencePrep:
+    """How the reference photo was prepared (``python -m dp3d_core.prepare_reference``): the square ``crop``
+    (x0, y0, x1, y1) in the pixels of the upright photo, which the worker cuts out of the original file, and the
+    photo camera found for it (degrees, and its EG3D label)."""
+
+    crop: list[float]
+    yaw: float
+    pitch: float
+    roll: float
+    label: list[float]
+
+
+@dataclass
 class Job:
     """A whole turntable request."""
 
@@ -82,6 +102,7 @@ class Job:
     compile: bool = False  # torch.compile the networks: minutes at the first window, then ~1.4x faster steps
     frame_pattern: str = DEFAULT_FRAME_PATTERN
     version: int = JOB_VERSION
+    reference_prep: ReferencePrep | None = None  # None: the reference's centre square is used as it is
 
     def resolve(self, job_dir: str | os.PathLike) -> "Job":
         """A copy with every path made absolute (relative paths are taken from ``job_dir``)."""
@@ -107,8 +128,12 @@ class Job:
 
     def output_path(self, frame: FrameSpec) -> Path:
         """Absolute output path of ``frame``; refuses anything outside the output folder."""
-        out = Path(self.output).resolve()
-        path = (out / self.frame_name(frame)).resolve()
+        try:
+            out = Path(self.output).resolve()
+            path = (out / self.frame_name(frame)).resolve()
+        except RuntimeError:  # pathlib's "Symlink loop from ..." (Python < 3.13)
+            raise _fail("output", f"the path {_clip(self.output)} goes round in a loop of symbolic links; choose "
+                        "an output folder whose path does not pass through it") from None
         if path.parent != out:
             raise JobError(f"frame_pattern: frame {frame.index} would be written to {path}, outside the "
                            f"output folder {out}; use a plain file name such as {DEFAULT_FRAME_PATTERN!r}")
@@ -121,7 +146,12 @@ class Job:
 # ---------------------------------------------------------------- validation
 
 def _fail(field_name: str, problem: str) -> JobError:
-    return JobError(f"job.json field '{field_name}': {problem}")
+    return JobError(f"job.json field '{_clip(field_name)}': {_clip(problem, 400)}")
+
+
+def _clip(text: str, limit: int = 120) -> str:
+    """A value quoted in a message, cut in the middle when long (a 10 MB value never reaches the UI)."""
+    return text if len(text) <= limit else f"{text[:limit // 2 - 3]} ... {text[-(limit // 2 - 3):]}"
 
 
 def _int(d: dict, key: str, where: str, default: Any = ..., low: int | None = None,
@@ -181,6 +211,11 @@ def _format_pattern(pattern: str, index: int, scene_frame: int) -> str:
 
 
 def _check_pattern(pattern: str) -> None:
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        raise _fail("frame_pattern", f"is {len(pattern)} characters long; at most {MAX_PATTERN_LENGTH} are allowed "
+                    f"(e.g. {DEFAULT_FRAME_PATTERN!r})")
+    if any(ord(c) < 32 or c == "\x7f" for c in pattern):
+        raise _fail("frame_pattern", "must not contain control characters (tab, newline, NUL, ...)")
     for _, name, _, _ in string.Formatter().parse(pattern):
         if name is not None and name not in PATTERN_FIELDS:
             raise _fail("frame_pattern", f"unknown field {{{name}}}; use {{index}} or {{scene_frame}}")
@@ -250,6 +285,35 @@ def _parse_frame(d: Any, i: int) -> FrameSpec:
     )
 
 
+def _parse_reference_prep(d: Any) -> ReferencePrep | None:
+    if d is None:
+        return None
+    if not isinstance(d, dict):
+        raise _fail("reference_prep", f"must be an object or null, got {type(d).__name__}")
+    crop = d.get("crop")
+    if (not isinstance(crop, (list, tuple)) or len(crop) != 4 or
+            not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in crop)):
+        raise _fail("reference_prep.crop", f"must be four finite numbers x0, y0, x1, y1; got {crop!r:.80}")
+    x0, y0, x1, y1 = (float(v) for v in crop)
+    side = x1 - x0
+    if side < 1.0 or y1 - y0 < 1.0 or abs((y1 - y0) - side) > 1e-3 * side + 0.01:
+        raise _fail("reference_prep.crop", f"must be a square with x1 > x0 and y1 > y0, got {[x0, y0, x1, y1]}")
+    missing = [k for k in ("yaw", "pitch", "roll", "label") if k not in d]
+    if missing:
+        raise _fail("reference_prep", f"is missing {', '.join(missing)}")
+    prep = ReferencePrep(
+        crop=[x0, y0, x1, y1],
+        yaw=_float(d, "yaw", "reference_prep.yaw", math.nan, -180.0, 180.0),
+        pitch=_float(d, "pitch", "reference_prep.pitch", math.nan, -90.0, 90.0),
+        roll=_float(d, "roll", "reference_prep.roll", math.nan, -180.0, 180.0),
+        label=_parse_label(d.get("label"), "reference_prep.label"),
+    )
+    unknown = set(d) - set(asdict(prep))
+    if unknown:
+        raise _fail("reference_prep", f"unknown key(s) {', '.join(sorted(unknown))}")
+    return prep
+
+
 def job_from_dict(d: Any) -> Job:
     """Validate a parsed ``job.json`` and build a :class:`Job` (raises :class:`JobError`)."""
     if not isinstance(d, dict):
@@ -266,6 +330,9 @@ def job_from_dict(d: Any) -> Job:
     frames_raw = d.get("frames")
     if not isinstance(frames_raw, list) or not frames_raw:
         raise _fail("frames", "must be a non-empty list (one entry per output view)")
+    if len(frames_raw) > MAX_FRAMES:
+        raise _fail("frames", f"has {len(frames_raw)} entries; a job holds at most {MAX_FRAMES} frames (all frames "
+                    "are denoised together and kept in memory); split the sequence into several jobs")
     frames = [_parse_frame(f, i) for i, f in enumerate(frames_raw)]
     pattern = _str(d, "frame_pattern", "frame_pattern", DEFAULT_FRAME_PATTERN)
     _check_pattern(pattern)
@@ -278,7 +345,10 @@ def job_from_dict(d: Any) -> Job:
         memory=_str(d, "memory", "memory", "normal", MEMORY_MODES),
         compile=_bool(d, "compile", "compile", False),
         frame_pattern=pattern, version=version,
+        reference_prep=_parse_reference_prep(d.get("reference_prep")),
     )
+    if job.reference_prep is not None and len(job.references) != 1:
+        raise _fail("reference_prep", f"describes one prepared reference, but the job has {len(job.references)}")
     seen_index: dict[int, int] = {}
     seen_name: dict[str, int] = {}
     for i, f in enumerate(frames):
@@ -320,9 +390,15 @@ def read_job(job_dir: str | os.PathLike) -> Job:
     if not path.is_file():
         raise JobError(f"no {JOB_FILE} in {Path(job_dir).resolve()}; is this a job folder?")
     try:
+        if path.stat().st_size > MAX_JOB_BYTES:
+            raise JobError(f"{path} is {path.stat().st_size >> 20} MB; a job file is at most {MAX_JOB_BYTES >> 20} MB "
+                           "(export the job again from the add-on)")
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise JobError(f"{path} is not valid JSON ({exc})") from None
+        raise JobError(f"{path} is not valid JSON ({_clip(str(exc))})") from None
+    except RecursionError:
+        raise JobError(f"{path} is nested too deeply to be a job (JSON inside JSON thousands of levels deep); "
+                       "export the job again from the add-on") from None
     return job_from_dict(data)
 
 
@@ -367,7 +443,8 @@ def job_hash(job: Job, job_dir: str | os.PathLike | None = None) -> str:
     """Stable hash of everything that changes the pixels (not the output folder or file names).
 
     Covers the settings, device, dtype, the model folder identity, and the contents of every
-    reference, condition and proxy image, plus each frame's index, scene frame and label. Not ``memory`` or
+    reference, condition and proxy image, plus each frame's index, scene frame and label, and the reference
+    preparation (crop and pose) when there is one. Not ``memory`` or
     ``compile``: they change speed and memory, not the picture (beyond floating-point rounding), so switching them
     keeps the frames already written.
     Relative paths are resolved against ``job_dir`` (default: the current folder).
@@ -384,4 +461,6 @@ def job_hash(job: Job, job_dir: str | os.PathLike | None = None) -> str:
                     "condition": file_digest(f.condition),
                     "proxy": None if f.proxy is None else file_digest(f.proxy)} for f in j.frames],
     }
+    if j.reference_prep is not None:  # only when set, so jobs without one keep the hashes they always had
+        payload["reference_prep"] = asdict(j.reference_prep)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

@@ -12,11 +12,10 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
-PIPELINE_CLASS = "DiffPortrait3DPipeline"
 COMPONENTS: dict[str, tuple[str, str]] = {
     "unet": ("diffusers", "UNet2DConditionModel"),
     "reference_unet": ("diffusers", "UNet2DConditionModel"),
@@ -55,8 +54,12 @@ def default_scheduler_config() -> dict[str, Any]:
     return dict(DEFAULT_SCHEDULER_CONFIG)
 
 
-def save_model_folder(components: dict[str, Any], path: str | Path, overwrite: bool = False) -> Path:
+def save_model_folder(components: dict[str, Any], path: str | Path, overwrite: bool = False,
+                      family: Any = None, on_saved: Callable[[str], None] | None = None) -> Path:
     """Write ``components`` (name -> module / scheduler) as a model folder; a missing scheduler gets the default.
+    ``on_saved(name)`` is called after each component is written (the converter's progress).
+
+    ``family``: a :class:`dp3d_core.families.Family` written to ``model_index.json`` (default: DiffPortrait3D).
 
     The folder is written next to ``path`` first and moved into place, so a failed save leaves nothing half-written.
     """
@@ -72,7 +75,10 @@ def save_model_folder(components: dict[str, Any], path: str | Path, overwrite: b
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        index: dict[str, Any] = {"_class_name": PIPELINE_CLASS, "_diffusers_version": _diffusers_version()}
+        from .families import FAMILY_3D
+        family = family or FAMILY_3D
+        index: dict[str, Any] = {"_class_name": family.pipeline_class, "_diffusers_version": _diffusers_version(),
+                                 **family.index_fields()}
         items = dict(components)
         items.setdefault("scheduler", DDIMScheduler.from_config(default_scheduler_config()))
         for name in COMPONENTS:
@@ -80,6 +86,8 @@ def save_model_folder(components: dict[str, Any], path: str | Path, overwrite: b
                 continue
             items[name].save_pretrained(str(staging / name))
             index[name] = list(COMPONENTS[name])
+            if on_saved is not None:
+                on_saved(name)
         (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         staging.chmod(0o755)  # mkdtemp makes it private
         if path.exists():
@@ -112,14 +120,34 @@ def read_model_index(path: str | Path) -> dict[str, Any]:
         raise ModelFolderError(f"{index_file} is not valid JSON: {exc}") from None
 
 
+def refuse_pickles(path: Path, name: str) -> None:
+    """ModelFolderError when component ``name`` has pickled weights but no safetensors (pickles can run code)."""
+    from .preflight import PICKLE_SUFFIXES
+
+    sub = path / name
+    if not sub.is_dir() or any(sub.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in sub.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelFolderError(f"'{name}' holds only pickled weights ({pickles[0]}), which are refused because "
+                               f"loading a pickle can run code; convert them once with "
+                               f"`python -m dp3d_core.convert_pickles {path}`")
+
+
 def load_model_folder(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                      components: Iterable[str] | None = None) -> dict[str, Any]:
-    """Load the components (all by default) of a model folder: name -> module (eval mode) or scheduler."""
+                      components: Iterable[str] | None = None, family: Any = None) -> dict[str, Any]:
+    """Load the components (all by default) of a model folder: name -> module (eval mode) or scheduler.
+
+    ``family``: the :class:`dp3d_core.families.Family` the caller can run; a folder of another is refused."""
     from .schedulers import make_scheduler
 
     path = Path(path)
     index = read_model_index(path)
-    wanted = list(components) if components is not None else list(COMPONENTS)
+    found = model_family(index)
+    if family is not None and found != family:
+        raise ModelFolderError(f"{path} holds {found.describe()}, but {family.describe()} is needed here; pick "
+                               f"the matching model folder (convert the matching official checkpoint into it)")
+    wanted = list(components) if components is not None else default_components(index)
     classes = _classes()
     loaded: dict[str, Any] = {}
     for name in wanted:
@@ -134,20 +162,39 @@ def load_model_folder(path: str | Path, device: str | torch.device = "cpu", dtyp
             loaded[name] = make_scheduler("ddim", config)
             continue
         library, class_name = COMPONENTS[name]
+        refuse_pickles(path, name)
         try:
-            module = classes[class_name].from_pretrained(str(sub), torch_dtype=dtype)
+            # use_safetensors=True: diffusers' default would fall back to unpickling a .bin
+            module = classes[class_name].from_pretrained(str(sub), torch_dtype=dtype, use_safetensors=True)
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise ModelFolderError(f"cannot load '{name}' from {sub}: {exc}") from None
         loaded[name] = module.to(device).eval()
     return loaded
 
 
+def model_family(path_or_index: str | Path | dict[str, Any]):
+    """The :class:`dp3d_core.families.Family` of a model folder (or of its parsed ``model_index.json``)."""
+    from .families import FamilyError, family_from_index
+
+    index = path_or_index if isinstance(path_or_index, dict) else read_model_index(path_or_index)
+    try:
+        return family_from_index(index)
+    except FamilyError as exc:
+        raise ModelFolderError(str(exc)) from None
+
+
+def default_components(index: dict[str, Any]) -> list[str]:
+    """The components a folder of this family must hold (a back-head model has no view modules)."""
+    family = model_family(index)
+    return [name for name in COMPONENTS if name != "view_modules" or family.layout is not None]
+
+
 def make_denoiser(components: dict[str, Any], clip_length: int = 8):
     """A ``DiffPortrait3DDenoiser`` from loaded components."""
     from .models.denoiser import DiffPortrait3DDenoiser
 
-    missing = [n for n in NETWORKS if n not in components]
+    missing = [n for n in NETWORKS if n not in components and n != "view_modules"]
     if missing:
         raise ModelFolderError(f"cannot build the denoiser without {missing}")
     return DiffPortrait3DDenoiser(components["unet"], components["reference_unet"], components["view_controlnet"],
-                                  components["view_modules"], clip_length=clip_length)
+                                  components.get("view_modules"), clip_length=clip_length)

@@ -57,17 +57,35 @@ class DiffPortrait3DPipelineOutput(BaseOutput):
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
 
 
-def plan_windows(num_views: int, window: int, overlap: int) -> list[list[int]]:
-    """View indices of each window. Short sequences are padded with their last view."""
+def plan_windows(num_views: int, window: int, overlap: int, closed_loop: bool = False) -> list[list[int]]:
+    """View indices of each window. Short sequences are padded with their last view.
+
+    ``closed_loop`` (a full turn): indices wrap around, so the last windows hold the last views followed by the
+    first ones (and short sequences are padded with views from their start): view N-1 and view 0 are neighbours.
+    """
     if num_views < 1:
         raise PipelineError("at least one condition image is needed (one per output view)")
     if not 0 <= overlap < window:
         raise PipelineError(f"overlap must be in 0..{window - 1} (window {window}), got {overlap}")
+    if closed_loop:
+        stride = window - overlap
+        count = 1 if num_views <= window else -(-num_views // stride)
+        return [[(s * stride + k) % num_views for k in range(window)] for s in range(count)]
     if num_views <= window:
         return [list(range(num_views)) + [num_views - 1] * (window - num_views)]
     stride = window - overlap
     starts = list(range(0, num_views - window, stride)) + [num_views - window]
     return [list(range(s, s + window)) for s in starts]
+
+
+def image_size(images: ImageInput | Sequence[ImageInput]) -> tuple[int, int]:
+    """(height, width) of an image, or of the first of several."""
+    first = images if isinstance(images, PIL.Image.Image) else images[0]
+    if isinstance(first, PIL.Image.Image):
+        return first.size[1], first.size[0]
+    if isinstance(first, np.ndarray):
+        return first.shape[0], first.shape[1]
+    return first.shape[-2], first.shape[-1]
 
 
 def window_weights(windows: list[list[int]], num_views: int, window: int) -> torch.Tensor:
@@ -93,6 +111,7 @@ class DiffPortrait3DPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "reference_unet->view_controlnet->unet->vae"
     _optional_components: list[str] = []
+    float16_schedule = False  # DiffPortrait360: the model's noise schedule is float16 (see schedulers.py)
 
     def __init__(self, unet: Any, reference_unet: Any, view_controlnet: Any, view_modules: Any, vae: Any,
                  scheduler: SchedulerMixin, prompt_embedding: Any) -> None:
@@ -110,13 +129,15 @@ class DiffPortrait3DPipeline(DiffusionPipeline):
                         torch_dtype: torch.dtype = torch.float32, **kwargs: Any) -> "DiffPortrait3DPipeline":
         """Load a local model folder (see :mod:`dp3d_core.model_folder`); nothing is downloaded.
 
-        Raises ``ModelFolderError`` naming a missing or broken component.
+        Raises ``ModelFolderError`` naming a missing or broken component, or a folder of another model family.
         """
+        from .families import FAMILY_3D
         from .model_folder import load_model_folder
 
         if kwargs:
             raise TypeError(f"unsupported argument(s) {sorted(kwargs)}; this pipeline takes device and torch_dtype")
-        return cls(**load_model_folder(pretrained_model_name_or_path, device=device, dtype=torch_dtype))
+        return cls(**load_model_folder(pretrained_model_name_or_path, device=device, dtype=torch_dtype,
+                                       family=FAMILY_3D))
 
     def save_pretrained(self, save_directory: Any, overwrite: bool = False, **kwargs: Any) -> None:
         """Write the pipeline as a model folder (the format ``from_pretrained`` reads)."""
@@ -307,14 +328,14 @@ class DiffPortrait3DPipeline(DiffusionPipeline):
             if acp is None:
                 acp = self.scheduler.alphas_cumprod
             x[idx] = aware_initial_latent(proxy_latents.to(noise.device, noise.dtype), noise[idx], acp,
-                                          AWARE_NOISE_TIMESTEP)
+                                          AWARE_NOISE_TIMESTEP, float16_schedule=self.float16_schedule)
         return x * float(scheduler.init_noise_sigma)
 
     def _scheduler(self, scheduler: SchedulerMixin | str | None) -> SchedulerMixin:
         if scheduler is None:
             return self.scheduler
         if isinstance(scheduler, str):
-            return make_scheduler(scheduler, dict(self.scheduler.config))
+            return make_scheduler(scheduler, dict(self.scheduler.config), float16_schedule=self.float16_schedule)
         return scheduler
 
     # ------------------------------------------------------------ call
@@ -333,6 +354,7 @@ class DiffPortrait3DPipeline(DiffusionPipeline):
         scheduler: SchedulerMixin | str | None = None,
         window: int | None = None,
         overlap: int = 4,
+        closed_loop: bool = False,
         share_noise: bool = False,
         latents: torch.Tensor | None = None,
         height: int | None = None,
@@ -352,6 +374,7 @@ class DiffPortrait3DPipeline(DiffusionPipeline):
                 view; their latents seed the initial noise (3D-aware noise, official ``q_sample(., 999)``).
             guidance_scale: official CFG, ``eps_u + g (eps_c - eps_u)``; at 1 the unconditional pass is skipped.
             window, overlap: views per model call (default: the model's clip length) and shared views.
+            closed_loop: the views are a full turn: windows wrap around from the last view to the first.
             share_noise: one initial noise for all views (before the proxies are mixed in).
             latents: the initial noise ``[N, 4, h, w]`` instead of drawing it (then nothing is drawn for it).
             height, width: output size (default: the first condition image's size).
@@ -380,14 +403,8 @@ class DiffPortrait3DPipeline(DiffusionPipeline):
         dtype = self.unet.dtype
 
         # sizes
-        first = condition_images[0] if not isinstance(condition_images, PIL.Image.Image) else condition_images
         if height is None or width is None:
-            if isinstance(first, PIL.Image.Image):
-                w0, h0 = first.size
-            elif isinstance(first, np.ndarray):
-                h0, w0 = first.shape[:2]
-            else:
-                h0, w0 = first.shape[-2:]
+            h0, w0 = image_size(condition_images)
             height, width = height or h0, width or w0
         m = self.size_multiple()
         if height % m or width % m:
@@ -396,7 +413,7 @@ class DiffPortrait3DPipeline(DiffusionPipeline):
 
         conditions = self.to_image_tensor(condition_images, (lat_h * 8, lat_w * 8), "condition image")
         n = conditions.shape[0]
-        windows = plan_windows(n, window, overlap)
+        windows = plan_windows(n, window, overlap, closed_loop)
         weights = window_weights(windows, n, window).to(device)
         if proxy_images is not None and len(proxy_images) != n:
             raise PipelineError(f"{len(proxy_images)} proxy images for {n} views; give one per view (or None)")

@@ -1,7 +1,8 @@
 """A tiny random-weight model folder for tests and demos: ``python -m dp3d_core.tiny <out>``.
 
 Same classes and topology as the real model (4 levels, 16 transformers, 27 view modules), 32 base channels,
-context width 32 and a small VAE; written in seconds on CPU.
+context width 32 and a small VAE; written in seconds on CPU. ``--family DiffPortrait360`` writes the two
+DiffPortrait360 models instead, ``<out>/views`` (20 view modules) and ``<out>/back_head`` (none).
 """
 from __future__ import annotations
 
@@ -34,8 +35,11 @@ def _sharpen_attention(module: torch.nn.Module, factor: float = 3.0) -> None:
                 param.mul_(factor)
 
 
-def make_tiny_components(seed: int = 0, sample_size: int = 32) -> dict[str, Any]:
-    """Random tiny networks: name -> module, as ``load_model_folder`` returns them (no scheduler)."""
+def make_tiny_components(seed: int = 0, sample_size: int = 32, params: dict[str, Any] | None = None
+                         ) -> dict[str, Any]:
+    """Random tiny networks: name -> module, as ``load_model_folder`` returns them (no scheduler).
+
+    ``params``: official parameters (default: DiffPortrait3D's at the tiny size)."""
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 
     from .convert import SCALE_FACTOR
@@ -43,7 +47,7 @@ def make_tiny_components(seed: int = 0, sample_size: int = 32) -> dict[str, Any]
     from .models.prompt_embedding import PromptEmbedding
     from .models.view_modules import ViewModules
 
-    configs = network_configs(official_params(TINY_OVERRIDES))
+    configs = network_configs(params or official_params(TINY_OVERRIDES))
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     unet_config = {**configs["unet"], "sample_size": sample_size}
@@ -51,7 +55,7 @@ def make_tiny_components(seed: int = 0, sample_size: int = 32) -> dict[str, Any]
         "unet": UNet2DConditionModel(**unet_config),
         "reference_unet": UNet2DConditionModel(**unet_config),
         "view_controlnet": ControlNetModel(**configs["view_controlnet"]),
-        "view_modules": ViewModules(**configs["view_modules"]),
+        **({"view_modules": ViewModules(**configs["view_modules"])} if "view_modules" in configs else {}),
         "vae": AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                              sample_size=sample_size * 8, scaling_factor=SCALE_FACTOR, **TINY_VAE),
     }
@@ -72,6 +76,27 @@ def make_tiny_model_folder(path: str | Path, seed: int = 0, sample_size: int = 3
     return save_model_folder(make_tiny_components(seed, sample_size), path, overwrite=overwrite)
 
 
+def make_tiny_360_components(seed: int = 0, sample_size: int = 32) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Random tiny DiffPortrait360 networks: (view model, back-head model) components (different weights)."""
+    from .models.config import diffportrait360_params
+
+    views = make_tiny_components(seed, sample_size, diffportrait360_params(TINY_OVERRIDES))
+    back = make_tiny_components(seed + 1, sample_size, diffportrait360_params(TINY_OVERRIDES, back_head=True))
+    return views, back
+
+
+def make_tiny_360_model_folders(path: str | Path, seed: int = 0, sample_size: int = 32,
+                                overwrite: bool = False) -> tuple[Path, Path]:
+    """Write ``<path>/views`` and ``<path>/back_head`` (tiny random DiffPortrait360 models); returns both."""
+    from .families import FAMILY_360_BACK_HEAD, FAMILY_360_VIEWS
+    from .model_folder import save_model_folder
+
+    views, back = make_tiny_360_components(seed, sample_size)
+    path = Path(path)
+    return (save_model_folder(views, path / "views", overwrite=overwrite, family=FAMILY_360_VIEWS),
+            save_model_folder(back, path / "back_head", overwrite=overwrite, family=FAMILY_360_BACK_HEAD))
+
+
 def main(argv: Iterable[str] | None = None) -> int:
     from .model_folder import ModelFolderError
 
@@ -80,13 +105,19 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sample-size", type=int, default=32, help="latent size (images are 8x)")
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--family", choices=("DiffPortrait3D", "DiffPortrait360"), default="DiffPortrait3D",
+                        help="DiffPortrait360: write <out>/views and <out>/back_head")
     args = parser.parse_args(list(argv) if argv is not None else None)
     try:
-        path = make_tiny_model_folder(args.out, args.seed, args.sample_size, args.overwrite)
+        if args.family == "DiffPortrait360":
+            paths = make_tiny_360_model_folders(args.out, args.seed, args.sample_size, args.overwrite)
+        else:
+            paths = (make_tiny_model_folder(args.out, args.seed, args.sample_size, args.overwrite),)
     except ModelFolderError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {path}")
+    for path in paths:
+        print(f"wrote {path}")
     return 0
 
 

@@ -11,8 +11,19 @@ not rewritten. Because the windows of a sequence are blended at every denoising 
 joint trajectory), all frames become final together at the last step; they are then written
 one by one (each atomically, each followed by its ``frame`` event). A cancelled or failed run
 therefore leaves earlier runs' frames untouched and never a partial file. The cancel file is
-checked after every window evaluation, i.e. several times per denoising step; the add-on
-removes a stale cancel file before it starts a job.
+checked after every window evaluation, i.e. several times per denoising step, and once more
+before the model loads. The worker removes the cancel file it honoured; a cancel file older than
+the worker's start (left by a run that was killed) is removed with a warning and not honoured.
+
+Before the model loads (before torch is even imported) the worker runs the shared pre-work checks
+of :mod:`dp3d_core.preflight`: output folder writable, frame names legal, window = the model's clip
+length, pickle-free weights, free disk, memory estimate. Any failure becomes one ``error`` event in
+plain words (:mod:`dp3d_core.failures`); the raw text and traceback go to ``<job dir>/worker.log``
+(or the log folder of :func:`dp3d_core.failures.log_dir`), whose path the hint names.
+
+CPU threads: OpenMP threads wait passively (``OMP_WAIT_POLICY=PASSIVE``) unless the environment
+says otherwise, so spinning threads do not fight the other programs of a busy machine for its cores
+(docs/PERFORMANCE.md, "CPU worker under load", measures old against new).
 """
 from __future__ import annotations
 
@@ -25,10 +36,23 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from . import protocol
-from .images import ImageError, encode_png, load_rgb
+from . import failures, preflight, protocol
+try:
+    from .images import ImageError, encode_png, load_rgb
+except ModuleNotFoundError as _exc:  # no Pillow or numpy in this Python: main() says so in one error event
+    _MISSING_PACKAGE: ModuleNotFoundError | None = _exc
+    ImageError = ValueError  # never raised then; keeps run()'s except clauses valid
+else:
+    _MISSING_PACKAGE = None
 from .job import Job, JobError, job_hash, read_job
 from .protocol import EXIT_CANCELLED, EXIT_ERROR, EXIT_OK, encode_event
+
+
+_IMPORTED_AT = time.time()  # as close to the process start as this module gets (see drop_stale_cancel)
+LOG_FILE = "worker.log"
+# A cancel file this much older than the worker's start still counts (coarse file-system clocks, and a cancel
+# pressed while the worker process was starting).
+CANCEL_CLOCK_SLACK_S = 2.0
 
 
 class WorkerError(RuntimeError):
@@ -149,26 +173,87 @@ def apply_speed_options(pipe: Any, memory: str, compile: bool, device: Any, warn
 # ---------------------------------------------------------------- run
 
 def _error_hint(exc: BaseException) -> tuple[str, str]:
-    """Plain message and hint for an unexpected exception."""
-    name = type(exc).__name__
-    text = str(exc).strip() or name
-    if name == "OutOfMemoryError" or "out of memory" in text.lower():
-        return (f"the GPU ran out of memory ({text.splitlines()[0]})",
-                "set GPU Memory to Low (job.json memory 'low'; or Lowest), lower the output size or use dtype "
-                "fp16; close other programs using the GPU")
-    if type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
-        return (f"torch.compile failed ({text.splitlines()[0]})",
-                "turn Compile off for this job (compiling needs a C compiler, and triton on CUDA)")
-    if isinstance(exc, MemoryError):
-        return "the computer ran out of memory", "lower the output size or close other programs"
-    if isinstance(exc, ValueError) and type(exc).__module__.startswith(__package__ or "dp3d_core"):
-        # our own input errors (PipelineError, SchedulerError, ModelInputError) already say what to change
-        return text, "change the job's generation settings as the message says and run it again"
-    if isinstance(exc, ModuleNotFoundError):
-        return (f"the worker Python lacks a package: {exc.name}",
-                "install torch, diffusers, safetensors and pillow into the worker Python set in the add-on "
-                "preferences")
-    return f"{name}: {text}", "see the worker log (stderr) for the full traceback"
+    """Plain message and hint for an unexpected exception (the table is :func:`dp3d_core.failures.translate`)."""
+    failure = failures.translate(exc)
+    return failure.message, failure.hint
+
+
+def configure_cpu_threads(env: dict | None = None) -> None:
+    """OpenMP threads that wait passively; call before torch is imported (libgomp reads it once, at load).
+
+    Spinning waiters (the default policy spins for a while at every barrier) burn the cores another busy
+    program needs and are then descheduled in the middle of a parallel region, so every barrier waits for a
+    time slice: a 2-core machine with one other busy process made a job 15x slower. Passive waiters yield the
+    core (on the shared 2-core machine the same job ran about 7x faster next to busy programs; see
+    docs/PERFORMANCE.md). A value already set by the user wins.
+    """
+    env = os.environ if env is None else env
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    env.setdefault("KMP_BLOCKTIME", "0")  # Intel OpenMP (MKL builds of torch): the same, in its own words
+
+
+def cpu_threads(env: dict | None = None) -> int:
+    """Threads for the CPU work: OMP_NUM_THREADS when the user set it, else every CPU this process may run on
+    (its affinity mask: a container or `taskset` limit counts, the machine's total does not)."""
+    env = os.environ if env is None else env
+    try:
+        wanted = int(env.get("OMP_NUM_THREADS", "0").split(",")[0])
+    except ValueError:
+        wanted = 0
+    if wanted > 0:
+        return wanted
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def drop_stale_cancel(job_dir: Path, started_wall: float, warn: Callable[[str], None]) -> None:
+    """Remove a cancel file written before this worker started (a killed run's leftover), with a warning.
+
+    The add-on removes the cancel file before it starts a worker, so one older than this process came from a
+    run that never honoured it (killed, crashed). CANCEL_CLOCK_SLACK_S keeps a cancel pressed while Python was
+    starting.
+    """
+    path = Path(job_dir) / protocol.CANCEL_FILE
+    try:
+        mtime = path.stat().st_mtime
+    except OSError:
+        return
+    if mtime < started_wall - CANCEL_CLOCK_SLACK_S:
+        protocol.clear_cancel(job_dir)
+        warn("ignored a cancel request left over from an earlier run of this job (it is older than this run)")
+
+
+def preflight_job(job: Job, names: list[str], warn: Callable[[str], None]) -> None:
+    """The shared pre-work checks (dp3d_core.preflight) for a resolved job; PreflightError on failure."""
+    frames = job.frames
+    plan = preflight.Plan(output=Path(job.output), frame_names=names, size=job.settings.size, model=Path(job.model),
+                          window=job.settings.window, dtype=job.dtype, memory=job.memory,
+                          proxies=any(f.proxy for f in frames))
+    for message in preflight.check_plan(plan):
+        warn(message)
+
+
+def warn_memory(job: Job, device: Any, warn: Callable[[str], None]) -> None:
+    """The memory estimate against the free RAM (CPU) or the chosen GPU's free memory (CUDA/ROCm; MPS does not
+    report it), as a warning before the model loads."""
+    if device.type == "cpu":
+        free, where = preflight.available_ram(), "cpu"
+    elif device.type == "cuda":
+        import torch
+
+        try:
+            free, _total = torch.cuda.mem_get_info(device)
+        except RuntimeError:
+            return
+        where = "gpu"
+    else:
+        return
+    info = preflight.read_model_info(job.model)
+    for message in preflight.memory_warning(info, job.settings.size, len(job.frames), where, free, job.dtype,
+                                            job.memory, any(f.proxy for f in job.frames)):
+        warn(message)
 
 
 def _remove_stale_temp_files(out_dir: Path, names: list[str]) -> None:
@@ -182,10 +267,13 @@ def _remove_stale_temp_files(out_dir: Path, names: list[str]) -> None:
 def run_job(job_dir: Path, emit: Emitter) -> int:
     """Run the job in ``job_dir``; returns the exit code. Emits every event itself."""
     started = time.monotonic()
+    warn = lambda m: emit("warning", message=m)  # noqa: E731
+    drop_stale_cancel(job_dir, _IMPORTED_AT, warn)
     job: Job = read_job(job_dir).resolve(job_dir)
     frames = job.ordered_frames()
     out_dir = Path(job.output)
     names = [job.output_path(f).name for f in frames]  # also refuses paths outside the output folder
+    preflight_job(job, names, warn)
     digest = job_hash(job)
     _remove_stale_temp_files(out_dir, names)
     done = protocol.frames_done(out_dir, names, digest)
@@ -196,7 +284,8 @@ def run_job(job_dir: Path, emit: Emitter) -> int:
 
     check_model_folder(job.model)
     size = job.settings.size
-    references = [load_rgb(p, size) for p in job.references]
+    crop = job.reference_prep.crop if job.reference_prep is not None else None  # the prepared square
+    references = [load_rgb(p, size, crop=crop) for p in job.references]
     conditions = [load_rgb(f.condition, size) for f in frames]
     proxies = [None if f.proxy is None else load_rgb(f.proxy, size) for f in frames]
 
@@ -204,7 +293,13 @@ def run_job(job_dir: Path, emit: Emitter) -> int:
     from .pipeline import Cancelled
 
     device = pick_device(job.device)
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads())
     dtype = pick_dtype(job.dtype, device, lambda m: emit("warning", message=m))
+    warn_memory(job, device, warn)
+    if protocol.cancel_requested(job_dir):  # pressed while the job was being checked: skip loading the model
+        emit("done", frames_written=0, seconds=round(time.monotonic() - started, 3), cancelled=True)
+        return EXIT_CANCELLED
     # offloaded networks are moved to the device by the offload hooks, one at a time
     pipe = load_pipeline(job.model, torch.device("cpu") if offloads(job.memory, device) else device, dtype)
     apply_speed_options(pipe, job.memory, job.compile, device, lambda m: emit("warning", message=m))
@@ -238,30 +333,44 @@ def run_job(job_dir: Path, emit: Emitter) -> int:
     return EXIT_OK
 
 
+def run(job_dir: Path, emit: Emitter) -> int:
+    """:func:`run_job` with every failure turned into one plain ``error`` event; returns the exit code."""
+    try:
+        code = run_job(job_dir, emit)
+        if code == EXIT_CANCELLED:
+            protocol.clear_cancel(job_dir)  # honoured: a later run of this job must not see it
+        return code
+    except JobError as exc:
+        emit("error", message=str(exc), hint="export the job again from the add-on; if you edited job.json by "
+                                             "hand, fix the named field")
+    except ImageError as exc:
+        emit("error", message=str(exc), hint="replace or re-export the named image (PNG or JPEG, at least 64 px)")
+    except preflight.PreflightError as exc:
+        emit("error", message=exc.message, hint=exc.hint)
+    except WorkerError as exc:
+        emit("error", message=str(exc), hint=exc.hint)
+    except BaseException as exc:  # noqa: BLE001  (the protocol promises one error event, never a raw traceback)
+        if isinstance(exc, SystemExit):
+            raise
+        failure = failures.report(exc, [job_dir / LOG_FILE], context=f"worker for job {job_dir}")
+        traceback.print_exc(file=sys.stderr)
+        emit("error", message=failure.message, hint=failure.hint_with_log, log=failure.log)
+    return EXIT_ERROR
+
+
 def main(argv: list[str] | None = None) -> int:
+    configure_cpu_threads()
     argv = sys.argv[1:] if argv is None else argv
     emit = Emitter(protocol_stream())
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
         emit("error", message="usage: python -m dp3d_core.worker <job dir>",
              hint="the add-on starts the worker with the job folder as the only argument")
         return EXIT_ERROR
-    job_dir = Path(argv[0])
-    try:
-        return run_job(job_dir, emit)
-    except JobError as exc:
-        emit("error", message=str(exc), hint="export the job again from the add-on; if you edited job.json by "
-                                             "hand, fix the named field")
-    except ImageError as exc:
-        emit("error", message=str(exc), hint="replace or re-export the named image (PNG or JPEG, at least 64 px)")
-    except WorkerError as exc:
-        emit("error", message=str(exc), hint=exc.hint)
-    except KeyboardInterrupt:
-        emit("error", message="the worker was interrupted", hint="run the job again to resume")
-    except Exception as exc:  # noqa: BLE001  (the protocol promises one error event, never a raw traceback)
-        traceback.print_exc(file=sys.stderr)
-        message, hint = _error_hint(exc)
-        emit("error", message=message, hint=hint)
-    return EXIT_ERROR
+    if _MISSING_PACKAGE is not None:
+        failure = failures.translate(_MISSING_PACKAGE)
+        emit("error", message=failure.message, hint=failure.hint)
+        return EXIT_ERROR
+    return run(Path(argv[0]), emit)
 
 
 if __name__ == "__main__":

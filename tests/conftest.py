@@ -11,6 +11,7 @@ from dp3d_core.tiny import make_tiny_components
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_FIXTURES = ROOT.parent / "shared" / "fixtures"
 PARITY_FIXTURE = SHARED_FIXTURES / "parity"
+DP360_FIXTURE = SHARED_FIXTURES / "dp360_parity"
 EG3D_POSES = SHARED_FIXTURES / "eg3d_reference_poses.json"
 
 

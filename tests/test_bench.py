@@ -139,3 +139,20 @@ def test_compile_option_is_undone_by_disable_compile() -> None:
         torch._dynamo.reset()
     assert graphs == []
     assert all(getattr(pipe, n)._compiled_call_impl is None for n in ("unet", "reference_unet", "view_controlnet"))
+
+
+def test_diffportrait360_view_model_with_two_references() -> None:
+    """--model diffportrait360: the 360 view modules, front + back reference in both modes, same guided eps."""
+    cpu = torch.device("cpu")
+    denoiser = bench.build_denoiser("tiny", cpu, torch.float32, model="diffportrait360")
+    assert denoiser.view_modules.config.layout == "diffportrait360" and denoiser.view_modules.mid is None
+    inputs = bench.make_inputs(denoiser, "tiny", cpu, torch.float32, references=2)
+    assert len(inputs["reference"]) == 2
+    with torch.no_grad():
+        official = bench.official_step(denoiser, 981, inputs)
+        fast = bench.fast_step(denoiser, 981, inputs)
+        one_reference = bench.fast_step(denoiser, 981, {**inputs, "reference": inputs["reference"][:1]})
+    assert float((fast - official).norm() / official.norm()) < 1e-4
+    assert float((one_reference - fast).norm() / fast.norm()) > 1e-3  # the back reference is used
+    with pytest.raises(bench.BenchError, match="unknown model"):
+        bench.run_bench("tiny", steps=1, model="diffportrait4d")

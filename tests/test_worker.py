@@ -136,8 +136,8 @@ def test_missing_model_folder_is_an_error_event(tmp_path: Path) -> None:
     job_dir = make_job_dir(tmp_path, tmp_path / "no_such_model")
     rc, events, err = run_worker(job_dir)
     assert rc == protocol.EXIT_ERROR
-    assert kinds(events) == ["started", "error"]
-    assert "no_such_model" in events[-1]["message"] and "model folder" in events[-1]["hint"]
+    assert kinds(events) == ["error"]  # found by the pre-work checks, before the job is even hashed
+    assert "no_such_model" in events[-1]["message"] and "model folder" in events[-1]["hint"].lower()
     assert "Traceback" not in err
     assert not (job_dir / "out").exists() or not any((job_dir / "out").iterdir())
 
@@ -182,17 +182,17 @@ def test_error_hints_are_plain() -> None:
     class OutOfMemoryError(RuntimeError):   # stands for torch.cuda.OutOfMemoryError
         pass
     message, hint = _error_hint(OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
-    assert "ran out of memory" in message and "output size" in hint
+    assert "GPU ran out of memory" in message and "Output Size" in hint
     assert "Memory" in hint
     CompileError = type("BackendCompilerFailed", (RuntimeError,), {"__module__": "torch._dynamo.exc"})
     message, hint = _error_hint(CompileError("backend='inductor' raised: no C compiler"))
-    assert message.startswith("torch.compile failed") and "Compile off" in hint
+    assert "torch.compile" in message and "Compile off" in hint
     message, hint = _error_hint(SchedulerError("unknown scheduler 'euler'"))
-    assert message == "unknown scheduler 'euler'" and "settings" in hint
+    assert message == "unknown scheduler 'euler'." and "settings" in hint
     message, hint = _error_hint(ModuleNotFoundError("no torch", name="torch"))
-    assert "torch" in message and "worker Python" in hint
+    assert "torch" in message and "Set Up Worker" in hint and "pip install" in hint
     message, hint = _error_hint(RuntimeError("weird"))
-    assert message == "RuntimeError: weird" and "stderr" in hint
+    assert "RuntimeError" not in message and "weird" not in message and "log" in hint
 
 
 class _RecordingPipeline:

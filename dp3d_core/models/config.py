@@ -46,6 +46,10 @@ SD15_OFFICIAL_PARAMS: dict[str, Any] = {
 # The hint encoder of the official pose ControlNet: 3->16->16->32->32->96->96->256->C.
 HINT_ENCODER_CHANNELS = (16, 32, 96, 256)
 CLIP_LENGTH = 8
+# Where the view modules sit (see models/view_modules.py).
+LAYOUTS = ("diffportrait3d", "diffportrait360")
+# DiffPortrait360's temporal_position_encoding_max_len (DiffPortrait3D: 32).
+DP360_POSITIONAL_ROWS = 24
 
 
 class ModelConfigError(ValueError):
@@ -57,6 +61,17 @@ def official_params(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     params = copy.deepcopy(SD15_OFFICIAL_PARAMS)
     for key, value in (overrides or {}).items():
         params[key] = copy.deepcopy(value)
+    return params
+
+
+def diffportrait360_params(overrides: dict[str, Any] | None = None, back_head: bool = False) -> dict[str, Any]:
+    """The DiffPortrait360 yamls' parameters (view model, or ``back_head``: the back-head model), as
+    :func:`official_params`: the same networks, view modules in the DiffPortrait360 layout with a 24-row
+    positional table (the back-head model has none)."""
+    params = official_params(overrides)
+    params["unet_additional_kwargs"]["motion_module_kwargs"]["temporal_position_encoding_max_len"] = \
+        DP360_POSITIONAL_ROWS
+    params["view_module_layout"] = None if back_head else "diffportrait360"
     return params
 
 
@@ -167,17 +182,30 @@ def view_modules_config(params: dict[str, Any]) -> dict[str, Any]:
         "num_transformer_blocks": int(kw.get("num_transformer_block", 1)),
         "max_views": int(kw.get("temporal_position_encoding_max_len", 32)),
         "norm_num_groups": 32,
+        "layout": view_module_layout(params),
     }
+
+
+def view_module_layout(params: dict[str, Any]) -> str | None:
+    """Where the view modules sit: ``params["view_module_layout"]`` (not a yaml key; the converter sets it from the
+    checkpoint's keys): "diffportrait3d" (default), "diffportrait360", or None for a UNet without view modules
+    (the DiffPortrait360 back-head model)."""
+    layout = params.get("view_module_layout", "diffportrait3d")
+    if layout not in (*LAYOUTS, None):
+        raise ModelConfigError(f"unknown view_module_layout {layout!r}; choose one of {', '.join(LAYOUTS)} or null")
+    return layout
 
 
 def network_configs(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """All four network configs from one official parameter dict."""
-    return {
+    """All network configs from one official parameter dict (no "view_modules" when the layout is None)."""
+    configs = {
         "unet": unet_config(params),
         "reference_unet": unet_config(params),
         "view_controlnet": controlnet_config(params),
-        "view_modules": view_modules_config(params),
     }
+    if view_module_layout(params) is not None:
+        configs["view_modules"] = view_modules_config(params)
+    return configs
 
 
 def params_from_parity_config(parity_config: dict[str, Any]) -> dict[str, Any]:

@@ -27,10 +27,15 @@ class DiffPortrait3DDenoiser(nn.Module):
     F_cam turns the camera-condition image into 13 residuals; F reads the bank in every spatial self-attention,
     adds the residuals, and runs the view modules (not the middle one). ``eps_uncond``: F alone with plain
     self-attention, no residuals, all view modules including the middle one.
+
+    The same class serves DiffPortrait360: its view model is this denoiser with view modules in the
+    "diffportrait360" layout (no middle module) and two references per row (front, back: the bank holds the
+    front tokens then the back tokens); its back-head model has no view modules (``view_modules=None``, clip
+    length 1) and one reference.
     """
 
     def __init__(self, unet: UNet2DConditionModel, reference_unet: UNet2DConditionModel,
-                 view_controlnet: ControlNetModel, view_modules: ViewModules, clip_length: int = 8) -> None:
+                 view_controlnet: ControlNetModel, view_modules: ViewModules | None, clip_length: int = 8) -> None:
         super().__init__()
         self.unet = unet
         self.reference_unet = reference_unet
@@ -60,7 +65,8 @@ class DiffPortrait3DDenoiser(nn.Module):
             handle.remove()
         install_bank_processors(self.reference_unet, self.bank, "write")
         install_bank_processors(self.unet, self.bank, "read")
-        self.unet._dp3d_hooks = self.view_modules.attach(self.unet, self.view_state)
+        self.unet._dp3d_hooks = ([] if self.view_modules is None
+                                 else self.view_modules.attach(self.unet, self.view_state))
         self.unet._dp3d_owner = weakref.ref(self)
         self.reference_unet._dp3d_owner = weakref.ref(self)
 

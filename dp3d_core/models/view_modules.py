@@ -1,10 +1,17 @@
 """Cross-view (AnimateDiff-style temporal) attention modules and where they sit in the diffusers UNet.
 
-Official placement (quirk 10, from ``UNetModel_Temporal``): one module after each input block 1..11 (after the
-ResBlock+transformer, after each Downsample, after the attention-free ResBlocks), applied BEFORE the tensor is
-kept as a skip connection; one in the middle block between the transformer and the second ResBlock, used on the
-unconditional pass only (quirk 3); one after every output block, and for output blocks that end in an Upsample
-both of that block's modules run after the upsampling. Views are consecutive batch rows in clips of 8.
+Two official placements (``layout``), same module, same key names, different places:
+
+* ``"diffportrait3d"`` (quirk 10, ``UNetModel_Temporal``): one module after each input block 1..11 (after the
+  ResBlock+transformer, after each Downsample, after the attention-free ResBlocks), applied BEFORE the tensor is
+  kept as a skip connection; one in the middle block between the transformer and the second ResBlock, used on the
+  unconditional pass only (quirk 3); one after every output block, and for output blocks that end in an Upsample
+  both of that block's modules run after the upsampling (27 modules for 4 levels).
+* ``"diffportrait360"`` (DiffPortrait360 quirk V3): one module after each input block that holds a ResBlock (none
+  after the Downsamples), no middle module, exactly one after every output block (after its Upsample where it
+  has one): 20 modules for 4 levels, used on both passes.
+
+Views are consecutive batch rows in clips of 8.
 """
 from __future__ import annotations
 
@@ -16,6 +23,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 from torch import nn
+
+from .config import LAYOUTS
 
 
 class ViewTransformer(AnimateDiffTransformer3D):
@@ -71,16 +80,20 @@ class ViewState:
 
 
 class ViewModules(ModelMixin, ConfigMixin):
-    """The official 27 (for 4 levels) cross-view modules: ``down[i]`` after input block i+1, ``mid``,
-    ``up[i][k]`` after output block i."""
+    """The official cross-view modules. ``down[i]`` after the i-th down position, ``mid`` (DiffPortrait3D layout
+    only, else None), ``up[i][k]`` after output block i. DiffPortrait3D: 11 + 1 + 15 = 27 modules for 4 levels
+    (down positions include the Downsamples); DiffPortrait360: 8 + 12 = 20."""
 
     config_name = "config.json"
 
     @register_to_config
     def __init__(self, block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280), layers_per_block: int = 2,
                  num_attention_heads: int = 8, num_transformer_blocks: int = 1, max_views: int = 32,
-                 norm_num_groups: int = 32) -> None:
+                 norm_num_groups: int = 32, layout: str = "diffportrait3d") -> None:
         super().__init__()
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown view-module layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+        full = layout == "diffportrait3d"
 
         def make(ch: int) -> ViewTransformer:
             return make_view_transformer(ch, num_attention_heads, num_transformer_blocks, max_views, norm_num_groups)
@@ -89,15 +102,15 @@ class ViewModules(ModelMixin, ConfigMixin):
         down: list[ViewTransformer] = []
         for level, ch in enumerate(block_out_channels):
             down.extend(make(ch) for _ in range(layers_per_block))
-            if level != levels - 1:
-                down.append(make(ch))
+            if full and level != levels - 1:
+                down.append(make(ch))  # after the Downsample
         self.down = nn.ModuleList(down)
-        self.mid = make(block_out_channels[-1])
+        self.mid = make(block_out_channels[-1]) if full else None
         up: list[nn.ModuleList] = []
         for level in reversed(range(levels)):
             ch = block_out_channels[level]
             for i in range(layers_per_block + 1):
-                after_upsample = level != 0 and i == layers_per_block
+                after_upsample = full and level != 0 and i == layers_per_block
                 up.append(nn.ModuleList([make(ch) for _ in range(2 if after_upsample else 1)]))
         self.up = nn.ModuleList(up)
 
@@ -130,17 +143,19 @@ class ViewModules(ModelMixin, ConfigMixin):
             return attentions[j] if attentions is not None else block.resnets[j]
 
         layers = self.config.layers_per_block
+        full = self.config.layout == "diffportrait3d"
         index = 0
         for block in unet.down_blocks:
             targets = [layer(block, j) for j in range(layers)]
-            if block.downsamplers is not None:
+            if full and block.downsamplers is not None:
                 targets.append(block.downsamplers[0])
             for target in targets:
                 handles.append(target.register_forward_hook(hook([self.down[index]])))
                 index += 1
         if index != len(self.down):
             raise ValueError(f"UNet has {index} down positions, view modules have {len(self.down)}")
-        handles.append(unet.mid_block.attentions[0].register_forward_hook(hook([self.mid], middle=True)))
+        if full:
+            handles.append(unet.mid_block.attentions[0].register_forward_hook(hook([self.mid], middle=True)))
         index = 0
         for block in unet.up_blocks:
             for j in range(layers + 1):

@@ -1,0 +1,62 @@
+"""Pose accuracy of reference preparation on renders of held-out procedural heads (for docs/REFERENCE_PREP.md).
+
+    .venv/bin/python scripts/measure_pose_accuracy.py [--seeds 11 12 13] [--size 256]
+
+Renders each head (Workbench, like the condition images) from EG3D cameras on a yaw x pitch grid, runs the real
+face models and the pose fit on each render, and prints the yaw/pitch errors per pose and overall. Needs the
+bpy module and the face models (the project's venv has both).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+YAWS = (-60, -45, -30, -15, 0, 15, 30, 45, 60)
+PITCHES = (-30, -15, 0, 15, 30)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[11, 12, 13])
+    parser.add_argument("--size", type=int, default=256)
+    args = parser.parse_args(argv)
+    from dp3d_core.prepare_reference import prepare
+    from scripts.make_face_landmarks_3d import render_views
+
+    rows = []
+    poses = [(float(y), float(p)) for p in PITCHES for y in YAWS]
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            for path, _c2w in render_views(seed, poses, Path(tmp), size=args.size):
+                yaw, pitch = (float(v) for v in path.stem.split("_y")[1].split("_p"))
+                try:
+                    r = prepare(path)
+                    rows.append((seed, yaw, pitch, r["yaw"] - yaw, r["pitch"] - pitch))
+                except Exception as exc:  # noqa: BLE001 - a measurement: note every failure and go on
+                    rows.append((seed, yaw, pitch, np.nan, np.nan))
+                    print(f"seed {seed} yaw {yaw:+.0f} pitch {pitch:+.0f}: {exc}")
+    a = np.array(rows)
+    print("pitch \\ yaw " + " ".join(f"{y:>11.0f}" for y in YAWS) + "   (mean |yaw err| / |pitch err|, degrees)")
+    for p in PITCHES:
+        cells = []
+        for y in YAWS:
+            m = (a[:, 1] == y) & (a[:, 2] == p)
+            cells.append(f"{np.nanmean(np.abs(a[m, 3])):5.1f}/{np.nanmean(np.abs(a[m, 4])):<5.1f}")
+        print(f"{p:>11.0f} " + " ".join(cells))
+    for name, m in (("all", np.ones(len(a), bool)),
+                    ("|yaw|<=45, |pitch|<=15", (np.abs(a[:, 1]) <= 45) & (np.abs(a[:, 2]) <= 15))):
+        e = np.nanmax(np.abs(a[m][:, 3:5]), axis=1)
+        print(f"{name}: {np.sum(np.isnan(e))} failed of {len(e)}; max(|yaw err|, |pitch err|) median "
+              f"{np.nanmedian(e):.1f}, 90th percentile {np.nanpercentile(e, 90):.1f}, worst {np.nanmax(e):.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
