@@ -35,6 +35,7 @@ from accelerate.utils import DistributedType
 from diffusers import AutoencoderKL
 from torch import nn
 
+from dp3d_core.families import FAMILY_3D
 from dp3d_core.model_folder import ModelFolderError, load_model_folder, make_denoiser, save_model_folder
 from dp3d_core.schedulers import DEFAULT_SCHEDULER_CONFIG, make_scheduler
 
@@ -196,7 +197,8 @@ class Trainer:
             return fresh_components(cfg.model_params, cfg.image_size, vae, cfg.prompt_length, cfg.seed)
         folder = cfg.resolved_init_model()
         try:
-            return load_model_folder(folder)
+            # these stages train DiffPortrait3D's networks; a DiffPortrait360 folder is refused with a message
+            return load_model_folder(folder, family=FAMILY_3D)
         except ModelFolderError as exc:
             raise TrainingError(f"stage {self.stage} starts from the model folder {folder}: {exc}") from None
 
