@@ -26,10 +26,11 @@ def register() -> None:
     bpy.types.Scene.portrait3d = bpy.props.PointerProperty(type=properties.PORTRAIT3D_PG_settings)
     bpy.types.WindowManager.portrait3d_progress = bpy.props.PointerProperty(type=properties.PORTRAIT3D_PG_progress)
     cli.register()
+    job_runner.register()
 
 
 def unregister() -> None:
-    job_runner.stop_all()
+    job_runner.unregister()
     setup_operators.stop_all()
     model_operators.stop_all()
     reference_prep.stop_all()

@@ -15,8 +15,9 @@ from __future__ import annotations
 import math
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import bpy
 import numpy as np
@@ -222,7 +223,12 @@ def _show_only(state: SceneState, scene: bpy.types.Scene, visible: Sequence[bpy.
             state.on_restore(lambda o=obj: scene.collection.objects.unlink(o))
 
 
-def _render_frames(state: SceneState, scene, camera, frames: list[int], out: Path, prefix: str) -> list[Path]:
+FrameRenderer = Callable[[int], Path]
+
+
+def _frame_renderer(state: SceneState, scene, camera, out: Path, prefix: str) -> FrameRenderer:
+    """Point ``scene`` at ``camera`` (restored by ``state``) and return ``render(frame) -> path``, which renders
+    one frame into ``<out>/<prefix>_<frame:04d>.png`` (temporary name, then renamed)."""
     state.set(scene, "camera", camera)
     view_layer = bpy.context.view_layer if bpy.context.scene == scene else scene.view_layers[0]
     frame, subframe = scene.frame_current, scene.frame_subframe
@@ -233,8 +239,8 @@ def _render_frames(state: SceneState, scene, camera, frames: list[int], out: Pat
             if result is not None:
                 bpy.data.images.remove(result)
         state.on_restore(drop_result)
-    paths = []
-    for f in frames:
+
+    def render(f: int) -> Path:
         scene.frame_set(f)
         final = out / f"{prefix}_{f:04d}.png"
         tmp = out / f".{prefix}_{f:04d}.tmp.png"
@@ -244,8 +250,8 @@ def _render_frames(state: SceneState, scene, camera, frames: list[int], out: Pat
             raise ConditionRenderError(f"Blender produced no render result for frame {f}")
         result.save_render(str(tmp), scene=scene)
         os.replace(tmp, final)
-        paths.append(final)
-    return paths
+        return final
+    return render
 
 
 @contextmanager
@@ -268,6 +274,20 @@ def render_condition_images(scene: bpy.types.Scene, camera: bpy.types.Object, fr
     """Render ``cond_{frame:04d}.png`` for each frame: only ``objects`` (default: the scene's proxy
     heads) visible, from ``camera``, ``size`` x ``size`` pixels, on the neutral background."""
     frames, out = _check_inputs(scene, camera, frames, out_dir, size)
+    with condition_renderer(scene, camera, out, size=size, engine=engine, objects=objects) as render:
+        return [render(f) for f in frames]
+
+
+@contextmanager
+def condition_renderer(scene: bpy.types.Scene, camera: bpy.types.Object, out_dir, *, size: int = 512,
+                       engine: str = "WORKBENCH", objects: Sequence[bpy.types.Object] | None = None
+                       ) -> Iterator[FrameRenderer]:
+    """The scene set up for condition images (restored on exit): yields ``render(frame) -> path``.
+
+    :func:`render_condition_images` renders all its frames inside one of these; the add-on's batched
+    preparation opens one per batch of a few frames, so Blender's UI gets control back between batches
+    and the user's scene is never left changed between them."""
+    _, out = _check_inputs(scene, camera, [0], out_dir, size)
     objects = list(objects) if objects is not None else find_proxy_heads(scene)
     if not objects:
         raise ConditionRenderError("no proxy head in the scene: build one first (Add Proxy Head)")
@@ -278,7 +298,7 @@ def render_condition_images(scene: bpy.types.Scene, camera: bpy.types.Object, fr
         _show_only(state, scene, objects)
         if engine_id != "BLENDER_WORKBENCH":
             _key_light(state, scene, camera)
-        return _render_frames(state, scene, camera, frames, out, "cond")
+        yield _frame_renderer(state, scene, camera, out, "cond")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,14 +419,38 @@ def _texture_material(name: str, image: bpy.types.Image) -> bpy.types.Material:
     return mat
 
 
-def render_proxy_views(scene: bpy.types.Scene, camera: bpy.types.Object, frames: Iterable[int], out_dir, *,
-                       reference_image_path, proxy_object: bpy.types.Object,
-                       reference_label_or_camera=None, anchor: bpy.types.Object | None = None,
-                       size: int = 512) -> list[Path]:
-    """Render ``proxy_{frame:04d}.png``: the reference portrait projected onto ``proxy_object`` from the
-    reference camera (an EG3D label in the anchor frame, a camera object, or None = EG3D frontal),
-    seen from ``camera`` at each frame. ``anchor`` defaults to the proxy's parent."""
-    frames, out = _check_inputs(scene, camera, frames, out_dir, size)
+@dataclass
+class ProxyProjection:
+    """Where the reference portrait lands on the proxy head: per-vertex image UVs and a per-face 'seen by the
+    reference camera' flag, for the evaluated mesh of ``proxy_object`` (see :func:`project_reference`)."""
+
+    reference: Path
+    uv: np.ndarray
+    seen: np.ndarray
+
+
+def _load_image(path: Path) -> bpy.types.Image:
+    try:
+        image = bpy.data.images.load(str(path), check_existing=False)
+    except RuntimeError as exc:
+        raise ConditionRenderError(f"cannot read the reference image {path}: {exc}") from exc
+    image.colorspace_settings.name = "sRGB"
+    if image.size[0] == 0 or image.size[1] == 0:
+        bpy.data.images.remove(image)
+        raise ConditionRenderError(f"the reference image {path} is empty or unreadable")
+    return image
+
+
+def _evaluated_mesh_copy(proxy_object: bpy.types.Object) -> bpy.types.Mesh:
+    depsgraph = bpy.context.evaluated_depsgraph_get()
+    return bpy.data.meshes.new_from_object(proxy_object.evaluated_get(depsgraph))
+
+
+def project_reference(proxy_object: bpy.types.Object, reference_image_path, reference_label_or_camera=None,
+                      anchor: bpy.types.Object | None = None) -> ProxyProjection:
+    """Project the reference portrait onto ``proxy_object`` from the reference camera (an EG3D label in the
+    anchor frame, a camera object, or None = EG3D frontal). ``anchor`` defaults to the proxy's parent.
+    Leaves no data behind."""
     if proxy_object is None or proxy_object.type != "MESH":
         raise ConditionRenderError("proxy_object must be a mesh object (the proxy head)")
     path = Path(bpy.path.abspath(str(reference_image_path)))
@@ -414,24 +458,34 @@ def render_proxy_views(scene: bpy.types.Scene, camera: bpy.types.Object, frames:
         raise ConditionRenderError(f"reference image not found: {path}")
     anchor = anchor if anchor is not None else proxy_object.parent
     reference = frontal_label() if reference_label_or_camera is None else reference_label_or_camera
+    image = _load_image(path)
+    width, height = image.size
+    bpy.data.images.remove(image)
+    mesh = _evaluated_mesh_copy(proxy_object)
+    try:
+        c2w, k = _reference_projection(reference, anchor, width, height)
+        uv, seen = _project_uvs(mesh, proxy_object.matrix_world, c2w, k)
+    finally:
+        bpy.data.meshes.remove(mesh)
+    return ProxyProjection(path, uv, seen)
 
+
+@contextmanager
+def proxy_view_renderer(scene: bpy.types.Scene, camera: bpy.types.Object, out_dir, *,
+                        proxy_object: bpy.types.Object, projection: ProxyProjection, size: int = 512
+                        ) -> Iterator[FrameRenderer]:
+    """The scene set up for 3D-aware proxy views (restored on exit, temporary data deleted): yields
+    ``render(frame) -> path``. Like :func:`condition_renderer`, opened once per batch of frames."""
+    _, out = _check_inputs(scene, camera, [0], out_dir, size)
     with _restoring() as state:
-        try:
-            image = bpy.data.images.load(str(path), check_existing=False)
-        except RuntimeError as exc:
-            raise ConditionRenderError(f"cannot read the reference image {path}: {exc}") from exc
+        image = _load_image(projection.reference)
         state.on_restore(lambda: bpy.data.images.remove(image))
-        image.colorspace_settings.name = "sRGB"
-        width, height = image.size
-        if width == 0 or height == 0:
-            raise ConditionRenderError(f"the reference image {path} is empty or unreadable")
         fill = bpy.data.images.new(f"{_TMP_PREFIX} fill", 4, 4)
         state.on_restore(lambda: bpy.data.images.remove(fill))
         fill.colorspace_settings.name = "sRGB"
         fill.pixels.foreach_set(np.tile([c / 255.0 for c in FILL_SRGB] + [1.0], 16).astype(np.float32))
 
-        depsgraph = bpy.context.evaluated_depsgraph_get()
-        mesh = bpy.data.meshes.new_from_object(proxy_object.evaluated_get(depsgraph))
+        mesh = _evaluated_mesh_copy(proxy_object)
         view_obj = bpy.data.objects.new(f"{_TMP_PREFIX} proxy view", mesh)
         mats = [_texture_material(f"{_TMP_PREFIX} projected", image), _texture_material(f"{_TMP_PREFIX} fill", fill)]
 
@@ -441,26 +495,41 @@ def render_proxy_views(scene: bpy.types.Scene, camera: bpy.types.Object, frames:
             for m in mats:
                 bpy.data.materials.remove(m)
         state.on_restore(cleanup)
+        if len(mesh.vertices) != len(projection.uv) or len(mesh.polygons) != len(projection.seen):
+            raise ConditionRenderError("the proxy head changed after the reference was projected onto it; "
+                                       "render the proxy views again")
         scene.collection.objects.link(view_obj)
         view_obj.parent = proxy_object.parent
         view_obj.matrix_parent_inverse = proxy_object.matrix_parent_inverse
         view_obj.matrix_basis = proxy_object.matrix_basis
 
-        c2w, k = _reference_projection(reference, anchor, width, height)
-        uv, seen = _project_uvs(mesh, proxy_object.matrix_world, c2w, k)
         mesh.materials.clear()
         for m in mats:
             mesh.materials.append(m)
-        mesh.polygons.foreach_set("material_index", np.where(seen, 0, 1).astype(np.int32))
+        mesh.polygons.foreach_set("material_index", np.where(projection.seen, 0, 1).astype(np.int32))
         for layer in list(mesh.uv_layers):
             mesh.uv_layers.remove(layer)
         layer = mesh.uv_layers.new(name="Reference Projection")
         loop_vi = np.empty(len(mesh.loops), np.int32)
         mesh.loops.foreach_get("vertex_index", loop_vi)
-        layer.data.foreach_set("uv", uv[loop_vi].astype(np.float32).ravel())
+        layer.data.foreach_set("uv", projection.uv[loop_vi].astype(np.float32).ravel())
         mesh.update()
 
         _render_settings(state, scene, "BLENDER_WORKBENCH", int(size), flat=True)
         _temp_world(state, scene)
         _show_only(state, scene, [view_obj])
-        return _render_frames(state, scene, camera, frames, out, "proxy")
+        yield _frame_renderer(state, scene, camera, out, "proxy")
+
+
+def render_proxy_views(scene: bpy.types.Scene, camera: bpy.types.Object, frames: Iterable[int], out_dir, *,
+                       reference_image_path, proxy_object: bpy.types.Object,
+                       reference_label_or_camera=None, anchor: bpy.types.Object | None = None,
+                       size: int = 512) -> list[Path]:
+    """Render ``proxy_{frame:04d}.png``: the reference portrait projected onto ``proxy_object`` from the
+    reference camera (an EG3D label in the anchor frame, a camera object, or None = EG3D frontal),
+    seen from ``camera`` at each frame. ``anchor`` defaults to the proxy's parent."""
+    frames, out = _check_inputs(scene, camera, frames, out_dir, size)
+    projection = project_reference(proxy_object, reference_image_path, reference_label_or_camera, anchor)
+    with proxy_view_renderer(scene, camera, out, proxy_object=proxy_object, projection=projection,
+                             size=size) as render:
+        return [render(f) for f in frames]

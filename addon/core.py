@@ -12,12 +12,12 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 
 if (_HERE / "dp3d_core" / "__init__.py").is_file():
-    from .dp3d_core import cameras, failures, job, preflight, protocol  # noqa: F401
+    from .dp3d_core import cameras, face_pose, failures, job, preflight, protocol  # noqa: F401
     CORE_PARENT: Path = _HERE
 else:
     CORE_PARENT = _HERE.parent
     if str(CORE_PARENT) not in sys.path:
         sys.path.append(str(CORE_PARENT))
-    from dp3d_core import cameras, failures, job, preflight, protocol  # noqa: F401
+    from dp3d_core import cameras, face_pose, failures, job, preflight, protocol  # noqa: F401
 
-__all__ = ["cameras", "failures", "job", "preflight", "protocol", "CORE_PARENT"]
+__all__ = ["cameras", "face_pose", "failures", "job", "preflight", "protocol", "CORE_PARENT"]

@@ -1,7 +1,10 @@
 """Running generation: one worker at a time, its progress on the window manager, the full CLI job.
 
-``start_generation`` writes the job and starts the worker without blocking (the UI polls
-``GenerationRun.update`` from a timer); ``wait`` blocks (background mode, CLI, tests).
+``begin_generation`` checks the job and returns a run the UI advances from a timer: each
+``GenerationRun.update`` is one small preparation step (job_writer.JobPreparation: poses, conditions rendered by
+a background Blender or a few at a time here), then starts the worker and polls it, showing its live previews.
+``start_generation`` does the preparation in a row and starts the worker (background mode, CLI, scripts);
+``wait`` blocks until the run ends.
 ``run_turntable_job`` is the whole scripted path: rig, poses, condition images, job, worker,
 imported frames, GIF + contact sheet, saved .blend.
 """
@@ -15,11 +18,13 @@ from pathlib import Path
 from typing import Callable
 
 import bpy
+from bpy.app.handlers import persistent
 
 from . import frame_import, job_writer, preferences, reference_prep, rig
 from .core import failures, job as jobspec, preflight
 from .poses import DATASET_FILE, FramePose, PoseError, scene_poses, write_dataset
-from .previews import PreviewError, make_movie, make_previews
+from .preview_display import PreviewDisplay, preview_files
+from .previews import PreviewError, make_contact_sheet, make_movie, make_previews
 from .properties import DEVICES, MEMORY_MODES, active_camera
 from .worker_env import NO_WORKER, not_ready_problem
 from .worker_process import (WorkerProcess, WorkerStartError, WorkerStatus, probe_worker_python,
@@ -60,57 +65,158 @@ def format_eta(seconds: float) -> str:
 
 
 def progress_text(status: WorkerStatus) -> str:
+    """"3/48 frames | step 12/50 | ETA 1m 05s" ("" before the frame count is known)."""
+    if not status.frames_total:
+        return ""
     text = f"{status.frames_done}/{status.frames_total} frames"
     if status.state == "running" and status.total_steps:
         text += f" | step {status.step}/{status.total_steps} | ETA {format_eta(status.eta_seconds)}"
     return text
 
 
-class GenerationRun:
-    """A started job: the prepared job folder and its worker process."""
+PREPARE_INTERVAL = 0.01  # seconds between preparation steps in the UI (each step is one small batch)
+WAIT_INTERVAL = 0.1      # ... while the preparation only waits for another process (a background Blender)
+WORKER_INTERVAL = 0.25   # seconds between polls of the worker
 
-    def __init__(self, prepared: job_writer.PreparedJob, worker: WorkerProcess, scene: bpy.types.Scene) -> None:
+
+def status_line(status: WorkerStatus) -> str:
+    """The message with the frame/step counts after it when there are any."""
+    counts = progress_text(status)
+    return f"{status.message} ({counts})" if counts else status.message
+
+
+class GenerationRun:
+    """A job being prepared in small steps (``preparation``), then its worker process (``worker``)."""
+
+    def __init__(self, scene: bpy.types.Scene, python: str, *,
+                 preparation: job_writer.JobPreparation | None = None,
+                 prepared: job_writer.PreparedJob | None = None) -> None:
+        self.preparation = preparation
         self.prepared = prepared
-        self.worker = worker
+        self.python = python
+        self.worker: WorkerProcess | None = None
         self.scene_name = scene.name
         self.camera_name = (active_camera(scene).name if active_camera(scene) else "")
         self.imported: dict[str, object] = {}
         self.import_error = ""
+        self.preview = PreviewDisplay()
+        self._own_status = WorkerStatus(message="Preparing the job...")
         self._closed = False
 
     @property
     def status(self) -> WorkerStatus:
-        return self.worker.status
+        return self.worker.status if self.worker is not None else self._own_status
+
+    @property
+    def preparing(self) -> bool:
+        return self.worker is None and not self._closed
 
     @property
     def finished(self) -> bool:
         return self._closed
 
+    @property
+    def poll_interval(self) -> float:
+        """Seconds until the next :meth:`update` should run."""
+        if self.preparing:
+            return WAIT_INTERVAL if self.preparation.waiting else PREPARE_INTERVAL
+        return WORKER_INTERVAL
+
     def cancel(self) -> None:
-        self.worker.cancel()
+        """While preparing: stop now (scene as it was, job folder untouched, no worker). Then: ask the worker to
+        stop after its current step."""
+        if self.preparing:
+            self.preparation.cancel()
+            self._end_preparation("cancelled", "Cancelled while preparing the job; no worker was started and the "
+                                               "scene is as it was")
+        elif self.worker is not None:
+            self.worker.cancel()
         self._write_progress(bpy.context)
 
+    def stop(self) -> None:
+        """Stop at once (add-on unregistered, Blender quitting, file reloaded)."""
+        if self.preparing:
+            self.preparation.cancel()
+            self._end_preparation("cancelled", "Stopped while preparing the job")
+        elif self.worker is not None:
+            self.worker.kill()
+
     def update(self, context: bpy.types.Context | None = None) -> bool:
-        """Poll the worker (main thread); settle and import when it ended. True once finished."""
+        """One small step (main thread): a preparation batch, or a poll of the worker that settles and imports
+        when it ended. True once finished."""
         if self._closed:
             return True
         context = context or bpy.context
-        self.worker.poll()
-        if self.worker.status.finished:
-            self._finish(context)
+        if self.preparing:
+            self._prepare_step(context)
+        else:
+            self.worker.poll()
+            self._show_preview(context)
+            if self.worker.status.finished:
+                self._finish(context)
         self._write_progress(context)
         return self._closed
 
+    # ------------------------------------------------------------ preparation
+
+    def _prepare_step(self, context: bpy.types.Context) -> None:
+        prep = self.preparation
+        try:
+            if not prep.step():
+                s = self._own_status
+                s.message = prep.progress.text
+                return
+            self.prepared = prep.result
+            self.worker = WorkerProcess(self.prepared.job_dir, self.python)
+        except (job_writer.JobSetupError, WorkerStartError) as exc:
+            self._end_preparation("failed", str(exc))
+        except OSError as exc:  # e.g. the disk filled up while the conditions were rendered
+            failure = failures.report(exc, [prep.job_dir], name="generate.log")
+            self._end_preparation("failed", failure.message, failure.hint_with_log)
+        except Exception as exc:  # a bug or a Blender error: the traceback goes to a log file, not to the user
+            log = _log_exception(prep.job_dir)
+            self._end_preparation("failed", f"Preparing the job failed: {exc}",
+                                  f"the details are in {log}" if log else "")
+
+    def _end_preparation(self, state: str, message: str, hint: str = "") -> None:
+        global _active
+        s = self._own_status
+        s.state, s.message, s.hint = state, message, hint
+        self._closed = True
+        if _active is self:
+            _active = None
+
+    # ------------------------------------------------------------ the worker
+
+    def _show_preview(self, context: bpy.types.Context) -> None:
+        status = self.worker.status
+        if status.previews == self.preview.shown or status.finished:
+            return
+        scene = bpy.data.scenes.get(self.scene_name)
+        if scene is None:
+            return
+        try:
+            self.preview.update(scene, bpy.data.objects.get(self.camera_name), self.prepared, status, context)
+        except (RuntimeError, OSError, ReferenceError):  # previews are a courtesy: never stop the run for one
+            _log_exception(self.prepared.job_dir)
+
     def _write_progress(self, context: bpy.types.Context) -> None:
         p = progress_state(context)
-        s = self.worker.status
+        s = self.status
         p.running = not self._closed
+        p.preparing = self.preparing
+        p.resumed_step = -1 if s.resumed_step is None else s.resumed_step
+        p.preview_step = -1 if s.preview_step is None else s.preview_step
         p.frames_done, p.frames_total = s.frames_done, s.frames_total
         p.step, p.total_steps = s.step, s.total_steps
         p.eta_seconds = s.eta_seconds
-        p.fraction = s.fraction
-        p.status = s.message if self._closed else f"{s.message} ({progress_text(s)})"
-        p.output_folder = str(self.prepared.out_dir)
+        if self.preparing:
+            p.fraction = self.preparation.progress.fraction
+            p.status = s.message
+        else:
+            p.fraction = s.fraction
+            p.status = s.message if self._closed else status_line(s)
+        p.output_folder = str(self.prepared.out_dir) if self.prepared else ""
         if self._closed:
             p.last_error = s.message if s.state == "failed" else self.import_error
             p.last_hint = s.hint if s.state == "failed" else ""
@@ -137,16 +243,25 @@ class GenerationRun:
             self.import_error = f"Frames generated but not imported: {exc}"
 
 
+def _log_exception(job_dir: Path) -> Path | None:
+    """Append the current exception's traceback to the job's ``addon_error.log``; its path (None if unwritable)."""
+    import traceback
+
+    return job_writer.append_log(job_dir, traceback.format_exc())
+
+
 def worker_python_setting(context: bpy.types.Context, worker_python: str | os.PathLike | None) -> str:
     """``worker_python`` when given, else the add-on preference (or PORTRAIT3D_WORKER_PYTHON)."""
     return str(worker_python) if worker_python else preferences.worker_python(context)
 
 
-def start_generation(context: bpy.types.Context | None = None, *, worker_python: str | os.PathLike | None = None,
-                     model: str | os.PathLike | None = None) -> GenerationRun:
-    """Check and write the job, start the worker; JobRunError (plain words) when that is impossible.
+def begin_generation(context: bpy.types.Context | None = None, *, worker_python: str | os.PathLike | None = None,
+                     model: str | os.PathLike | None = None, preparation: dict | None = None) -> GenerationRun:
+    """Check the job and return a run that prepares it step by step: each ``run.update()`` renders a small batch
+    (UI timers), then starts the worker and polls it. JobRunError (plain words) for what the quick checks find.
 
-    ``worker_python`` defaults to the add-on preference (or PORTRAIT3D_WORKER_PYTHON).
+    ``worker_python`` defaults to the add-on preference (or PORTRAIT3D_WORKER_PYTHON); ``preparation``: keyword
+    arguments of :class:`job_writer.JobPreparation` (the step sizes).
     """
     global _active, _last
     context = context or bpy.context
@@ -161,47 +276,92 @@ def start_generation(context: bpy.types.Context | None = None, *, worker_python:
         if (problem := not_ready_problem(python)) is not None:  # a setup was cancelled or failed halfway
             raise WorkerStartError(problem)
         probe_worker_python(python)  # before anything is rendered: seconds, once per interpreter
-        prepared = job_writer.prepare_job(context, model=model, worker_python=python)
-        worker = WorkerProcess(prepared.job_dir, python)
+        prep = job_writer.JobPreparation(context, model=model, worker_python=python, **(preparation or {}))
     except (job_writer.JobSetupError, WorkerStartError) as exc:
         p.running, p.last_error, p.last_hint, p.last_log = False, str(exc), "", ""
         raise JobRunError(str(exc)) from None
-    except OSError as exc:  # e.g. the disk filled up while the conditions were rendered
+    except OSError as exc:
         failure = failures.report(exc, [], name="generate.log")
         p.running, p.last_error, p.last_hint, p.last_log = False, failure.message, failure.hint_with_log, ""
         raise JobRunError(str(failure)) from None
-    run = GenerationRun(prepared, worker, context.scene)
+    run = GenerationRun(context.scene, python, preparation=prep)
     _active = _last = run
     p.last_error = p.last_hint = p.last_log = ""
     run._write_progress(context)
     return run
 
 
+def start_generation(context: bpy.types.Context | None = None, *, worker_python: str | os.PathLike | None = None,
+                     model: str | os.PathLike | None = None) -> GenerationRun:
+    """Check and write the job (blocking), start the worker; JobRunError (plain words) when that is impossible.
+
+    The same steps as :func:`begin_generation`, run in a row: for background mode, the CLI and scripts.
+    """
+    context = context or bpy.context
+    run = begin_generation(context, worker_python=worker_python, model=model, preparation=job_writer.BLOCKING)
+    while run.preparing:
+        run.update(context)
+    if run.worker is None:
+        raise JobRunError(" ".join(x for x in (run.status.message, run.status.hint and f"Hint: {run.status.hint}.")
+                                   if x))
+    return run
+
+
 def wait(run: GenerationRun, context: bpy.types.Context | None = None, *, timeout: float | None = None,
          on_update: Callable[[WorkerStatus], None] | None = None, interval: float = 0.05) -> WorkerStatus:
-    """Block until ``run`` finished (or ``timeout``), updating the progress state; returns the status."""
+    """Block until ``run`` finished (or ``timeout``): its preparation steps, then the worker, updating the
+    progress state; ``on_update(status)`` whenever the status changed. Returns the status."""
     import time
 
     context = context or bpy.context
     end = None if timeout is None else time.monotonic() + timeout
-    seen = 0
+    seen = None
     while not run.update(context):
-        if on_update is not None and len(run.worker.events) != seen:
-            seen = len(run.worker.events)
+        news = (run.status.message, len(run.worker.events) if run.worker is not None else -1)
+        if on_update is not None and news != seen:
+            seen = news
             on_update(run.status)
         if end is not None and time.monotonic() > end:
             break
-        time.sleep(interval)
+        if not run.preparing:
+            time.sleep(interval)
     if on_update is not None:
         on_update(run.status)
     return run.status
+
+
+@persistent
+def _on_load_pre(*_args) -> None:
+    """Another file is being loaded: the timer driving the run ends with this file, so end the run too. A
+    preparation stops (nothing of it stays); a worker is asked to stop after its step (its checkpoint stays, and
+    Generate again in the reloaded file continues from it)."""
+    global _active
+    run = _active
+    if run is None:
+        return
+    if run.preparing:
+        run.stop()
+    elif run.worker is not None:
+        run.worker.cancel()
+    _active = None
+
+
+def register() -> None:
+    if _on_load_pre not in bpy.app.handlers.load_pre:
+        bpy.app.handlers.load_pre.append(_on_load_pre)
+
+
+def unregister() -> None:
+    if _on_load_pre in bpy.app.handlers.load_pre:
+        bpy.app.handlers.load_pre.remove(_on_load_pre)
+    stop_all()
 
 
 def stop_all() -> None:
     """Kill a running worker (add-on unregistered, Blender quitting)."""
     global _active
     if _active is not None:
-        _active.worker.kill()
+        _active.stop()
         _active = None
 
 
@@ -228,13 +388,35 @@ class JobResult:
         return [self.dataset, *self.frames, *extra, self.blend]
 
 
-def _print_progress(log: Callable[[str], None]) -> Callable[[WorkerStatus], None]:
-    last = {"text": ""}
+def progress_printer(log: Callable[[str], None], run: GenerationRun | None = None,
+                     preview_sheet: Path | None = None) -> Callable[[WorkerStatus], None]:
+    """Headless progress for :func:`wait`: each new status line, a line per ``resumed`` and ``preview`` event of
+    ``run``'s worker (several can arrive between two polls), and with ``preview_sheet`` a contact sheet of the
+    latest previews written there."""
+    seen = {"text": "", "events": 0}
 
     def on_update(status: WorkerStatus) -> None:
-        text = f"{status.message} ({progress_text(status)})"
-        if text != last["text"]:
-            last["text"] = text
+        events = []
+        if run is not None and run.worker is not None:
+            events = run.worker.events[seen["events"]:]
+            seen["events"] = len(run.worker.events)
+        previews = [ev for ev in events if ev.kind == "preview"]
+        for ev in events:
+            if ev.kind == "resumed":
+                log(f"resumed from step {ev['step']}/{ev['total_steps']} (a saved denoising state)")
+            elif ev.kind == "preview":
+                line = f"preview of step {ev['step']}/{ev['total_steps']} in {ev['folder']}"
+                if preview_sheet is not None and ev is previews[-1]:
+                    files = [f for f in preview_files(run.prepared, ev["folder"]) if f.is_file()]
+                    try:
+                        make_contact_sheet(run.python, files, preview_sheet)
+                        line += f"; contact sheet {preview_sheet}"
+                    except PreviewError as exc:
+                        line += f"; no contact sheet: {exc}"
+                log(line)
+        text = status_line(status)
+        if text != seen["text"]:
+            seen["text"] = text
             log(text)
     return on_update
 
@@ -249,18 +431,21 @@ def _save_blend(out: Path) -> Path:
 
 
 def run_turntable_job(out_dir: str | os.PathLike, *, frames: int = 16, reference: str | None = None,
-                      yaw_range_deg: float = 45.0, pitch_deg: float = 0.0, size: int = 512,
+                      yaw_range_deg: float = 45.0, pitch_deg: float = 0.0, size: int | None = None,
                       model: str | os.PathLike | None = None, worker_python: str | os.PathLike | None = None,
                       steps: int | None = None, seed: int | None = None, conditions: str = "procedural",
                       device: str | None = None, memory: str | None = None, compile: bool | None = None,
                       proxy_views: bool | None = None, prepare: bool | None = None,
                       from_photo_view: bool = False, generate: bool = True, previews: bool = True,
+                      preview_sheet: str | os.PathLike | None = None,
                       import_as: tuple[str, ...] = ("CARD",), log: Callable[[str], None] | None = None,
                       context: bpy.types.Context | None = None) -> JobResult:
     """Anchor (reused) + turntable + poses; with ``generate``: conditions, worker, import, GIF, sheet.
 
+    ``size``: the frames' side in pixels; None: the resolution the model was trained at.
     Writes ``dataset.json`` and ``scene.blend`` into ``out_dir`` (with ``generate``, only once every pre-work
     check has passed: a job that fails them writes nothing there). Blocks until the worker ends.
+    ``preview_sheet``: a PNG path refreshed with a contact sheet of the worker's latest previews.
     """
     context = context or bpy.context
     log = log or (lambda _msg: None)
@@ -271,8 +456,16 @@ def run_turntable_job(out_dir: str | os.PathLike, *, frames: int = 16, reference
     if frames > jobspec.MAX_FRAMES:
         raise JobRunError(f"--frames is {frames}; one job holds at most {jobspec.MAX_FRAMES} frames (all frames are "
                           "denoised together and kept in memory). Split the turntable into several jobs.")
+    if size is None:
+        settings.size_mode = 'MODEL'
+        size = job_writer.output_size(context, model)
+    else:
+        settings.size_mode = 'CUSTOM'
     if not 16 <= size <= 2048:
         raise JobRunError(f"--size must be between 16 and 2048 pixels, got {size}.")
+    if generate and size % 64 and settings.size_mode != 'CUSTOM':
+        raise JobRunError(f"The model's resolution ({size} px) is not a multiple of 64, which generation needs: "
+                          f"pass --size {max(64, round(size / 64) * 64)}.")
     if generate and size % 64:
         raise JobRunError(f"--size must be a multiple of 64 to generate, got {size}; try {max(64, round(size / 64) * 64)}.")
     if not 0.0 <= yaw_range_deg <= 180.0:
@@ -335,7 +528,8 @@ def run_turntable_job(out_dir: str | os.PathLike, *, frames: int = 16, reference
     try:
         out = preflight.probe_output_folder(Path(out_dir).expanduser())  # absolute, links not followed
         settings.output_folder = str(out) + os.sep
-        settings.output_size = size
+        if settings.size_mode == 'CUSTOM':
+            settings.output_size = size  # (a size of 16-63 px stays the camera's only: --poses-only)
         settings.turntable_frames = frames
         settings.turntable_yaw_range = math.radians(yaw_range_deg)
         settings.turntable_pitch = math.radians(pitch_deg)
@@ -343,7 +537,7 @@ def run_turntable_job(out_dir: str | os.PathLike, *, frames: int = 16, reference
         anchor = settings.head_anchor or rig.add_head_anchor(context, location=(0.0, 0.0, 0.0))
         start_yaw, pitch = None, settings.turntable_pitch
         if from_photo_view and prep is not None:
-            start_yaw = math.radians(prep.yaw)
+            start_yaw = math.radians(prep.camera_yaw())
             pitch = max(-math.radians(89.0), min(math.radians(89.0), math.radians(prep.pitch)))
         camera = rig.build_turntable(scene, anchor, frames=frames, yaw_range=settings.turntable_yaw_range,
                                      pitch=pitch, size_px=size, start_yaw=start_yaw)
@@ -362,7 +556,8 @@ def run_turntable_job(out_dir: str | os.PathLike, *, frames: int = 16, reference
         result.warnings = list(run.prepared.warnings)
         result.reference_prep = run.prepared.job.reference_prep or result.reference_prep
         log(f"worker started: {run.worker.python} -m dp3d_core.worker {run.prepared.job_dir}")
-        status = wait(run, context, on_update=_print_progress(log))
+        sheet = Path(preview_sheet).expanduser().resolve() if preview_sheet else None
+        status = wait(run, context, on_update=progress_printer(log, run, sheet))
         result.status = status
         if status.state != "done":
             detail = f" Hint: {status.hint}." if status.hint else ""
@@ -399,7 +594,8 @@ def cli_parser() -> argparse.ArgumentParser:
                                                 "or PORTRAIT3D_WORKER_PYTHON)")
     parser.add_argument("--steps", type=int, help="denoising steps (default 50)")
     parser.add_argument("--seed", type=int, help="noise seed (default 0)")
-    parser.add_argument("--size", type=int, default=512, help="output size in pixels, a multiple of 64 (default 512)")
+    parser.add_argument("--size", type=int, help="output size in pixels, a multiple of 64 (default: the size the "
+                                                 "model was trained at, e.g. 64 for the bundled small model)")
     parser.add_argument("--conditions", default="procedural",
                         help="'procedural' (render a proxy head) or a folder of condition images (name order)")
     parser.add_argument("--device", help="auto, cuda, mps or cpu (default auto)")
@@ -417,6 +613,8 @@ def cli_parser() -> argparse.ArgumentParser:
                         help="torch.compile the networks (minutes at the first step, faster after)")
     parser.add_argument("--yaw-range", type=float, default=45.0, help="sweep -DEG..+DEG (default 45)")
     parser.add_argument("--pitch", type=float, default=0.0, help="camera elevation in degrees (default 0)")
+    parser.add_argument("--preview-sheet", metavar="PNG",
+                        help="while denoising, keep this PNG updated with a contact sheet of the latest previews")
     parser.add_argument("--poses-only", action="store_true",
                         help="only build the rig and write dataset.json + scene.blend (no worker)")
     return parser
@@ -436,7 +634,8 @@ def cli_main(argv: list[str]) -> int:
                                    seed=args.seed, conditions=args.conditions, device=args.device,
                                    memory=args.memory, compile=args.compile, proxy_views=args.proxy_views,
                                    prepare=args.prepare, from_photo_view=args.from_photo_view,
-                                   generate=not args.poses_only, log=lambda m: print(f"portrait3d: {m}", flush=True))
+                                   generate=not args.poses_only, preview_sheet=args.preview_sheet,
+                                   log=lambda m: print(f"portrait3d: {m}", flush=True))
     except JobRunError as exc:
         print(f"portrait3d: error: {exc}")
         return 1

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .core import CORE_PARENT
+from .core import CORE_PARENT, preflight
 
 MARKER_NAME = ".portrait3d_model.json"   # same name as dp3d_core.hub_download.MARKER_NAME
 PROGRESS_PREFIX = "progress "            # lines of `dp3d_core.convert --progress` / `dp3d_core.hub_download --progress`
@@ -69,12 +69,8 @@ def _json(path: Path) -> dict:
 
 
 def model_resolution(path: Path) -> int | None:
-    """UNet sample size x the VAE's downscale factor (2 per VAE block after the first)."""
-    unet, vae = _json(path / "unet" / "config.json"), _json(path / "vae" / "config.json")
-    try:
-        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-    except (KeyError, TypeError, ValueError):
-        return None
+    """The output size the model was trained at (preflight reads it from the configs), None when unknown."""
+    return preflight.trained_size(path)
 
 
 def read_marker(path: Path) -> dict | None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import bpy
 from bpy.props import FloatProperty, StringProperty
 
-from . import frame_import, job_runner, preferences, reference_prep, rig, worker_env
+from . import frame_import, job_runner, job_writer, preferences, reference_prep, rig, worker_env
 from .worker_process import (CHECK_TIMEOUT, BackgroundCommand, WorkerCheck, WorkerStartError, check_worker_python,
                              finish_worker_check, start_worker_check)
 from .poses import FramePose, PoseError, output_folder, scene_poses, write_dataset
@@ -28,8 +28,8 @@ def export_blocker(scene: bpy.types.Scene) -> str | None:
     return None
 
 
-def export_poses(scene: bpy.types.Scene) -> tuple[Path, list[FramePose]]:
-    """Write dataset.json for the settings' frame range; raise PoseError with the fix when impossible."""
+def _pose_export_inputs(scene: bpy.types.Scene) -> tuple[Path, bpy.types.Object, bpy.types.Object, list[int]]:
+    """(output folder, camera, anchor, frames) for a pose export; PoseError with the fix when impossible."""
     s = scene.portrait3d
     start, end = frame_range(scene)
     if s.head_anchor is None:
@@ -39,8 +39,13 @@ def export_poses(scene: bpy.types.Scene) -> tuple[Path, list[FramePose]]:
         raise PoseError("No camera: add a turntable, set the scene camera, or pick a camera in the settings.")
     if end < start:
         raise PoseError(f"The frame range {start}-{end} is empty: make End greater than or equal to Start.")
-    folder = output_folder(scene)
-    poses = scene_poses(scene, camera, s.head_anchor, range(start, end + 1))
+    return output_folder(scene), camera, s.head_anchor, list(range(start, end + 1))
+
+
+def export_poses(scene: bpy.types.Scene) -> tuple[Path, list[FramePose]]:
+    """Write dataset.json for the settings' frame range; raise PoseError with the fix when impossible."""
+    folder, camera, anchor, frames = _pose_export_inputs(scene)
+    poses = scene_poses(scene, camera, anchor, frames)
     return write_dataset(folder, poses), poses
 
 
@@ -91,11 +96,21 @@ class PORTRAIT3D_OT_add_turntable(bpy.types.Operator):
             if s.turntable_from_photo:
                 start_yaw, pitch = rig.photo_view(context)
             rig.build_turntable(scene, s.head_anchor, frames=s.turntable_frames, yaw_range=s.turntable_yaw_range,
-                                pitch=pitch, size_px=s.output_size, start_yaw=start_yaw)
+                                pitch=pitch, size_px=job_writer.output_size(context), start_yaw=start_yaw)
         except (PoseError, reference_prep.ReferencePrepError) as exc:
             self.report({'ERROR'}, str(exc))
             return {'CANCELLED'}
         return {'FINISHED'}
+
+
+def _report_written(op, path: Path, poses: list[FramePose]) -> set[str]:
+    warnings = [f"frame {p.frame}: {w}" for p in poses for w in p.warnings]
+    for w in warnings[:_MAX_LISTED_WARNINGS]:
+        op.report({'WARNING'}, w)
+    if len(warnings) > _MAX_LISTED_WARNINGS:
+        op.report({'WARNING'}, f"... and {len(warnings) - _MAX_LISTED_WARNINGS} more pose warnings")
+    op.report({'INFO'}, f"Wrote {len(poses)} camera poses to {path}")
+    return {'FINISHED'}
 
 
 class PORTRAIT3D_OT_export_poses(bpy.types.Operator):
@@ -120,13 +135,60 @@ class PORTRAIT3D_OT_export_poses(bpy.types.Operator):
         except PoseError as exc:
             self.report({'ERROR'}, str(exc))
             return {'CANCELLED'}
-        warnings = [f"frame {p.frame}: {w}" for p in poses for w in p.warnings]
-        for w in warnings[:_MAX_LISTED_WARNINGS]:
-            self.report({'WARNING'}, w)
-        if len(warnings) > _MAX_LISTED_WARNINGS:
-            self.report({'WARNING'}, f"... and {len(warnings) - _MAX_LISTED_WARNINGS} more pose warnings")
-        self.report({'INFO'}, f"Wrote {len(poses)} camera poses to {path}")
-        return {'FINISHED'}
+        return _report_written(self, path, poses)
+
+    # In the UI: POSES_PER_STEP poses per timer tick (each one a scene.frame_set), Esc cancels; a long shot with
+    # heavy rigs no longer freezes Blender. Objects are looked up by name at each tick (undo may replace them).
+
+    def invoke(self, context, event):
+        if bpy.app.background:
+            return self.execute(context)
+        scene = context.scene
+        try:
+            self._folder, camera, anchor, frames = _pose_export_inputs(scene)
+        except PoseError as exc:
+            self.report({'ERROR'}, str(exc))
+            return {'CANCELLED'}
+        self._names = (scene.name, camera.name, anchor.name)
+        self._todo, self._poses, self._total = frames, [], len(frames)
+        wm = context.window_manager
+        self._timer = wm.event_timer_add(0.01, window=context.window)
+        wm.modal_handler_add(self)
+        return {'RUNNING_MODAL'}
+
+    def _end(self, context) -> None:
+        context.window_manager.event_timer_remove(self._timer)
+        if context.workspace is not None:
+            context.workspace.status_text_set(None)
+
+    def modal(self, context, event):
+        if event.type == 'ESC':
+            self._end(context)
+            self.report({'WARNING'}, "Pose export cancelled; dataset.json was not written")
+            return {'CANCELLED'}
+        if event.type != 'TIMER' or event.timer is not self._timer:
+            return {'PASS_THROUGH'}
+        scene_name, camera_name, anchor_name = self._names
+        scene, camera = bpy.data.scenes.get(scene_name), bpy.data.objects.get(camera_name)
+        anchor = bpy.data.objects.get(anchor_name)
+        try:
+            if scene is None or camera is None or anchor is None:
+                raise PoseError("The scene, camera or head anchor was deleted or renamed during the export; "
+                                "export again.")
+            batch, self._todo = self._todo[:job_writer.POSES_PER_STEP], self._todo[job_writer.POSES_PER_STEP:]
+            self._poses += scene_poses(scene, camera, anchor, batch)
+            if self._todo:
+                if context.workspace is not None:
+                    context.workspace.status_text_set(
+                        f"Exporting camera poses {len(self._poses)}/{self._total} (Esc to cancel)")
+                return {'PASS_THROUGH'}
+            path = write_dataset(self._folder, self._poses)
+        except PoseError as exc:
+            self._end(context)
+            self.report({'ERROR'}, str(exc))
+            return {'CANCELLED'}
+        self._end(context)
+        return _report_written(self, path, self._poses)
 
 
 def _report_list(op, kind: str, messages: list[str]) -> None:
@@ -188,13 +250,13 @@ def _poll_run_timer(run: job_runner.GenerationRun) -> float | None:
         finished = run.update(bpy.context)
         _redraw_ui(bpy.context)
     except ReferenceError:  # the file was reloaded under us
-        run.worker.kill()
+        run.stop()
         return None
-    return None if finished else 0.25
+    return None if finished else run.poll_interval
 
 
 class PORTRAIT3D_OT_generate(bpy.types.Operator):
-    """Render the condition images, start the generator and import the frames when it is done"""
+    """Make the camera poses and condition images (rendered in a background Blender, so this one stays responsive), start the generator and import the frames when it is done"""
 
     bl_idname = "portrait3d.generate"
     bl_label = "Generate"
@@ -210,51 +272,67 @@ class PORTRAIT3D_OT_generate(bpy.types.Operator):
             return False
         return True
 
-    def _start(self, context) -> job_runner.GenerationRun | None:
+    def _start(self, context, begin) -> job_runner.GenerationRun | None:
         try:
-            run = job_runner.start_generation(context)
+            run = begin(context)
         except job_runner.JobRunError as exc:
             self.report({'ERROR'}, str(exc))
             return None
-        _report_list(self, 'INFO', run.prepared.notes)
-        _report_list(self, 'WARNING', run.prepared.warnings)
         return run
 
+    def _report_prepared(self, run: job_runner.GenerationRun) -> None:
+        if run.prepared is not None and not getattr(self, "_notes_reported", False):
+            self._notes_reported = True
+            _report_list(self, 'INFO', run.prepared.notes)
+            _report_list(self, 'WARNING', run.prepared.warnings)
+
     def execute(self, context):
-        run = self._start(context)
+        if bpy.app.background:  # no event loop: prepare, run the worker and import, blocking
+            run = self._start(context, job_runner.start_generation)
+            if run is None:
+                return {'CANCELLED'}
+            self._report_prepared(run)
+            job_runner.wait(run, context, on_update=job_runner.progress_printer(
+                lambda line: print(f"portrait3d: {line}", flush=True), run))
+            return _report_end(self, run)
+        run = self._start(context, job_runner.begin_generation)
         if run is None:
             return {'CANCELLED'}
-        if bpy.app.background:  # no event loop: block until the worker ends
-            job_runner.wait(run, context)
-            return _report_end(self, run)
-        bpy.app.timers.register(functools.partial(_poll_run_timer, run), first_interval=0.25)
+        bpy.app.timers.register(functools.partial(_poll_run_timer, run), first_interval=run.poll_interval)
         return {'FINISHED'}
 
     def invoke(self, context, event):
         if bpy.app.background:
             return self.execute(context)
-        run = self._start(context)
+        run = self._start(context, job_runner.begin_generation)
         if run is None:
             return {'CANCELLED'}
         self._run = run
-        wm = context.window_manager
-        self._timer = wm.event_timer_add(0.25, window=context.window)
-        wm.modal_handler_add(self)
+        self._add_timer(context)
+        context.window_manager.modal_handler_add(self)
         return {'RUNNING_MODAL'}
+
+    def _add_timer(self, context) -> None:
+        self._interval = self._run.poll_interval
+        self._timer = context.window_manager.event_timer_add(self._interval, window=context.window)
 
     def modal(self, context, event):
         if event.type != 'TIMER' or event.timer is not self._timer:
             return {'PASS_THROUGH'}
-        finished = self._run.update(context)
+        finished = self._run.update(context)  # one small step: a render batch, or a poll of the worker
         _redraw_ui(context)
+        self._report_prepared(self._run)
         if not finished:
+            if self._run.poll_interval != self._interval:  # waiting for a process: poll less often
+                context.window_manager.event_timer_remove(self._timer)
+                self._add_timer(context)
             return {'PASS_THROUGH'}
         context.window_manager.event_timer_remove(self._timer)
         return _report_end(self, self._run)
 
 
 class PORTRAIT3D_OT_cancel(bpy.types.Operator):
-    """Stop the running generation after its current denoising step (finished frames are kept)"""
+    """Stop the generation. While condition images render: stop at once, scene unchanged, no worker started. While denoising: stop within the current step and save the last completed one; Generate again continues from it. Frames are written only when a run completes"""
 
     bl_idname = "portrait3d.cancel"
     bl_label = "Cancel"
@@ -272,8 +350,9 @@ class PORTRAIT3D_OT_cancel(bpy.types.Operator):
         if run is None:
             self.report({'WARNING'}, "Nothing is running")
             return {'CANCELLED'}
+        preparing = run.preparing
         run.cancel()
-        self.report({'INFO'}, "Cancelling after the current denoising step")
+        self.report({'INFO'}, run.status.message if preparing else "Cancelling within the current denoising step")
         return {'FINISHED'}
 
 
@@ -327,8 +406,11 @@ class PORTRAIT3D_OT_check_worker(_WatchesCommand, bpy.types.Operator):
     def _show(self, context, result: WorkerCheck) -> set[str]:
         prefs = preferences.get_preferences(context)
         if prefs is not None:
-            prefs.check_result = "\n".join([result.summary] + [f"  {line}" for line in result.lines[:8]])
+            prefs.check_result = "\n".join([result.summary] + [f"Warning: {w}" for w in result.warnings]
+                                            + [f"  {line}" for line in result.lines[:8]])
         self.report({'INFO'} if result.ok else {'ERROR'}, result.summary)
+        for warning in result.warnings:
+            self.report({'WARNING'}, warning)
         return {'FINISHED'} if result.ok else {'CANCELLED'}
 
     def execute(self, context):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import bpy
 
-from . import job_runner, reference_prep
+from . import job_runner, job_writer, reference_prep
 from .job_runner import format_eta
 from .operators import export_blocker
 
@@ -81,7 +81,14 @@ class PORTRAIT3D_PT_turntable(_Portrait3DPanel, bpy.types.Panel):
         row = layout.row()
         row.active = not s.turntable_from_photo
         row.prop(s, "turntable_pitch")
-        layout.prop(s, "output_size")
+        layout.prop(s, "size_mode")
+        if s.size_mode == 'CUSTOM':
+            layout.prop(s, "output_size")
+        else:
+            row = layout.row()
+            row.alignment = 'RIGHT'
+            size, source = job_writer.output_size_and_source(context)
+            row.label(text=f"{size} px ({source})")
         layout.operator("portrait3d.add_turntable", icon='CAMERA_DATA')
 
 
@@ -149,18 +156,27 @@ def _draw_reference_thumbnail(layout, path: str) -> None:
 
 
 def draw_progress(layout, progress) -> None:
-    """Progress bar (Blender 4.0+ ``layout.progress``; a label before), last error and hint."""
+    """Progress bar (Blender 4.0+ ``layout.progress``; a label before), resume and preview notes, last error
+    and hint."""
     if progress.running:
-        text = f"{progress.frames_done}/{progress.frames_total} frames"
-        if progress.total_steps:
-            text += f"  step {progress.step}/{progress.total_steps}  ETA {format_eta(progress.eta_seconds)}"
+        if progress.preparing:
+            text = progress.status  # "Rendering conditions 12/48"
+        else:
+            text = f"{progress.frames_done}/{progress.frames_total} frames"
+            if progress.total_steps:
+                text += f"  step {progress.step}/{progress.total_steps}  ETA {format_eta(progress.eta_seconds)}"
         if hasattr(layout, "progress"):
             layout.progress(factor=progress.fraction, type='BAR', text=text)
         else:
             layout.label(text=f"{progress.fraction * 100:.0f}%  {text}")
-        layout.label(text=progress.status)
+        if not progress.preparing:
+            layout.label(text=progress.status)
     elif progress.status:
         layout.label(text=progress.status, icon='INFO')
+    if progress.resumed_step >= 0:
+        layout.label(text=f"Resumed from step {progress.resumed_step}", icon='RECOVER_LAST')
+    if progress.running and progress.preview_step >= 0:
+        layout.label(text=f"Latest preview: step {progress.preview_step}", icon='IMAGE_DATA')
     if progress.last_error:
         box = layout.box()
         box.label(text=progress.last_error, icon='ERROR')

@@ -24,13 +24,14 @@ from PIL import Image
 spec = json.loads(sys.argv[1])
 frames = [Image.open(p).convert("RGB") for p in spec["frames"]]
 w, h = frames[0].size
-frames[0].save(spec["gif"], save_all=True, append_images=frames[1:], duration=int(1000 / spec["fps"]), loop=0)
+if spec.get("gif"):
+    frames[0].save(spec["gif"], save_all=True, append_images=frames[1:], duration=int(1000 / spec["fps"]), loop=0)
 cols = min(len(frames), spec["columns"])
 rows = math.ceil(len(frames) / cols)
 sheet = Image.new("RGB", (cols * w, rows * h), (40, 40, 40))
 for i, im in enumerate(frames):
     sheet.paste(im, ((i % cols) * w, (i // cols) * h))
-sheet.save(spec["sheet"])
+sheet.save(spec["sheet"], format="PNG")
 print("ok")
 """
 
@@ -56,6 +57,29 @@ def make_previews(python: str | os.PathLike, frames: Sequence[str | os.PathLike]
         tail = " | ".join(line for line in result.stderr.splitlines()[-3:] if line.strip())
         raise PreviewError(f"Making the GIF and contact sheet failed (exit code {result.returncode}): {tail}")
     return gif, sheet
+
+
+def make_contact_sheet(python: str | os.PathLike, frames: Sequence[str | os.PathLike], path: str | os.PathLike,
+                       columns: int = 8) -> Path:
+    """Write a contact sheet of ``frames`` (PNG) to ``path``, replaced atomically; return its path."""
+    if not frames:
+        raise PreviewError("No frames for the contact sheet.")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    spec = {"frames": [str(f) for f in frames], "sheet": str(tmp), "columns": columns}
+    try:
+        result = run_python(python, ["-c", _SCRIPT, json.dumps(spec)], timeout=120)
+        if result.returncode != 0 or not tmp.is_file():
+            tail = " | ".join(line for line in result.stderr.splitlines()[-3:] if line.strip())
+            raise PreviewError(f"Making the contact sheet {path.name} failed (exit code {result.returncode}): {tail}")
+        os.replace(tmp, path)
+    except WorkerStartError as exc:
+        raise PreviewError(str(exc)) from None
+    except OSError as exc:
+        raise PreviewError(f"Cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def make_movie(frames: Sequence[str | os.PathLike], out_dir: str | os.PathLike, fps: int = 12) -> Path:

@@ -35,6 +35,12 @@ MEMORY_MODES = (
     ("LOWEST", "Lowest", "Low, plus each network on the GPU only while it runs (about 4.6 GiB, several times "
                          "slower)"),
 )
+SIZE_MODES = (
+    ("MODEL", "Model's Resolution", "The size the selected model was trained at, read from its folder (64 px for "
+                                    "the bundled small model, 512 px for DiffPortrait3D)"),
+    ("CUSTOM", "Custom", "Generate at Custom Size (a multiple of 64); above the model's resolution runs much "
+                         "slower and is outside what it learned"),
+)
 IMPORT_MODES = (
     ("CARD", "Card", "A plane in front of the camera showing the frames (emission image sequence)"),
     ("BACKGROUND", "Camera Background", "The camera's background image sequence (viewport only)"),
@@ -50,6 +56,12 @@ def _prep_inputs_changed(self, context) -> None:
     from .reference_prep import inputs_changed
 
     inputs_changed(self, context)
+
+
+def _custom_size_set(self, _context) -> None:
+    """Typing a size (or a script setting one) means a custom size."""
+    if self.size_mode != 'CUSTOM':
+        self.size_mode = 'CUSTOM'
 
 
 def _poll_empty(_self, obj: bpy.types.Object) -> bool:
@@ -81,8 +93,12 @@ class PORTRAIT3D_PG_settings(bpy.types.PropertyGroup):
     frame_start: IntProperty(name="Start", default=1, min=0)
     frame_end: IntProperty(name="End", default=16, min=0)
 
-    output_size: IntProperty(name="Output Size", default=512, min=64, max=2048, step=64, subtype='PIXEL',
-                             description="Width and height of generated frames")
+    size_mode: EnumProperty(name="Output Size", items=SIZE_MODES, default="MODEL",
+                            description="Width and height of the generated frames (and of the turntable camera)")
+    output_size: IntProperty(name="Custom Size", default=512, min=64, max=2048, step=64, subtype='PIXEL',
+                             description="Width and height of generated frames with Output Size set to Custom "
+                                         "(setting it switches Output Size to Custom)",
+                             update=_custom_size_set)
     steps: IntProperty(name="Steps", default=50, min=1, max=1000, description="Denoising steps")
     guidance: FloatProperty(name="Guidance", default=3.0, min=0.0, max=30.0,
                             description="Classifier-free guidance scale")
@@ -161,6 +177,12 @@ class PORTRAIT3D_PG_progress(bpy.types.PropertyGroup):
     """Run-time state of the current or last generation (on the window manager, not saved)."""
 
     running: BoolProperty(name="Running", default=False)
+    preparing: BoolProperty(name="Preparing", default=False,
+                            description="Poses and condition images are being made, before the worker starts")
+    resumed_step: IntProperty(name="Resumed From Step", default=-1,
+                              description="The denoising step this run continued from (-1: it started afresh)")
+    preview_step: IntProperty(name="Preview Step", default=-1,
+                              description="The denoising step of the latest preview (-1: none yet)")
     status: StringProperty(name="Status", default="")
     fraction: FloatProperty(name="Progress", default=0.0, min=0.0, max=1.0, subtype='FACTOR')
     frames_done: IntProperty(name="Frames Done", default=0)

@@ -25,13 +25,14 @@ from pathlib import Path
 import bpy
 
 from . import preferences
-from .core import failures, job as jobspec
+from .core import face_pose, failures, job as jobspec
 from .worker_process import BackgroundCommand, WorkerStartError, resolve_worker_python, run_python
 
 MODULE = "dp3d_core.prepare_reference"
 TIMEOUT = 120.0  # seconds; a cold start of the worker Python and the face models takes a few
 THUMBNAIL_SIZE = 512
 _ERROR_PREFIX = "prepare_reference: error: "
+RESULT_FORMAT = "2"  # 2: yaw is the subject's (> 0 turned to its own left)
 
 
 class ReferencePrepError(RuntimeError):
@@ -54,8 +55,15 @@ class PrepResult:
         return jobspec.ReferencePrep(crop=list(self.crop), yaw=self.yaw, pitch=self.pitch, roll=self.roll,
                                      label=list(self.label))
 
+    def camera_yaw(self) -> float:
+        """Degrees: where the photo's camera is (> 0 on the subject's left), for the turntable and the rig."""
+        return face_pose.camera_yaw(self.yaw)
+
     def summary(self) -> str:
-        return f"yaw {self.yaw:+.1f}°, pitch {self.pitch:+.1f}°, roll {self.roll:+.1f}°"
+        """The pose in words: ``yaw`` is the subject's (> 0 turned to its own left)."""
+        turn = round(abs(self.yaw))
+        words = "facing the camera" if turn == 0 else f"turned {turn}° to its {'left' if self.yaw > 0 else 'right'}"
+        return f"{words} (yaw {self.yaw:+.1f}°, pitch {self.pitch:+.1f}°, roll {self.roll:+.1f}°)"
 
 
 def reference_path(settings) -> Path | None:
@@ -70,7 +78,8 @@ def input_key(settings) -> str:
         st = path.stat() if path else None
     except OSError:
         st = None
-    parts = [str(path), f"{st.st_size}:{st.st_mtime_ns}" if st else "missing",
+    # RESULT_FORMAT first: a result stored by an older version (yaw was the camera's then) is prepared again.
+    parts = [RESULT_FORMAT, str(path), f"{st.st_size}:{st.st_mtime_ns}" if st else "missing",
              f"{settings.prep_scale:.6f}", f"{settings.prep_offset_x:.6f}", f"{settings.prep_offset_y:.6f}"]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
@@ -295,6 +304,12 @@ def _finish_background(scene_name: str) -> None:
         for area in window.screen.areas:
             if area.type == 'VIEW_3D':
                 area.tag_redraw()
+
+
+def pending(scene) -> bool:
+    """True while a background preparation of ``scene``'s current inputs runs (its timer stores the result)."""
+    running = _pending.get(scene.name)
+    return running is not None and running[1] == input_key(scene.portrait3d) and running[0].poll() is None
 
 
 def stop_all() -> None:

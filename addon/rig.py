@@ -190,4 +190,4 @@ def photo_view(context: bpy.types.Context, python: str | None = None) -> tuple[f
     if result is None:
         result = reference_prep.run(context, python)
     limit = math.radians(89.0)
-    return math.radians(result.yaw), max(-limit, min(limit, math.radians(result.pitch)))
+    return math.radians(result.camera_yaw()), max(-limit, min(limit, math.radians(result.pitch)))

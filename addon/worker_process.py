@@ -26,6 +26,12 @@ PACKAGES_HINT = ("install torch, diffusers, safetensors, pillow and numpy into t
                  "Python in Preferences > Add-ons > Portrait 3D > Worker Python")
 
 
+# What survives a crash or a kill: the worker checkpoints the denoising state under <job dir>/state/ every few
+# steps (dp3d_core.denoise_state), and a cancel saves the last completed step.
+RESUME_WORDS = ("it continues from the last saved denoising step (saved every few steps), and frames finished by "
+                "an earlier run are not recomputed")
+
+
 class WorkerStartError(RuntimeError):
     """The worker could not be started; the message says what to fix."""
 
@@ -158,6 +164,10 @@ class WorkerStatus:
     warnings: list[str] = field(default_factory=list)
     job_hash: str = ""
     returncode: int | None = None
+    resumed_step: int | None = None   # the denoising step a resumed run continued from (``resumed`` event)
+    preview_step: int | None = None   # the step of the latest previews (``preview`` event)
+    preview_folder: str = ""
+    previews: int = 0                 # preview events so far
 
     @property
     def finished(self) -> bool:
@@ -197,9 +207,17 @@ def diagnose(returncode: int | None, stderr: Sequence[str]) -> tuple[str, str]:
         except ValueError:
             sig = f"signal {-returncode}"
         return (f"The worker was stopped from outside ({sig}), or the system ran out of memory.",
-                "Generate again: frames that were finished are kept and not recomputed")
+                f"Generate again: {RESUME_WORDS}")
     return (f"The worker stopped unexpectedly (exit code {returncode}).",
             "read the worker log lines below; check that Worker Python has torch and diffusers (Check Worker)")
+
+
+def cancelled_message(status: WorkerStatus) -> str:
+    """What a cancelled run keeps, in plain words (the worker saves the state of its last completed step)."""
+    if not status.total_steps:
+        return "Cancelled before denoising began"
+    return (f"Cancelled during step {status.step}/{status.total_steps}; Generate again continues from the last "
+            "completed step")
 
 
 class WorkerProcess:
@@ -270,6 +288,13 @@ class WorkerProcess:
                 rate = (now - t0) / (units_done - u0)
                 s.eta_seconds = rate * (s.total_steps * s.windows - units_done)
             s.message = f"Denoising step {s.step}/{s.total_steps}"
+        elif ev.kind == "resumed":
+            s.resumed_step, s.total_steps = int(ev["step"]), int(ev["total_steps"])
+            s.step = s.resumed_step
+            s.message = f"Resumed from step {s.resumed_step}/{s.total_steps}"
+        elif ev.kind == "preview":
+            s.preview_step, s.preview_folder = int(ev["step"]), str(ev["folder"])
+            s.previews += 1
         elif ev.kind == "frame":
             s.frames_written.append(str(ev["path"]))
             s.frames_done = min(s.frames_total or 10**9, s.frames_done + 1)
@@ -314,9 +339,10 @@ class WorkerProcess:
         s.log_tail = self.stderr_tail()
         done = next((e for e in reversed(self.events) if e.kind == "done"), None)
         if done is not None and done["cancelled"] or rc == protocol.EXIT_CANCELLED:
-            s.state, s.message = "cancelled", "Cancelled; finished frames are kept"
+            s.state, s.message = "cancelled", cancelled_message(s)
         elif self._cancel_at is not None and self._error_event is None:
-            s.state, s.message = "cancelled", "Cancelled (the worker had to be stopped)"
+            s.state = "cancelled"
+            s.message = f"Cancelled (the worker had to be stopped); Generate again: {RESUME_WORDS}"
         elif rc == protocol.EXIT_OK and done is not None:
             s.state = "done"
         elif self._error_event is not None:
@@ -337,11 +363,12 @@ class WorkerProcess:
     # ------------------------------------------------------------ control
 
     def cancel(self) -> None:
-        """Ask for a stop after the current denoising step; terminate after the grace period."""
+        """Ask for a stop within the current denoising step (the worker saves its last completed step);
+        terminate after the grace period."""
         if self.proc.poll() is None and self._cancel_at is None:
             protocol.request_cancel(self.job_dir)
             self._cancel_at = time.monotonic()
-            self.status.message = "Cancelling after the current step..."
+            self.status.message = "Cancelling: the worker saves its last completed step and stops..."
 
     @property
     def cancel_requested(self) -> bool:
@@ -410,6 +437,12 @@ for name in ("diffusers", "safetensors", "PIL", "numpy"):
         missing.append(name)
         print("error", name, type(exc).__name__, exc)
 print("missing", " ".join(missing) or "-")
+try:  # reference preparation (on by default at Generate) needs the face models; their absence is a warning
+    from dp3d_core import face_landmarks
+    face_landmarks.check_installed()
+    print("reference-prep ok")
+except Exception as exc:
+    print("reference-prep", (str(exc) or type(exc).__name__).splitlines()[0])
 """
 
 
@@ -421,6 +454,7 @@ class WorkerCheck:
     ok: bool
     summary: str
     lines: list[str]
+    warnings: list[str] = field(default_factory=list)  # usable, but something the artist will miss
 
 
 def start_worker_check(python: str | os.PathLike) -> "BackgroundCommand":
@@ -440,7 +474,12 @@ def worker_check_result(python: str | os.PathLike, returncode: int, lines: Seque
         return WorkerCheck(False, f"Missing in {python}: {', '.join(missing)}; {PACKAGES_HINT}.", lines)
     summary = (f"OK: Python {info.get('python', '?').split()[0]}, torch {info.get('torch')}, "
                f"diffusers {info.get('diffusers')}, GPU: {info.get('cuda')}")
-    return WorkerCheck(True, summary, lines)
+    warnings = []
+    prep = info.get("reference-prep", "ok").strip()
+    if prep != "ok":
+        warnings.append(f"Reference preparation will not work: {prep} (Or turn off Reference Preparation in the "
+                        "Portrait 3D panel.)")
+    return WorkerCheck(True, summary, lines, warnings)
 
 
 def finish_worker_check(python: str | os.PathLike, cmd: "BackgroundCommand", timeout: float) -> WorkerCheck:

@@ -116,3 +116,18 @@ def setup_generation_scene(scene, *, out: Path, model: Path, frames: int = 8, si
     if source == "IMAGE_FOLDER":
         s.condition_folder = str(CONDITIONS) + os.sep
     return s
+
+
+FAKE_PREVIEW_WORKER = Path(__file__).resolve().parent / "fake_preview_worker.py"
+
+
+def fake_preview_worker_python(folder: Path, options: str = "") -> Path:
+    """A worker Python whose ``-m dp3d_core.worker JOB`` runs blender_tests/fake_preview_worker.py (previews,
+    resumed, frames; ``options`` go in front of its arguments); any other command (the quick worker check, the
+    contact sheet) runs this Python."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "python"
+    path.write_text(f'#!/bin/sh\nif [ "$1" = "-m" ]; then exec "{sys.executable}" "{FAKE_PREVIEW_WORKER}" {options} '
+                    f'"$@"; fi\nexec "{sys.executable}" "$@"\n')
+    path.chmod(0o755)
+    return path

@@ -38,7 +38,7 @@ def test_zip_has_core_and_no_dev_files(extension_zip):
                      "worker_process.py", "frame_import.py", "reference_check.py", "previews.py",
                      "dp3d_core/__init__.py", "dp3d_core/cameras.py", "dp3d_core/job.py", "dp3d_core/protocol.py",
                      "dp3d_core/worker.py", "dp3d_core/hub_download.py", "worker_env.py", "worker_requirements.txt",
-                     "setup_operators.py", "model_manager.py", "model_operators.py"):
+                     "worker_requirements_nodeps.txt", "setup_operators.py", "model_manager.py", "model_operators.py"):
         assert required in names
     # The bundled small model travels with the extension, byte for byte, so it works with no settings touched.
     model = build.ROOT / build.BUNDLED_MODEL
@@ -92,7 +92,7 @@ def test_install_enable_uninstall(extension_zip, temp_repo):
         panels = [cls for cls in classes if issubclass(cls, bpy.types.Panel)]
         assert panels and all(p.bl_category == "Portrait 3D" and p.bl_space_type == 'VIEW_3D' for p in panels)
         assert hasattr(bpy.types.Scene, "portrait3d")
-        assert bpy.context.scene.portrait3d.output_size == 512
+        assert bpy.context.scene.portrait3d.size_mode == 'MODEL'  # the model's own resolution by default
         assert mod.cli.is_registered()
         assert bpy.ops.portrait3d.generate.poll() and not bpy.ops.portrait3d.cancel.poll()
         assert hasattr(bpy.context.window_manager, "portrait3d_progress")

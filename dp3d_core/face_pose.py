@@ -9,11 +9,13 @@ whose distance is fixed and whose image scale is free), the pose AND the square 
 sits where EG3D's camera would put it. The crop is then corrected by the framing measured on the
 official sample portraits (stored in the same file).
 
-Angles, in degrees, are the camera's, as :func:`dp3d_core.cameras.yaw_pitch_from_cam2world`:
+Angles here, in degrees, are the camera's, as :func:`dp3d_core.cameras.yaw_pitch_from_cam2world`:
 ``yaw`` > 0 when the camera is on the subject's left (+X), so the face is seen turned toward the
 subject's right (the nose points to the image's left); ``pitch`` > 0 when the camera is above the head;
 ``roll`` > 0 when the camera is rotated clockwise about its viewing axis, so the head appears rotated
-counter-clockwise in the photo.
+counter-clockwise in the photo. What prepare_reference reports (JSON, job.json, the panel) is the
+subject's yaw instead (> 0 when the subject turns to its left, the issue's EG3D convention): convert
+with :func:`subject_yaw` / :func:`camera_yaw`, nowhere else.
 """
 from __future__ import annotations
 
@@ -49,6 +51,17 @@ def landmark_model(path: str | None = None) -> LandmarkModel:
     return LandmarkModel(indices=np.array(data["indices"], int), points=np.array(data["points"], float),
                          scale=float(framing.get("scale", 1.0)),
                          offset=tuple(float(v) for v in framing.get("offset", (0.0, 0.0))))
+
+
+def subject_yaw(camera_yaw: float) -> float:
+    """The subject's yaw (> 0: turned to its own left) of a photo taken by a camera at ``camera_yaw`` (> 0: on
+    the subject's left, which shows the face turned to its right)."""
+    return -float(camera_yaw)
+
+
+def camera_yaw(subject_yaw: float) -> float:
+    """Inverse of :func:`subject_yaw`: where the camera is for a subject turned by ``subject_yaw``."""
+    return -float(subject_yaw)
 
 
 def camera_from_pose(yaw: float, pitch: float, roll: float = 0.0) -> np.ndarray:

@@ -166,7 +166,8 @@ def translate(exc: BaseException) -> Failure:
         return Failure(first if first.endswith(".") else first + ".",
                        "Change the job's settings as the message says and run it again.")
     if isinstance(exc, KeyboardInterrupt):
-        return Failure("The worker was interrupted.", "Run the job again: finished frames are kept.")
+        return Failure("The worker was interrupted.",
+                       "Run the job again: it continues from its last saved denoising step.")
     return Failure("The worker failed unexpectedly.",
                    "Run it again; if it fails the same way, report it with the log file.")
 

@@ -78,7 +78,8 @@ class GenerationSettings:
 class ReferencePrep:
     """How the reference photo was prepared (``python -m dp3d_core.prepare_reference``): the square ``crop``
     (x0, y0, x1, y1) in the pixels of the upright photo, which the worker cuts out of the original file, and the
-    photo camera found for it (degrees, and its EG3D label)."""
+    pose found for it in degrees (as prepare_reference prints it: ``yaw`` the subject's, > 0 turned to its own
+    left; ``pitch``/``roll`` the photo camera's) with the photo camera's EG3D label."""
 
     crop: list[float]
     yaw: float

@@ -15,13 +15,21 @@ proxies, then the scheduler's own noise (eta > 0).
 
 Cancelling: ``callback_on_step_end`` (called after every step) and ``callback_on_window``
 (called after every window evaluation) may return ``{"cancel": True}``; the pipeline then
-raises :class:`Cancelled`. Raising :class:`Cancelled` from a callback has the same effect.
+raises :class:`Cancelled`, which carries the denoising state of the last completed step.
+Raising :class:`Cancelled` from a callback has the same effect.
+
+Resuming: after every step ``callback_on_step_end`` gets the full
+:class:`~dp3d_core.denoise_state.DenoisingState` (latents of all views, reference latents, scheduler
+state, generator state); passing such a state back as ``state=`` continues the run from its step, with
+a result identical to the uninterrupted run (:mod:`dp3d_core.denoise_state` saves and loads states).
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import PIL.Image
@@ -31,6 +39,7 @@ from diffusers import DiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
+from .denoise_state import DenoisingState, StateError, restore_scheduler, scheduler_state
 from .models.config import CLIP_LENGTH
 from .models.denoiser import DiffPortrait3DDenoiser
 from .schedulers import AWARE_NOISE_TIMESTEP, aware_initial_latent, make_scheduler
@@ -43,11 +52,16 @@ class PipelineError(ValueError):
 
 
 class Cancelled(Exception):
-    """Raised when a callback asked to stop; no output is produced."""
+    """Raised when a callback asked to stop; no output is produced.
 
-    def __init__(self, step: int) -> None:
+    ``step``: the 0-based step that was running. ``state``: the :class:`DenoisingState` after the last
+    completed step (live tensors, unchanged since the pipeline stopped), from which ``state=`` resumes.
+    """
+
+    def __init__(self, step: int, state: DenoisingState | None = None) -> None:
         super().__init__(f"cancelled at denoising step {step}")
         self.step = step
+        self.state = state
 
 
 @dataclass
@@ -221,6 +235,7 @@ class DiffPortrait3DPipeline(DiffusionPipeline):
             latents.append(z)
         return torch.cat(latents).float() * vae.config.scaling_factor
 
+    @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
         """``[N, 4, h, w]`` latents -> ``[N, H, W, 3]`` float32 in [0, 1], ``vae_batch_size`` views per call."""
         out = []
@@ -331,12 +346,61 @@ class DiffPortrait3DPipeline(DiffusionPipeline):
                                           AWARE_NOISE_TIMESTEP, float16_schedule=self.float16_schedule)
         return x * float(scheduler.init_noise_sigma)
 
+    def scheduler_for(self, num_inference_steps: int, scheduler: SchedulerMixin | str | None = None) -> SchedulerMixin:
+        """A fresh copy of the scheduler a run with these settings uses, its timesteps set: ``len(.timesteps)`` is
+        the run's number of steps (the official DDIM spacing can give more than ``num_inference_steps``)."""
+        sched = copy.deepcopy(self._scheduler(scheduler))
+        sched.set_timesteps(num_inference_steps)
+        return sched
+
     def _scheduler(self, scheduler: SchedulerMixin | str | None) -> SchedulerMixin:
         if scheduler is None:
             return self.scheduler
         if isinstance(scheduler, str):
             return make_scheduler(scheduler, dict(self.scheduler.config), float16_schedule=self.float16_schedule)
         return scheduler
+
+    def _prepare_latents(self, reference_images: Any, proxy_images: Sequence[ImageInput | None] | None,
+                         shape: tuple[int, int, int, int], size: tuple[int, int], latents: torch.Tensor | None,
+                         share_noise: bool, generator: torch.Generator, sample_posterior: bool,
+                         sched: SchedulerMixin) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_T of all views and the reference latents; the random draws in the documented order."""
+        device, dtype = self._execution_device, self.unet.dtype
+        n = shape[0]
+        if latents is None:
+            noise_shape = (1 if share_noise else n, *shape[1:])
+            noise = torch.randn(noise_shape, generator=generator, dtype=torch.float32).expand(n, -1, -1, -1)
+        else:
+            if tuple(latents.shape) != shape:
+                raise PipelineError(f"latents must be [{', '.join(map(str, shape))}], got {tuple(latents.shape)}")
+            noise = latents.float()
+        noise = noise.to(device).contiguous()
+        refs = self.to_image_tensor(reference_images, size, "reference image")
+        ref_latents = self.encode_images(refs, generator, sample_posterior).to(device, dtype)
+        has_proxy = [p is not None for p in (proxy_images or [None] * n)]
+        proxy_latents = None
+        if any(has_proxy):
+            proxies = self.to_image_tensor([p for p in proxy_images if p is not None], size, "proxy image")
+            proxy_latents = self.encode_images(proxies, generator, sample_posterior)
+        return self.initial_latents(noise, proxy_latents, has_proxy, sched), ref_latents
+
+    def _check_state(self, state: DenoisingState, shape: tuple[int, int, int, int], total_steps: int,
+                     sched: SchedulerMixin) -> None:
+        """Refuse a state that does not belong to a run with these arguments."""
+        if state.scheduler_class != type(sched).__name__:
+            raise PipelineError(f"the state comes from the {state.scheduler_class} scheduler, this run uses "
+                                f"{type(sched).__name__}")
+        if state.total_steps != total_steps:
+            raise PipelineError(f"the state comes from a run of {state.total_steps} steps, this one has {total_steps}")
+        if not 0 <= state.step <= total_steps:
+            raise PipelineError(f"the state's step {state.step} is outside 0..{total_steps}")
+        if tuple(state.latents.shape) != shape:
+            raise PipelineError(f"the state's latents are {list(state.latents.shape)}, this run needs {list(shape)}")
+        ref = state.reference_latents
+        if ref.ndim != 4 or ref.shape[0] < 1 or tuple(ref.shape[1:]) != shape[1:]:
+            raise PipelineError(f"the state's reference latents {list(ref.shape)} do not fit latents {list(shape)}")
+        if state.generator is None:
+            raise PipelineError("the state lacks the random generator's state")
 
     # ------------------------------------------------------------ call
 
@@ -357,6 +421,7 @@ class DiffPortrait3DPipeline(DiffusionPipeline):
         closed_loop: bool = False,
         share_noise: bool = False,
         latents: torch.Tensor | None = None,
+        state: DenoisingState | None = None,
         height: int | None = None,
         width: int | None = None,
         sample_posterior: bool = True,
@@ -377,10 +442,20 @@ class DiffPortrait3DPipeline(DiffusionPipeline):
             closed_loop: the views are a full turn: windows wrap around from the last view to the first.
             share_noise: one initial noise for all views (before the proxies are mixed in).
             latents: the initial noise ``[N, 4, h, w]`` instead of drawing it (then nothing is drawn for it).
+            state: continue a run from this :class:`DenoisingState` (as handed to ``callback_on_step_end`` or
+                carried by :class:`Cancelled`) instead of starting it: nothing is drawn or encoded; the latents,
+                reference latents, scheduler history and generator state come from ``state`` and the loop starts
+                at ``state.step``. The other arguments must be those of the interrupted run (same conditions,
+                steps, scheduler, eta, guidance, window); the result is then identical to the uninterrupted run.
+                Raises :class:`PipelineError` when the state does not fit (other shape, step count, scheduler).
             height, width: output size (default: the first condition image's size).
             sample_posterior: encode with VAE posterior samples (official) instead of the mean.
             callback_on_step_end: ``f(pipe, step, timestep, callback_kwargs) -> dict | None`` after each step;
-                callback_kwargs holds ``latents`` (may be replaced via the returned dict) and ``num_windows``.
+                callback_kwargs holds ``latents`` (may be replaced via the returned dict), ``num_windows``,
+                ``num_steps``, ``pred_x0`` (the clean latents ``[N, 4, h, w]`` this step predicts, for previews)
+                and ``state``: the :class:`DenoisingState` after this step (None for a scheduler whose state
+                cannot be captured). It references the live tensors: use it (save it, or keep
+                ``state.detached()``) before returning.
             callback_on_window: ``f(step, num_steps, window_index, num_windows) -> dict | None`` after each
                 window evaluation (steps and windows count from 0; num_steps is the real number of steps).
             output_type: "pil", "np" or "latent".
@@ -418,28 +493,22 @@ class DiffPortrait3DPipeline(DiffusionPipeline):
         if proxy_images is not None and len(proxy_images) != n:
             raise PipelineError(f"{len(proxy_images)} proxy images for {n} views; give one per view (or None)")
 
-        # random draws, in the documented order
         lat_ch = self.unet.config.in_channels
-        if latents is None:
-            noise_shape = (1 if share_noise else n, lat_ch, lat_h, lat_w)
-            noise = torch.randn(noise_shape, generator=generator, dtype=torch.float32).expand(n, -1, -1, -1)
-        else:
-            if tuple(latents.shape) != (n, lat_ch, lat_h, lat_w):
-                raise PipelineError(f"latents must be [{n}, {lat_ch}, {lat_h}, {lat_w}], got {tuple(latents.shape)}")
-            noise = latents.float()
-        noise = noise.to(device).contiguous()
-        refs = self.to_image_tensor(reference_images, (height, width), "reference image")
-        ref_latents = self.encode_images(refs, generator, sample_posterior).to(device, dtype)
         sched = self._scheduler(scheduler)
-        has_proxy = [p is not None for p in (proxy_images or [None] * n)]
-        proxy_latents = None
-        if any(has_proxy):
-            proxies = self.to_image_tensor([p for p in proxy_images if p is not None], (height, width), "proxy image")
-            proxy_latents = self.encode_images(proxies, generator, sample_posterior)
-        latents = self.initial_latents(noise, proxy_latents, has_proxy, sched)
-
         sched.set_timesteps(num_inference_steps, device=device)
         timesteps = sched.timesteps
+        if state is not None:
+            self._check_state(state, (n, lat_ch, lat_h, lat_w), len(timesteps), sched)
+            generator.set_state(state.generator.clone())
+            latents = state.latents.to(device, torch.float32).clone()
+            ref_latents = state.reference_latents.to(device, dtype)
+            restore_scheduler(sched, state.scheduler, device)
+            first_step = state.step
+        else:
+            latents, ref_latents = self._prepare_latents(
+                reference_images, proxy_images, (n, lat_ch, lat_h, lat_w), (height, width), latents, share_noise,
+                generator, sample_posterior, sched)
+            first_step = 0
         step_kwargs: dict[str, Any] = {}
         step_params = set(inspect.signature(sched.step).parameters)
         if "eta" in step_params:
@@ -453,7 +522,18 @@ class DiffPortrait3DPipeline(DiffusionPipeline):
         ref_per_window = [ref_latents[i:i + 1].expand(window, -1, -1, -1) for i in range(ref_latents.shape[0])]
         reference = ref_per_window[0] if len(ref_per_window) == 1 else ref_per_window
 
-        for step, t in enumerate(timesteps):
+        def state_after(done: int) -> DenoisingState | None:
+            """The state after ``done`` steps, from the live tensors (None if the scheduler's cannot be handed out)."""
+            try:
+                sched_state = scheduler_state(sched)
+            except StateError:
+                return None
+            return DenoisingState(step=done, total_steps=len(timesteps), latents=latents, reference_latents=ref_latents,
+                                  scheduler=sched_state, scheduler_class=type(sched).__name__,
+                                  generator=generator.get_state())
+
+        for step in range(first_step, len(timesteps)):
+            t = timesteps[step]
             model_in = sched.scale_model_input(latents, t)
             t_model = (t.round() if t.is_floating_point() else t).long().to(device)
             eps = torch.zeros_like(latents, dtype=torch.float32)
@@ -470,15 +550,20 @@ class DiffPortrait3DPipeline(DiffusionPipeline):
                         e_u = denoiser.eps_uncond(x, t_batch, context).float()
                         e = e_u + guidance_scale * (e - e_u)
                 eps.index_add_(0, idx, e * weights[wi].view(-1, 1, 1, 1))
-                if callback_on_window is not None and _wants_cancel(
-                        callback_on_window(step, len(timesteps), wi, len(windows))):
-                    raise Cancelled(step)
+                if callback_on_window is not None:
+                    # nothing of this step has touched latents, scheduler or generator yet: the state is step's
+                    with _cancel_state(step, lambda: state_after(step)):
+                        if _wants_cancel(callback_on_window(step, len(timesteps), wi, len(windows))):
+                            raise Cancelled(step)
+            before = latents
             latents = sched.step(eps, t, latents, **step_kwargs).prev_sample
             if callback_on_step_end is not None:
-                result = callback_on_step_end(self, step, t, {"latents": latents, "num_windows": len(windows),
-                                                                    "num_steps": len(timesteps)})
-                if _wants_cancel(result):
-                    raise Cancelled(step)
+                kwargs = {"latents": latents, "num_windows": len(windows), "num_steps": len(timesteps),
+                          "pred_x0": predicted_x0(sched, before, eps, t), "state": state_after(step + 1)}
+                with _cancel_state(step, lambda: kwargs["state"]):
+                    result = callback_on_step_end(self, step, t, kwargs)
+                    if _wants_cancel(result):
+                        raise Cancelled(step)
                 if result and "latents" in result:
                     latents = result["latents"]
 
@@ -496,3 +581,26 @@ class DiffPortrait3DPipeline(DiffusionPipeline):
 
 def _wants_cancel(result: Any) -> bool:
     return isinstance(result, dict) and bool(result.get("cancel"))
+
+
+@contextlib.contextmanager
+def _cancel_state(step: int, state: Callable[[], DenoisingState | None]) -> Iterator[None]:
+    """A :class:`Cancelled` leaving the block carries ``state()`` unless it already has a state."""
+    try:
+        yield
+    except Cancelled as exc:
+        if exc.state is None:
+            exc.state = state()
+        raise
+
+
+def predicted_x0(scheduler: SchedulerMixin, sample: torch.Tensor, model_output: torch.Tensor,
+                 t: torch.Tensor) -> torch.Tensor:
+    """The clean latents the model predicts at timestep ``t`` (epsilon, v or sample prediction)."""
+    kind = getattr(scheduler.config, "prediction_type", "epsilon")
+    if kind == "sample":
+        return model_output
+    acp = scheduler.alphas_cumprod[int(t)].to(sample.device, torch.float32)
+    if kind == "v_prediction":
+        return acp.sqrt() * sample - (1 - acp).sqrt() * model_output
+    return (sample - (1 - acp).sqrt() * model_output) / acp.sqrt()

@@ -228,11 +228,26 @@ def read_model_info(folder: str | os.PathLike) -> ModelInfo:
     channels = unet.get("block_out_channels")
     if isinstance(channels, list) and channels and isinstance(channels[0], int):
         info.base_channels = channels[0]
+    info.trained_size = _trained_size(unet, vae)
+    return info
+
+
+def _trained_size(unet: dict, vae: dict) -> int | None:
+    """Pixels: the UNet's sample_size x the VAE's scale factor (2 per VAE block after the first; 8 by default)."""
     vae_blocks = vae.get("block_out_channels")
     factor = 2 ** (len(vae_blocks) - 1) if isinstance(vae_blocks, list) and vae_blocks else 8
-    if isinstance(unet.get("sample_size"), int):
-        info.trained_size = unet["sample_size"] * factor
-    return info
+    size = unet.get("sample_size")
+    return size * factor if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+
+
+def trained_size(folder: str | os.PathLike) -> int | None:
+    """The output size a model folder was trained at, from its configs only (the model list and the add-on's
+    'Model's Resolution' read it here); None when the configs are missing, unreadable or do not say."""
+    path = Path(folder)
+    try:
+        return _trained_size(_read_json(path / "unet" / "config.json"), _read_json(path / "vae" / "config.json"))
+    except PreflightError:
+        return None
 
 
 def check_model(info: ModelInfo, window: int | None, size: int) -> list[str]:

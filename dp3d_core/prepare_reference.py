@@ -7,8 +7,10 @@ Prints one JSON object on stdout:
 
 - ``crop``: [x0, y0, x1, y1], the square in the pixels of the upright image (EXIF orientation applied); it
   may extend past the image, where the edge is repeated and blurred (never mirrored: no second face);
-- ``yaw``, ``pitch``, ``roll``: degrees, the photo camera's (see :mod:`dp3d_core.face_pose`: yaw > 0 when the
-  camera is on the subject's left, pitch > 0 when it is above the head);
+- ``yaw``: degrees, the subject's (EG3D convention): > 0 when the subject is turned to its own left (the nose
+  points to the image's right);
+- ``pitch``, ``roll``: degrees, the photo camera's (see :mod:`dp3d_core.face_pose`): pitch > 0 when the photo
+  was taken from above the head, roll > 0 when the head appears rotated counter-clockwise in the photo;
 - ``label``: the 25-float EG3D camera label of the photo's camera for that crop;
 - ``faces``: how many faces were found; ``warnings``: a list of sentences;
 - ``image_size`` [w, h], ``face_box`` [x0, y0, x1, y1] and ``fit_rms`` (landmark residual, fraction of the
@@ -98,7 +100,7 @@ def prepare(image: str | Path, out: str | Path | None = None, *, size: int = 512
         save_png(_resized(crop_square(rgb, crop), size), out)
     return {
         "crop": [round(v, 3) for v in crop],
-        "yaw": round(fit.yaw, 3), "pitch": round(fit.pitch, 3), "roll": round(fit.roll, 3),
+        "yaw": round(face_pose.subject_yaw(fit.yaw), 3), "pitch": round(fit.pitch, 3), "roll": round(fit.roll, 3),
         "label": [round(v, 7) for v in face_pose.label_for_crop(fit, crop)],
         "faces": len(faces),
         "warnings": warnings,

@@ -7,7 +7,11 @@ print that slipped through) is ignored by :func:`parse_event`.
 Event kinds and their fields:
 
 - ``started``: job_hash, frames_total, frames_done (already finished by an earlier run)
+- ``resumed``: step (denoising steps already done, from a saved checkpoint; the run continues with step
+  ``step + 1`` of ``total_steps``), total_steps. Sent after ``started``, before the first ``progress``.
 - ``progress``: step, total_steps, window, frames_done, frames_total
+- ``preview``: step (steps done), total_steps, folder (absolute path of the folder holding one preview PNG
+  per view, named as that view's output frame; see dp3d_core.live_preview)
 - ``frame``: index, scene_frame, path
 - ``warning``: message
 - ``error``: message, hint
@@ -21,6 +25,7 @@ import os
 import queue
 import secrets
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterable
@@ -30,10 +35,12 @@ from .job import JOB_FILE
 PROTOCOL_VERSION = 1
 CANCEL_FILE = "cancel"
 MANIFEST_FILE = "frames.json"
-EVENT_KINDS = ("started", "progress", "frame", "warning", "error", "done")
+EVENT_KINDS = ("started", "resumed", "progress", "preview", "frame", "warning", "error", "done")
 REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     "started": ("job_hash", "frames_total", "frames_done"),
+    "resumed": ("step", "total_steps"),
     "progress": ("step", "total_steps", "window", "frames_done", "frames_total"),
+    "preview": ("step", "total_steps", "folder"),
     "frame": ("index", "scene_frame", "path"),
     "warning": ("message",),
     "error": ("message", "hint"),
@@ -171,8 +178,25 @@ def clear_cancel(job_dir: str | os.PathLike) -> None:
 
 # ---------------------------------------------------------------- atomic files
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to a temporary file next to ``path`` and rename it, so ``path`` is always complete."""
+# Test hook: "SUBSTRING:SECONDS" makes write_atomic pause half-way through writing any file whose path (with
+# forward slashes) contains SUBSTRING, so a test can kill the process in the middle of that write.
+TEST_PAUSE_ENV = "DP3D_TEST_PAUSE_WRITE"
+
+
+def _test_pause(path: Path) -> None:
+    spec = os.environ.get(TEST_PAUSE_ENV)
+    if spec:
+        needle, _, seconds = spec.rpartition(":")
+        if needle and needle in path.as_posix():
+            time.sleep(float(seconds))
+
+
+def write_atomic(path: str | os.PathLike, data: bytes, durable: bool = True) -> Path:
+    """Write ``data`` to a temporary file next to ``path`` and rename it, so ``path`` is always complete.
+
+    ``durable``: fsync the data before the rename, so it survives a power loss too (a killed process never
+    leaves a partial ``path`` either way; previews skip the fsync, they are rewritten every few seconds).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # os.open with 0o666 honours the umask (tempfile.mkstemp would leave the file private, 0600).
@@ -185,9 +209,13 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
             continue
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            half = len(data) // 2
+            f.write(data[:half])
+            _test_pause(path)
+            f.write(data[half:])
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -6,13 +6,20 @@ protocol lines only: the original stdout file descriptor is kept for them and ev
 else (Python prints, native library output) is redirected to stderr.
 
 Exit codes: 0 done, 1 error (one ``error`` event with a hint), 3 cancelled (``done`` with
-``cancelled: true``). Frames finished by an earlier run of the same job hash are kept and
-not rewritten. Because the windows of a sequence are blended at every denoising step (one
-joint trajectory), all frames become final together at the last step; they are then written
-one by one (each atomically, each followed by its ``frame`` event). A cancelled or failed run
-therefore leaves earlier runs' frames untouched and never a partial file. The cancel file is
-checked after every window evaluation, i.e. several times per denoising step, and once more
-before the model loads. The worker removes the cancel file it honoured; a cancel file older than
+``cancelled: true``). Because the windows of a sequence are blended at every denoising step (one
+joint trajectory), all frames become final together at the last step; they are then decoded and
+written one by one (each atomically, each followed by its ``frame`` event).
+
+What survives an interruption: the denoising state is checkpointed under ``<job dir>/state/``
+(dp3d_core.denoise_state; every few steps or seconds, within 2 % of the run time, and always after
+the last step), and a cancel saves the last completed step. A rerun of the same job hash continues
+from the newest valid checkpoint (``resumed`` event) with the same result as an uninterrupted run,
+and skips frames already written; a kill loses at most the steps since the last checkpoint. The
+checkpoint is deleted once every frame is written. Every few seconds the worker also writes a
+preview of every view to ``<job dir>/preview/`` (dp3d_core.live_preview; ``preview`` event). All
+files are written atomically, so a kill never leaves a partial frame, manifest, checkpoint or preview.
+The cancel file is checked after every window evaluation, i.e. several times per denoising step, and
+once more before the model loads. The worker removes the cancel file it honoured; a cancel file older than
 the worker's start (left by a run that was killed) is removed with a warning and not honoured.
 
 Before the model loads (before torch is even imported) the worker runs the shared pre-work checks
@@ -36,7 +43,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from . import failures, preflight, protocol
+from . import denoise_state, failures, preflight, protocol
 try:
     from .images import ImageError, encode_png, load_rgb
 except ModuleNotFoundError as _exc:  # no Pillow or numpy in this Python: main() says so in one error event
@@ -264,6 +271,109 @@ def _remove_stale_temp_files(out_dir: Path, names: list[str]) -> None:
                 tmp.unlink(missing_ok=True)
 
 
+class StateKeeper:
+    """Denoising checkpoints and live previews of one run (see dp3d_core.denoise_state, dp3d_core.live_preview).
+
+    ``resume`` is the valid saved state of this job, if any (the ``resumed`` event is sent for it; an invalid one
+    is reported as a ``warning`` and ignored). :meth:`on_step` is the pipeline's ``callback_on_step_end``.
+    """
+
+    def __init__(self, job_dir: Path, digest: str, pipe: Any, job: Job, names: list[str], emit: Emitter) -> None:
+        from . import live_preview  # numpy and Pillow: imported once they are known to be there
+
+        s = job.settings
+        self.emit = emit
+        sched = pipe.scheduler_for(s.steps, s.scheduler)
+        lat = s.size // pipe.vae_scale_factor
+        expect = {"total_steps": len(sched.timesteps), "scheduler_class": type(sched).__name__,
+                  "latent_shape": [len(names), pipe.unet.config.in_channels, lat, lat]}
+        self.checkpoints = denoise_state.Checkpoints(job_dir, digest, expect)
+        self.resume = self.checkpoints.load(lambda m: emit("warning", message=m))
+        self.saved_step = self.resume.step if self.resume is not None else 0
+        self.policy = denoise_state.CheckpointPolicy.from_env()
+        self.policy.start(self.saved_step, time.monotonic())
+        self.live_preview = live_preview
+        self.preview_args = (job_dir, names, live_preview.preview_size(s.size, lat))
+        self.preview: Any = None  # a live_preview.LivePreview from the first step on
+        self.warned: set[str] = set()
+        # a fresh run drops the previews of an earlier job; a resumed one keeps its own
+        live_preview.reset_folder(job_dir, keep_previews=self.resume is not None)
+        if self.resume is not None:
+            emit("resumed", step=self.resume.step, total_steps=self.resume.total_steps)
+
+    def on_step(self, pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> None:
+        state = kwargs.get("state")
+        if state is None:
+            self.warn_once("scheduler", "this scheduler's state cannot be saved, so this run keeps no checkpoints: "
+                                        "a cancel or crash restarts it from step 0")
+            return None
+        now = time.monotonic()
+        if self.policy.due(state.step, state.total_steps, now):
+            self.save(state)
+        if self.preview is None:
+            live_preview = self.live_preview
+            job_dir, names, size = self.preview_args
+            # one VAE decode of the reference latents per run: the map is fitted on the model's own decoder
+            refs = state.reference_latents
+            matrix = live_preview.fit_latent_to_rgb(refs, pipe.decode_latents(refs))
+            self.preview = live_preview.LivePreview(job_dir, names, matrix, size,
+                                                    live_preview.LivePreview.every_seconds_from_env())
+        if self.preview.due(now):
+            try:
+                self.preview.write(kwargs["pred_x0"])
+            except OSError as exc:
+                self.preview.last_time = time.monotonic()
+                self.warn_once("preview", f"could not write the live previews ({exc.strerror or exc}); the run "
+                                          "goes on without them")
+            else:
+                self.emit("preview", step=state.step, total_steps=state.total_steps,
+                          folder=str(self.preview.folder))
+        return None
+
+    def save(self, state: Any) -> None:
+        """Checkpoint ``state``; a full or read-only disk costs resumability, never the run."""
+        started = time.monotonic()
+        try:
+            cost = self.checkpoints.save(state)
+        except OSError as exc:
+            cost = time.monotonic() - started
+            self.warn_once("checkpoint", f"could not save the denoising checkpoint in {self.checkpoints.folder} "
+                                         f"({exc.strerror or exc}); the run goes on, but if it is interrupted "
+                                         f"it restarts from step {self.saved_step}")
+        else:
+            self.saved_step = state.step
+        self.policy.saved(state.step, time.monotonic(), cost)
+
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            self.emit("warning", message=message)
+
+    def keep(self, state: Any) -> None:
+        """A cancelled run: save the state of its last completed step unless that is already on disk."""
+        if state is not None and state.step > self.saved_step:
+            self.save(state)
+
+    def finished(self) -> None:
+        """Every frame is written: the checkpoint is no longer needed."""
+        try:
+            self.checkpoints.remove()
+        except OSError as exc:  # the frames are done; a leftover checkpoint is ignored or removed next time
+            self.emit("warning", message=f"could not remove the finished job's checkpoint ({exc.strerror or exc})")
+
+
+def decode_missing(pipe: Any, latents: Any, names: list[str], done: set[str]) -> Any:
+    """``(index, image)`` of each view not yet in ``done``, decoded in the same fixed batches as a full decode (so a
+    resumed run's frames are bit-identical to an uninterrupted one's); batches with nothing missing are skipped."""
+    batch = max(1, int(pipe.vae_batch_size))
+    for start in range(0, len(names), batch):
+        todo = [i for i in range(start, min(start + batch, len(names))) if names[i] not in done]
+        if todo:
+            images = pipe.decode_latents(latents[start:start + batch])
+            for i in todo:
+                yield i, images[i - start]
+
+
 def run_job(job_dir: Path, emit: Emitter) -> int:
     """Run the job in ``job_dir``; returns the exit code. Emits every event itself."""
     started = time.monotonic()
@@ -279,6 +389,7 @@ def run_job(job_dir: Path, emit: Emitter) -> int:
     done = protocol.frames_done(out_dir, names, digest)
     emit("started", job_hash=digest, frames_total=len(frames), frames_done=len(done))
     if len(done) == len(frames):
+        denoise_state.Checkpoints(job_dir, digest).remove()
         emit("done", frames_written=0, seconds=round(time.monotonic() - started, 3), cancelled=False)
         return EXIT_OK
 
@@ -304,6 +415,7 @@ def run_job(job_dir: Path, emit: Emitter) -> int:
     pipe = load_pipeline(job.model, torch.device("cpu") if offloads(job.memory, device) else device, dtype)
     apply_speed_options(pipe, job.memory, job.compile, device, lambda m: emit("warning", message=m))
     s = job.settings
+    keeper = StateKeeper(job_dir, digest, pipe, job, names, emit)
 
     def on_window(step: int, num_steps: int, window: int, num_windows: int) -> dict | None:
         emit("progress", step=step + 1, total_steps=num_steps, window=window + 1, windows=num_windows,
@@ -314,21 +426,23 @@ def run_job(job_dir: Path, emit: Emitter) -> int:
         result = pipe(references, conditions, proxy_images=proxies if any(p is not None for p in proxies) else None,
                       num_inference_steps=s.steps, guidance_scale=s.guidance, eta=s.eta, seed=s.seed,
                       scheduler=s.scheduler, window=s.window, overlap=s.overlap, share_noise=s.share_noise,
-                      callback_on_window=on_window, output_type="np")
-    except Cancelled:
+                      state=keeper.resume, callback_on_window=on_window, callback_on_step_end=keeper.on_step,
+                      output_type="latent")
+    except Cancelled as exc:
+        keeper.keep(exc.state)
         emit("done", frames_written=0, seconds=round(time.monotonic() - started, 3), cancelled=True)
         return EXIT_CANCELLED
 
     written = 0
-    for frame, name, image in zip(frames, names, result.images):
-        if name in done:
-            continue
+    for i, image in decode_missing(pipe, result.images, names, done):
+        frame, name = frames[i], names[i]
         data = encode_png(image)
         path = protocol.write_atomic(out_dir / name, data)
         protocol.record_frame(out_dir, name, digest, frame.index, frame.scene_frame, hashlib.sha256(data).hexdigest())
         done.add(name)
         written += 1
         emit("frame", index=frame.index, scene_frame=frame.scene_frame, path=str(path))
+    keeper.finished()
     emit("done", frames_written=written, seconds=round(time.monotonic() - started, 3), cancelled=False)
     return EXIT_OK
 

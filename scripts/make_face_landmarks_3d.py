@@ -37,9 +37,12 @@ KEEP_FRACTION = 0.7  # the landmarks with the smallest triangulation residual th
 SAMPLES = ROOT.parent / "shared" / "fixtures" / "official_samples" / "portraits"
 
 
-def render_views(seed: int, poses, folder: Path, size: int = SIZE) -> list[tuple[Path, np.ndarray]]:
-    """Render proxy head ``seed`` (neutral) at each (yaw, pitch) into a fresh empty Blender file (Workbench, like
-    the condition images); (path, EG3D cam2world) per view. Imports bpy but never torch (Blender tests use it)."""
+def render_views(seed: int, poses, folder: Path, size: int = SIZE,
+                 head_turn: float = 0.0) -> list[tuple[Path, np.ndarray]]:
+    """Render proxy head ``seed`` (neutral) at each camera (yaw, pitch) into a fresh empty Blender file (Workbench,
+    like the condition images); (path, EG3D cam2world) per view. ``head_turn``: degrees the head itself is turned
+    to its own left about its up axis (the cam2world stays the head anchor's). Imports bpy but never torch
+    (Blender tests use it)."""
     import bpy
     from mathutils import Matrix
 
@@ -55,6 +58,9 @@ def render_views(seed: int, poses, folder: Path, size: int = SIZE) -> list[tuple
     cam = bpy.data.objects.new("Camera", bpy.data.cameras.new("Camera"))
     scene.collection.objects.link(cam)
     head = build_proxy_head(seed, anchor, name="Subject", neutral=True)
+    # The anchor's -Y is the face direction and +Z up, so the subject's left is +X: turning toward it is a
+    # positive rotation about Z.
+    head.rotation_euler = (0.0, 0.0, math.radians(head_turn))
     out = []
     for yaw, pitch in poses:
         c2w = camera_from_pose(yaw, pitch)
@@ -65,7 +71,8 @@ def render_views(seed: int, poses, folder: Path, size: int = SIZE) -> list[tuple
         cam.data.lens, cam.data.sensor_width, cam.data.sensor_fit = bc.lens, bc.sensor_width, bc.sensor_fit
         cam.data.shift_x, cam.data.shift_y = bc.shift_x, bc.shift_y
         path = render_condition_images(scene, cam, [scene.frame_current], folder, size=size, objects=[head])[0]
-        final = folder / f"s{seed}_y{yaw:+.0f}_p{pitch:+.0f}.png"
+        final = folder / (f"s{seed}_y{yaw:+.0f}_p{pitch:+.0f}.png" if not head_turn else
+                          f"s{seed}_y{yaw:+.0f}_p{pitch:+.0f}_turn{head_turn:+.0f}.png")
         path.rename(final)
         out.append((final, c2w))
     remove_proxy_head("Subject")

@@ -3,7 +3,8 @@
     .venv/bin/python scripts/measure_pose_accuracy.py [--seeds 11 12 13] [--size 256]
 
 Renders each head (Workbench, like the condition images) from EG3D cameras on a yaw x pitch grid, runs the real
-face models and the pose fit on each render, and prints the yaw/pitch errors per pose and overall. Needs the
+face models and the pose fit on each render, and prints the yaw/pitch errors per pose and overall (the grid's
+yaw is the render camera's; the reported, subject's yaw is compared after converting it back). Needs the
 bpy module and the face models (the project's venv has both).
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[11, 12, 13])
     parser.add_argument("--size", type=int, default=256)
     args = parser.parse_args(argv)
+    from dp3d_core.face_pose import camera_yaw
     from dp3d_core.prepare_reference import prepare
     from scripts.make_face_landmarks_3d import render_views
 
@@ -38,7 +40,7 @@ def main(argv=None) -> int:
                 yaw, pitch = (float(v) for v in path.stem.split("_y")[1].split("_p"))
                 try:
                     r = prepare(path)
-                    rows.append((seed, yaw, pitch, r["yaw"] - yaw, r["pitch"] - pitch))
+                    rows.append((seed, yaw, pitch, camera_yaw(r["yaw"]) - yaw, r["pitch"] - pitch))
                 except Exception as exc:  # noqa: BLE001 - a measurement: note every failure and go on
                     rows.append((seed, yaw, pitch, np.nan, np.nan))
                     print(f"seed {seed} yaw {yaw:+.0f} pitch {pitch:+.0f}: {exc}")

@@ -109,7 +109,9 @@ def test_label_is_the_pose_and_the_crop():
     result = prepared(str(sample("0000167")))
     c2w, k = cameras.from_label(result["label"])
     yaw, pitch = cameras.yaw_pitch_from_cam2world(c2w)
-    assert yaw == pytest.approx(result["yaw"], abs=1e-3)
+    # The label's camera yaw and the reported (subject's) yaw are opposite: a camera on the subject's left sees
+    # the subject turned to its right.
+    assert yaw == pytest.approx(-result["yaw"], abs=1e-3)
     assert pitch == pytest.approx(result["pitch"], abs=1e-3)
     assert face_pose.roll_from_cam2world(c2w) == pytest.approx(result["roll"], abs=1e-3)
     assert np.linalg.norm(c2w[:3, 3]) == pytest.approx(cameras.EG3D_RADIUS, rel=1e-6)
@@ -361,5 +363,5 @@ def test_strongly_turned_face_warns(monkeypatch):
     real_fit = face_pose.fit_pose
     monkeypatch.setattr(prep.face_pose, "fit_pose", lambda lm: replace(real_fit(lm), yaw=-72.0))
     result = prep.prepare(sample("0000167"))
-    assert result["yaw"] == -72.0
+    assert result["yaw"] == 72.0  # camera 72 degrees on the subject's right: the subject turned 72 to its left
     assert any("turned 72 degrees" in w for w in result["warnings"])

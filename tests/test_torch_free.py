@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCH_FREE = ("dp3d_core.cameras", "dp3d_core.job", "dp3d_core.protocol", "dp3d_core.families",
-              "dp3d_core.preflight", "dp3d_core.failures", "dp3d_core.face_pose")
+              "dp3d_core.preflight", "dp3d_core.failures", "dp3d_core.face_pose", "dp3d_core.denoise_state")
 
 PROBE = """
 import json, sys
