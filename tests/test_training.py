@@ -17,7 +17,7 @@ from dp3d_core.cameras import from_label, intrinsics_from_focal, sample_lookat, 
 from training.config import ConfigError, load_config, make_config
 from training.data import DatasetError, MultiViewDataset, batch_for_step, read_labels, write_labels
 from training.models import TRAINABLE, params_of
-from training.train import Trainer, step_generator
+from training.train import Trainer, sample_generators
 
 SIZE = 32
 
@@ -26,7 +26,7 @@ IDENTITIES = 3
 VIEWS = 9
 
 
-def make_dataset(root: Path, seed: int = 0) -> dict[str, np.ndarray]:
+def make_dataset(root: Path, seed: int = 0, size: int = SIZE) -> dict[str, np.ndarray]:
     """Numpy images: each identity a base colour + noise; conditions mirror the layout under cond/."""
     rng = np.random.default_rng(seed)
     entries, labels = [], {}
@@ -36,7 +36,7 @@ def make_dataset(root: Path, seed: int = 0) -> dict[str, np.ndarray]:
             rel = f"id{i:02d}/v{v:02d}.png"
             for folder, img_base in ((root, base), (root / "cond", rng.random(3))):
                 (folder / f"id{i:02d}").mkdir(parents=True, exist_ok=True)
-                img = np.clip(img_base + 0.2 * rng.standard_normal((SIZE, SIZE, 3)), 0, 1)
+                img = np.clip(img_base + 0.2 * rng.standard_normal((size, size, 3)), 0, 1)
                 Image.fromarray((img * 255).astype(np.uint8)).save(folder / rel)
             label = to_label(sample_lookat(np.pi / 2 + rng.uniform(-0.6, 0.6), np.pi / 2 + rng.uniform(-0.3, 0.3)),
                              intrinsics_from_focal())
@@ -60,7 +60,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def config(stage: str, data: Path, model: Path, out: Path, **extra):
-    values = {"data_root": str(data), "image_size": SIZE, "output_dir": str(out), "init_model": str(model),
+    values = {"data_root": str(data), "image_size": extra.pop("image_size", SIZE), "output_dir": str(out),
+              "init_model": str(model),
               "batch_size": 2, "max_steps": 2, "num_targets": 8 if stage == "3" else 1, "val_steps": 2,
               "val_samples": 1, "validate_every": 1000, "checkpoint_every": 1000, "device": "cpu",
               "vae_config": {"block_out_channels": [16, 16, 16, 16], "latent_channels": 4}}
@@ -223,7 +224,7 @@ def test_loss_falls_on_a_fixed_batch(stage: str, dataset_root: Path, tiny_model:
     batch = batch_for_step(trainer.data, 0, 2)
     first = trainer.loss_on(batch)
     for _ in range(30):
-        loss = trainer.micro_loss(batch, step_generator(0, 0))
+        loss = trainer.micro_loss(batch, sample_generators(0, 0, 0, range(2)))
         trainer.accelerator.backward(loss)
         trainer.optimizer.step()
         trainer.optimizer.zero_grad()
@@ -421,3 +422,74 @@ def test_high_noise_weight_counts_noisy_rows_more() -> None:
     assert float(eps_loss(pred, eps, t, acp, 1.0)) == pytest.approx(2.5)  # plain mean
     # t=999: 1/SNR ~ 200, capped at 10; t=10: weight 1  ->  (10*1 + 1*4) / 11
     assert float(eps_loss(pred, eps, t, acp, 10.0)) == pytest.approx(14 / 11)
+
+
+# ---------------------------------------------------------------- pickle-free checkpoints, memory switches
+
+def test_checkpoint_folder_holds_no_pickle_and_a_planted_one_is_refused(dataset_root: Path, tiny_model: Path,
+                                                                        tmp_path: Path) -> None:
+    from training.checkpoint import FILES
+    from training.train import TrainingError
+    cfg = config("2", dataset_root, tiny_model, tmp_path, ema=True)
+    trainer = Trainer(cfg, resume=False)
+    trainer.train_step()
+    folder = trainer.save_checkpoint()
+    names = {p.name for p in folder.iterdir()}
+    assert names <= FILES and {"model.safetensors", "optimizer.safetensors", "ema.safetensors", "done"} <= names
+    for path in folder.iterdir():
+        assert not path.read_bytes().startswith(b"\x80")  # no pickle protocol header anywhere
+    marker = tmp_path / "unpickled"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+    import pickle
+    (folder / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(Exception, match="custom_checkpoint_0.pkl.*can run code") as info:
+        Trainer(cfg, resume=True)
+    assert not marker.exists()
+    assert not isinstance(info.value, TrainingError) or "--no-resume" in str(info.value)
+    (folder / "custom_checkpoint_0.pkl").unlink()
+    (folder / "optimizer.bin").write_bytes(b"not even a pickle")
+    with pytest.raises(Exception, match="optimizer.bin"):
+        Trainer(cfg, resume=True)
+
+
+def test_eight_bit_adam_without_bitsandbytes_is_a_clear_error(dataset_root: Path, tiny_model: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from training.train import TrainingError
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if it were not installed
+    with pytest.raises(TrainingError, match="needs the bitsandbytes package.*pip install bitsandbytes"):
+        Trainer(config("2", dataset_root, tiny_model, tmp_path, optimizer="adamw8bit"), resume=False)
+    with pytest.raises(ConfigError, match="optimizer"):
+        config("2", dataset_root, tiny_model, tmp_path, optimizer="lion")
+
+
+@pytest.mark.parametrize("stage", ["1", "3"])
+def test_gradient_checkpointing_gives_the_same_gradients(stage: str, dataset_root: Path, tiny_model: Path,
+                                                         tmp_path: Path) -> None:
+    from training.data import batch_for_step as batch_of
+    grads = []
+    for checkpointing in (False, True):
+        trainer = Trainer(config(stage, dataset_root, tiny_model, tmp_path / str(checkpointing), batch_size=1,
+                                 gradient_checkpointing=checkpointing), resume=False)
+        recomputed = []
+        if checkpointing:
+            for module in trainer.trainable.modules():
+                if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                    module.register_forward_pre_hook(lambda *_: recomputed.append(1))
+        loss = trainer.micro_loss(batch_of(trainer.data, 0, 1), sample_generators(0, 0, 0, range(1)))
+        forward_calls = len(recomputed)
+        loss.backward()
+        assert not checkpointing or len(recomputed) > forward_calls > 0  # blocks ran again in the backward pass
+        grads.append(torch.cat([p.grad.flatten() for p in trainer.trainable.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_every_attention_runs_through_sdpa(dataset_root: Path, tiny_model: Path, tmp_path: Path) -> None:
+    from training.efficiency import SDPA_PROCESSORS
+    trainer = Trainer(config("3", dataset_root, tiny_model, tmp_path), resume=False)
+    assert set(trainer.attention) <= SDPA_PROCESSORS and sum(trainer.attention.values()) > 50
+    assert "BankReadProcessor" in trainer.attention and "BankWriteProcessor" in trainer.attention

@@ -42,9 +42,11 @@ class TrainConfig:
     prompt_length: int = 8             # stage 0: tokens of the fixed (random) prompt embedding
     lr: float = 1e-5
     adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_epsilon: float = 1e-8
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    batch_size: int = 4                # samples (identities) per micro-batch; stage 3: clips of num_targets views
+    batch_size: int = 4                # GLOBAL samples (identities) per micro-batch, split over the processes;
+                                       # stage 3: clips of num_targets views
     grad_accum: int = 1
     max_steps: int = 1000              # optimizer steps
     max_minutes: float = 0.0           # wall-clock budget of one run (0: none); reaching it ends the stage too
@@ -54,6 +56,7 @@ class TrainConfig:
     reference_timestep: int = -1       # stage 0: timestep of the tied reference pass (-1: the sample's; 0: clean)
     high_noise_weight: float = 1.0     # cap of the per-row loss weight clamp(1/SNR(t), 1, cap); 1: plain eps-MSE
     mixed_precision: str = "no"        # "no", "fp16", "bf16"
+    dtype: str = "float32"             # the networks' weights: "float32", or "float64" for exactness checks
     ema: bool = False
     ema_decay: float = 0.999
     checkpoint_every: int = 500
@@ -69,6 +72,8 @@ class TrainConfig:
     cache_images: bool = False         # keep each decoded image in memory after first use (small datasets)
     num_threads: int = 0               # torch CPU threads (0: torch's default)
     save_fp16: bool = False            # write the final model folder in float16
+    gradient_checkpointing: bool = False  # recompute the trainable network's activations in the backward pass
+    optimizer: str = "adamw"           # "adamw" (torch) or "adamw8bit" (bitsandbytes, optional)
 
     @property
     def stage_dir(self) -> Path:
@@ -97,7 +102,7 @@ def _check(cfg: TrainConfig) -> TrainConfig:
         if not value > 0:
             raise ConfigError(f"'{name}' must be positive, got {value!r}")
 
-    for name in ("lr", "batch_size", "grad_accum", "max_steps", "num_targets", "image_size", "checkpoint_every",
+    for name in ("lr", "adam_epsilon", "batch_size", "grad_accum", "max_steps", "num_targets", "image_size", "checkpoint_every",
                  "validate_every", "val_steps", "log_every", "keep_checkpoints"):
         positive(name, getattr(cfg, name))
     if not cfg.max_minutes >= 0:
@@ -110,12 +115,19 @@ def _check(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"'high_noise_weight' must be at least 1 (1: plain eps-MSE), got {cfg.high_noise_weight}")
     if not 0.0 <= cfg.uncond_prob < 1.0:
         raise ConfigError(f"'uncond_prob' must be in [0, 1), got {cfg.uncond_prob}")
+    if cfg.dtype not in ("float32", "float64"):
+        raise ConfigError(f"'dtype' must be 'float32' or 'float64', got {cfg.dtype!r}")
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):
         raise ConfigError(f"'mixed_precision' must be 'no', 'fp16' or 'bf16', got {cfg.mixed_precision!r}")
     if cfg.image_size % 8:
         raise ConfigError(f"'image_size' must be a multiple of 8 (the latent factor), got {cfg.image_size}")
     if not cfg.data_root:
         raise ConfigError("'data_root' is required: the dataset folder with dataset.json")
+    if cfg.optimizer not in ("adamw", "adamw8bit"):
+        raise ConfigError(f"'optimizer' must be 'adamw' or 'adamw8bit' (bitsandbytes), got {cfg.optimizer!r}")
+    if cfg.gradient_checkpointing and cfg.stage == "0" and cfg.reference_prob > 0:
+        raise ConfigError("'gradient_checkpointing' cannot be combined with stage 0's 'reference_prob': F would "
+                          "recompute its reference attention after the reference bank is gone; turn one off")
     if not 0.0 < cfg.ema_decay < 1.0:
         raise ConfigError(f"'ema_decay' must be in (0, 1), got {cfg.ema_decay}")
     return cfg

@@ -257,13 +257,36 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def batch_for_step(dataset: MultiViewDataset, step: int, batch_size: int, seed: int = 0) -> dict[str, Any]:
-    """The batch of training step ``step``: a pure function of (seed, step), so a resumed run sees exactly
-    the batches the uninterrupted run would have seen."""
-    rng = np.random.default_rng((int(seed), 7919, int(step)))
-    epoch_len = max(len(dataset), 1)
-    indices = rng.integers(epoch_len, size=int(batch_size))
-    return collate([dataset.sample(int(i), rng) for i in indices])
+def global_indices(dataset_len: int, step: int, batch_size: int, seed: int = 0) -> list[int]:
+    """The identities of micro-batch ``step``'s global batch: consecutive slots of a stream that visits every
+    identity once per epoch in an order shuffled per epoch (a pure function of (seed, step))."""
+    n = max(int(dataset_len), 1)
+    out, orders = [], {}
+    for slot in range(int(step) * int(batch_size), (int(step) + 1) * int(batch_size)):
+        epoch = slot // n
+        if epoch not in orders:
+            orders[epoch] = np.random.default_rng((int(seed), 104729, epoch)).permutation(n)
+        out.append(int(orders[epoch][slot % n]))
+    return out
+
+
+def shard(batch_size: int, rank: int, world: int) -> range:
+    """The positions of the global batch that process ``rank`` of ``world`` trains (contiguous, disjoint)."""
+    if batch_size % world:
+        raise ValueError(f"batch_size {batch_size} (the global batch) is not divisible by the {world} processes")
+    per = batch_size // world
+    return range(rank * per, (rank + 1) * per)
+
+
+def batch_for_step(dataset: MultiViewDataset, step: int, batch_size: int, seed: int = 0,
+                   positions: range | None = None) -> dict[str, Any]:
+    """The batch of micro-batch ``step`` (``batch_size``: the global batch), or only its ``positions`` (this
+    process's shard). Sample j of the global batch draws its views from a generator seeded by (seed, step, j),
+    so a resumed run, and any split over processes, sees exactly the samples one uninterrupted process would."""
+    indices = global_indices(len(dataset), step, batch_size, seed)
+    positions = range(batch_size) if positions is None else positions
+    return collate([dataset.sample(indices[j], np.random.default_rng((int(seed), 7919, int(step), j)))
+                    for j in positions])
 
 
 def split_counts(num_identities: int, test_fraction: float) -> tuple[int, int]:

@@ -40,7 +40,8 @@ def reference_errors(model: str, data: str, targets: int = 4, timesteps: Iterabl
         raise ValueError(f"{data}: a wrong reference needs at least two identities, found {len(dataset)}")
     rng = np.random.default_rng(seed)
     batch = collate([dataset.sample(i, rng) for i in range(len(dataset))])
-    inputs = prepare_inputs(batch, components["vae"], torch.Generator().manual_seed(seed), torch.device("cpu"))
+    generators = [torch.Generator().manual_seed(seed * 1000 + i) for i in range(len(dataset))]
+    inputs = prepare_inputs(batch, components["vae"], generators, torch.device("cpu"))
     wrong = StageInputs(inputs.x0, inputs.reference.roll(targets, 0), inputs.condition, 1)  # next identity's
     acp = make_scheduler("ddim", dict(components["scheduler"].config)).alphas_cumprod
     context = components["prompt_embedding"]()
