@@ -185,6 +185,8 @@ def test_kill_at_any_moment_then_resume(tmp_path: Path) -> None:
     verified = 0
     for how, what in scenarios:
         env = {protocol.TEST_PAUSE_ENV: f"{what}:60"} if how == "write" else {}
+        if how == "random":  # a random moment before frame 20 at the latest: a fast machine must not finish the job
+            env = {protocol.TEST_PAUSE_ENV: "out/frame_0020:60"}
         temp_files = set(job_dir.glob("*/.*.tmp"))
         w = Worker(job_dir, **env)
         if how == "delay":
