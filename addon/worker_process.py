@@ -21,9 +21,6 @@ from .core import CORE_PARENT, failures, protocol
 CANCEL_GRACE_S = 10.0
 KILL_GRACE_S = 5.0
 STDERR_KEEP = 200
-PACKAGES_HINT = ("install torch, diffusers, safetensors, pillow and numpy into that Python "
-                 "(e.g. `<python> -m pip install torch diffusers safetensors pillow`), or pick another "
-                 "Python in Preferences > Add-ons > Portrait 3D > Worker Python")
 
 
 # What survives a crash or a kill: the worker checkpoints the denoising state under <job dir>/state/ every few
@@ -120,7 +117,7 @@ def probe_worker_python(python: str | os.PathLike, timeout: float = PROBE_TIMEOU
         raise WorkerStartError(str(failures.worker_python_failure("too_old", exe, f"Python {version}")))
     missing = info.get("dp3d-probe-missing", "-").split()
     if missing != ["-"] and missing:
-        names = ", ".join("pillow" if m == "PIL" else m for m in missing)
+        names = ", ".join(failures.pip_name(m) for m in missing)
         raise WorkerStartError(str(failures.worker_python_failure("missing", exe, names)))
     _probe_ok[key] = version
     return version
@@ -194,7 +191,7 @@ def diagnose(returncode: int | None, stderr: Sequence[str]) -> tuple[str, str]:
         if name == "dp3d_core":
             return ("The worker could not find the bundled dp3d_core package.",
                     "reinstall the extension; the worker is started with its folder on PYTHONPATH")
-        return (f"The worker Python lacks the package '{name}'.", PACKAGES_HINT)
+        return (f"The worker Python lacks the package '{failures.pip_name(name)}'.", failures.PACKAGES_HINT)
     if "SyntaxError" in text or "requires Python" in text:
         return ("The worker Python is too old or not a CPython 3 interpreter.",
                 "pick a Python 3.10 or newer with torch and diffusers as Worker Python")
@@ -415,6 +412,7 @@ def run_python(python: str | os.PathLike, args: Sequence[str], *, timeout: float
 
 CHECK_SCRIPT = r"""
 import sys
+PACKAGES = %r
 print("python", sys.version.split()[0], sys.executable)
 missing = []
 try:
@@ -429,7 +427,7 @@ try:
 except Exception as exc:
     missing.append("torch")
     print("error torch", type(exc).__name__, exc)
-for name in ("diffusers", "safetensors", "PIL", "numpy"):
+for name in PACKAGES:
     try:
         mod = __import__(name)
         print(name, getattr(mod, "__version__", "?"))
@@ -443,7 +441,7 @@ try:  # reference preparation (on by default at Generate) needs the face models;
     print("reference-prep ok")
 except Exception as exc:
     print("reference-prep", (str(exc) or type(exc).__name__).splitlines()[0])
-"""
+""" % (tuple(p for p in failures.PACKAGES if p != "torch"),)  # torch is imported first, for its device
 
 
 CHECK_TIMEOUT = 180.0  # seconds; a first torch import on a cold disk can take a minute
@@ -471,7 +469,8 @@ def worker_check_result(python: str | os.PathLike, returncode: int, lines: Seque
         return WorkerCheck(False, f"{python} could not run the check (exit code {returncode}). "
                            "Is it a Python 3 interpreter?", lines[-11:])
     if missing:
-        return WorkerCheck(False, f"Missing in {python}: {', '.join(missing)}; {PACKAGES_HINT}.", lines)
+        return WorkerCheck(False, f"Missing in {python}: {', '.join(failures.pip_name(m) for m in missing)}. "
+                           f"{failures.PACKAGES_HINT}", lines)
     summary = (f"OK: Python {info.get('python', '?').split()[0]}, torch {info.get('torch')}, "
                f"diffusers {info.get('diffusers')}, GPU: {info.get('cuda')}")
     warnings = []

@@ -23,6 +23,12 @@ from typing import Iterable
 LOG_DIR_ENV = "PORTRAIT3D_LOG_DIR"
 MAX_TEXT = 300  # characters of a path or value quoted in a message
 PACKAGES = ("torch", "diffusers", "safetensors", "PIL", "numpy")
+
+
+def pip_name(module: str) -> str:
+    """The name pip installs a top-level module under (``PIL`` -> ``pillow``)."""
+    return {"PIL": "pillow"}.get(module, module)
+
 PACKAGES_HINT = ("Press Set Up Worker in Preferences > Add-ons > Portrait 3D (it makes a complete worker environment), "
                  "or install them into that Python (`<python> -m pip install torch diffusers safetensors pillow "
                  "numpy`).")
@@ -154,8 +160,7 @@ def translate(exc: BaseException) -> Failure:
         if failure is not None:
             return failure
     if isinstance(exc, ModuleNotFoundError):
-        name = (exc.name or "a package").split(".")[0]
-        name = {"PIL": "pillow"}.get(name, name)  # the name pip installs
+        name = pip_name((exc.name or "a package").split(".")[0])
         return Failure(f"The worker Python lacks the package '{name}'.", PACKAGES_HINT)
     module = type(exc).__module__
     if module.startswith(("torch._dynamo", "torch._inductor")):
