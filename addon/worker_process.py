@@ -165,6 +165,8 @@ class WorkerStatus:
     preview_step: int | None = None   # the step of the latest previews (``preview`` event)
     preview_folder: str = ""
     previews: int = 0                 # preview events so far
+    back_view: str = ""               # the back view the worker made (``back_view`` event; DiffPortrait360)
+    back_view_seed: int = 0
 
     @property
     def finished(self) -> bool:
@@ -221,8 +223,10 @@ class WorkerProcess:
     """One run of ``<python> -m dp3d_core.worker <job dir>``."""
 
     def __init__(self, job_dir: str | os.PathLike, worker_python: str | os.PathLike, *,
-                 core_parent: str | os.PathLike = CORE_PARENT, cancel_grace: float = CANCEL_GRACE_S) -> None:
+                 core_parent: str | os.PathLike = CORE_PARENT, cancel_grace: float = CANCEL_GRACE_S,
+                 back_only: bool = False) -> None:
         self.job_dir = Path(job_dir)
+        self.back_only = back_only  # DiffPortrait360: only the back view (``--back-only``)
         self.python = resolve_worker_python(worker_python)
         self.core_parent = Path(core_parent)
         self.cancel_grace = cancel_grace
@@ -236,6 +240,8 @@ class WorkerProcess:
         self.started_at = time.monotonic()
         protocol.clear_cancel(self.job_dir)
         cmd = [str(self.python), "-m", "dp3d_core.worker", str(self.job_dir.resolve())]
+        if back_only:
+            cmd.append("--back-only")
         try:
             self.proc = subprocess.Popen(cmd, cwd=str(self.core_parent), env=worker_env(self.core_parent),
                                          **popen_kwargs())
@@ -292,6 +298,9 @@ class WorkerProcess:
         elif ev.kind == "preview":
             s.preview_step, s.preview_folder = int(ev["step"]), str(ev["folder"])
             s.previews += 1
+        elif ev.kind == "back_view":
+            s.back_view, s.back_view_seed = str(ev["path"]), int(ev["seed"])
+            s.message = f"Back view ready (seed {s.back_view_seed})"
         elif ev.kind == "frame":
             s.frames_written.append(str(ev["path"]))
             s.frames_done = min(s.frames_total or 10**9, s.frames_done + 1)
@@ -304,6 +313,9 @@ class WorkerProcess:
         elif ev.kind == "done":
             if ev["cancelled"]:
                 s.message = "Cancelled"
+            elif self.back_only:
+                s.eta_seconds = 0.0
+                s.message = f"Back view ready (seed {s.back_view_seed}) in {ev['seconds']:.0f} s"
             else:
                 s.eta_seconds = 0.0
                 s.message = f"Done: {s.frames_done} frames ({ev['frames_written']} new) in {ev['seconds']:.0f} s"
