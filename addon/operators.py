@@ -273,11 +273,9 @@ def _poll_run_timer(run: job_runner.GenerationRun) -> float | None:
     return None if finished else run.poll_interval
 
 
-class PORTRAIT3D_OT_generate(bpy.types.Operator):
-    """Make the camera poses and condition images (rendered in a background Blender, so this one stays responsive), start the generator and import the frames when it is done"""
+class _Generates:
+    """Generate and the back view's Generate / Regenerate: check, prepare step by step, run the worker."""
 
-    bl_idname = "portrait3d.generate"
-    bl_label = "Generate"
     bl_options = {'REGISTER'}
     _back_only = False  # Generate Back View: the worker's back stage only
 
@@ -350,7 +348,14 @@ class PORTRAIT3D_OT_generate(bpy.types.Operator):
         return _report_end(self, self._run)
 
 
-class PORTRAIT3D_OT_generate_back_view(PORTRAIT3D_OT_generate):
+class PORTRAIT3D_OT_generate(_Generates, bpy.types.Operator):
+    """Make the camera poses and condition images (rendered in a background Blender, so this one stays responsive), start the generator and import the frames when it is done. DiffPortrait360: without an accepted back view the back view is generated first"""
+
+    bl_idname = "portrait3d.generate"
+    bl_label = "Generate"
+
+
+class PORTRAIT3D_OT_generate_back_view(_Generates, bpy.types.Operator):
     """DiffPortrait360: make the back of the head with the model's back-head network (Back View Seed) and show it here; the condition images are rendered as for Generate. Accept it, regenerate it or use your own photo"""
 
     bl_idname = "portrait3d.generate_back_view"
@@ -358,7 +363,7 @@ class PORTRAIT3D_OT_generate_back_view(PORTRAIT3D_OT_generate):
     _back_only = True
 
 
-class PORTRAIT3D_OT_regenerate_back_view(PORTRAIT3D_OT_generate):
+class PORTRAIT3D_OT_regenerate_back_view(_Generates, bpy.types.Operator):
     """DiffPortrait360: generate the back view again with the next seed"""
 
     bl_idname = "portrait3d.regenerate_back_view"
