@@ -164,7 +164,6 @@ class PORTRAIT3D_OT_export_poses(bpy.types.Operator):
             self.report({'ERROR'}, str(exc))
             return {'CANCELLED'}
         self._names = (scene.name, camera.name, anchor.name)
-        self._all_around = _all_around(context, scene)
         self._todo, self._poses, self._total = frames, [], len(frames)
         wm = context.window_manager
         self._timer = wm.event_timer_add(0.01, window=context.window)
@@ -191,7 +190,7 @@ class PORTRAIT3D_OT_export_poses(bpy.types.Operator):
                 raise PoseError("The scene, camera or head anchor was deleted or renamed during the export; "
                                 "export again.")
             batch, self._todo = self._todo[:job_writer.POSES_PER_STEP], self._todo[job_writer.POSES_PER_STEP:]
-            self._poses += scene_poses(scene, camera, anchor, batch, all_around=self._all_around)
+            self._poses += scene_poses(scene, camera, anchor, batch, all_around=_all_around(context, scene))
             if self._todo:
                 if context.workspace is not None:
                     context.workspace.status_text_set(
