@@ -130,6 +130,7 @@ def load_image(path: str | os.PathLike | None) -> bpy.types.Image | None:
     except RuntimeError:
         return None
     image.name = IMAGE_NAME
+    image.use_fake_user = True  # kept in the .blend (as a path), so the panel shows it again after reopening
     if not bpy.app.background:
         image.preview_ensure()
     return image

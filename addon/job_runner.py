@@ -102,6 +102,7 @@ class GenerationRun:
         self.prepared = prepared
         self._then = then
         self.back_stage: WorkerProcess | None = None  # the finished back-only worker of a two-stage run
+        self._back_shown: tuple[str, WorkerProcess] | None = None
         self.python = python
         self.worker: WorkerProcess | None = None
         self.scene_name = scene.name
@@ -220,7 +221,7 @@ class GenerationRun:
     def _show_back_view(self) -> None:
         """A ``back_view`` event arrived: show that back view in the panel (DiffPortrait360)."""
         status = self.worker.status
-        if not status.back_view or getattr(self, "_back_shown", None) == (status.back_view, self.worker):
+        if not status.back_view or self._back_shown == (status.back_view, self.worker):
             return
         self._back_shown = (status.back_view, self.worker)
         scene = bpy.data.scenes.get(self.scene_name)

@@ -290,7 +290,8 @@ class WorkerProcess:
             if units_done > u0:
                 rate = (now - t0) / (units_done - u0)
                 s.eta_seconds = rate * (s.total_steps * s.windows - units_done)
-            s.message = f"Denoising step {s.step}/{s.total_steps}"
+            s.message = (f"Back view: denoising step {s.step}/{s.total_steps}" if ev.get("stage") == "back" else
+                         f"Denoising step {s.step}/{s.total_steps}")
         elif ev.kind == "resumed":
             s.resumed_step, s.total_steps = int(ev["step"]), int(ev["total_steps"])
             s.step = s.resumed_step
