@@ -124,6 +124,36 @@ def test_full_turn_off_uses_the_yaw_range_and_no_closed_loop(scene, tmp_path):
     assert [p.yaw for p in prepared.poses][0] == pytest.approx(-30.0, abs=1e-3)
 
 
+def _draw_back_panel():
+    from addon.panel import PORTRAIT3D_PT_back_view
+    from blender_tests.test_rig_and_poses import _FakeLayout
+
+    class Recorder(_FakeLayout):
+        def __init__(self):
+            super().__init__()
+            self.labels: list[str] = []
+
+        def label(self, text="", **_kw):
+            self.labels.append(text)
+
+    layout = Recorder()
+    PORTRAIT3D_PT_back_view.draw(type("P", (), {"layout": layout})(), bpy.context)
+    return layout
+
+
+def test_back_view_panel_only_for_360_models(scene, tmp_path):
+    from addon.panel import PORTRAIT3D_PT_back_view
+
+    s = _setup(scene, tmp_path / "out", fake_model_folder(tmp_path / "dp3d"))
+    assert not PORTRAIT3D_PT_back_view.poll(bpy.context)
+    s.model_folder = str(tiny_360_model())
+    assert PORTRAIT3D_PT_back_view.poll(bpy.context)
+    shown = _draw_back_panel()
+    assert {"portrait3d.generate_back_view", "portrait3d.regenerate_back_view", "portrait3d.use_back_photo",
+            "portrait3d.accept_back_view"} <= set(shown.operators)
+    assert any(text.startswith("None yet") for text in shown.labels)
+
+
 # ---------------------------------------------------------------- the back view
 
 def test_back_view_generate_regenerate_photo_accept(scene, tmp_path):
@@ -140,6 +170,7 @@ def test_back_view_generate_regenerate_photo_accept(scene, tmp_path):
     assert s.back_origin == 'GENERATED' and s.back_view_seed == 0 and not s.back_accepted
     assert back_view.shown_image() is not None
     assert not list(out.glob("frame_*.png"))
+    assert "Generated, seed 0: not accepted: Generate uses seed 0" in _draw_back_panel().labels
 
     # Regenerate: the next seed, another picture
     assert bpy.ops.portrait3d.regenerate_back_view() == {'FINISHED'}
@@ -173,6 +204,20 @@ def test_back_view_generate_regenerate_photo_accept(scene, tmp_path):
     with pytest.raises(RuntimeError, match="back photo"):
         bpy.ops.portrait3d.use_back_photo(filepath=str(bad))
     assert s.back_origin == 'PHOTO' and Path(s.back_view) == photo.resolve()
+
+
+def test_cancel_while_the_back_view_is_generated(scene, tmp_path):
+    s = _setup(scene, tmp_path / "out", tiny_360_model())
+    s.steps = 50
+    run = job_runner.start_generation(bpy.context, back_only=True)
+    deadline = time.monotonic() + 300
+    while not run.update(bpy.context) and time.monotonic() < deadline:
+        if run.status.step >= 1 and not run.worker.cancel_requested:
+            assert bpy.ops.portrait3d.cancel() == {'FINISHED'}
+        time.sleep(0.02)
+    assert run.status.state == "cancelled", (run.status.message, run.status.log_tail)
+    assert run.status.step < 50 and s.back_origin == 'NONE' and not s.back_view
+    assert not list((run.prepared.job_dir / "back").glob("*.png"))
 
 
 def test_model_without_back_head_needs_a_photo(scene, tmp_path):
