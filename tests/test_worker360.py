@@ -155,7 +155,7 @@ def _image(path: Path, seed: int, shape: tuple[int, int] = (SIZE, SIZE)) -> None
     Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(path)
 
 
-def make_job(root: Path, model: Path, name: str, steps: int = 3, **back: object) -> Path:
+def make_job(root: Path, model: Path, name: str, steps: int = 2, **back: object) -> Path:
     """A 6-frame 360 job at 64 px (the same images for every ``name``, so jobs differ only by what is passed)."""
     d = root / name
     d.mkdir()
@@ -183,7 +183,7 @@ def edit_job(job_dir: Path, **changes: object) -> None:
 def run_worker(job_dir: Path, *args: str, cancel_at: tuple[str, int] | None = None
                ) -> tuple[int, list[Event], str]:
     """The worker subprocess; ``cancel_at`` (stage, step): write the cancel file at that stage's progress step."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), DP3D_PREVIEW_EVERY_SECONDS="0")  # a preview at every step
     proc = subprocess.Popen([sys.executable, "-m", "dp3d_core.worker", str(job_dir), *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     events = []
@@ -220,9 +220,13 @@ def test_back_stage_back_only_accept_cancel_resume(tmp_path: Path, model360: Pat
     assert k[0] == "started" and k[-1] == "done" and k.count("back_view") == 1
     back_at = k.index("back_view")
     stages = [e["stage"] for e in only(events, "progress")]
-    assert stages == ["back"] * 3 + ["views"] * 3  # 3 steps each; the 6 views fit one window
+    assert stages == ["back"] * 2 + ["views"] * 2  # 2 steps each; the 6 views fit one window
     assert all(e["stage"] == "back" for e in only(events[:back_at], "progress"))
     assert min(i for i, x in enumerate(k) if x == "frame") > back_at
+    previews = only(events, "preview")  # live previews of the view stage, one per step, named as the frames
+    assert [e["step"] for e in previews] == [1, 2] and min(i for i, x in enumerate(k) if x == "preview") > back_at
+    assert sorted(p.name for p in Path(previews[0]["folder"]).glob("*.png")) == \
+        [f"frame_{i + 1:04d}.png" for i in range(FRAMES)]
     back = events[back_at]
     png = oneshot / "back" / "back_seed2.png"
     assert Path(back["path"]) == png.resolve() and back["seed"] == 2 and back["origin"] == "generated"
@@ -236,7 +240,7 @@ def test_back_stage_back_only_accept_cancel_resume(tmp_path: Path, model360: Pat
     panel = make_job(tmp_path, model360, "panel")
     rc, events, err = run_worker(panel, "--back-only")
     assert rc == 0, err
-    assert kinds(events) == ["started"] + ["progress"] * 3 + ["back_view", "done"]
+    assert kinds(events) == ["started"] + ["progress"] * 2 + ["back_view", "done"]
     assert events[-1]["frames_written"] == 0 and events[-1]["cancelled"] is False
     panel_png = panel / "back" / "back_seed2.png"
     assert panel_png.read_bytes() == png.read_bytes()
@@ -256,43 +260,36 @@ def test_back_stage_back_only_accept_cancel_resume(tmp_path: Path, model360: Pat
     # ... and the rerun resumes from it to exactly the one-shot run's frames
     rc, events, err = run_worker(panel)
     assert rc == 0, err
-    assert only(events, "resumed") and only(events, "resumed")[0]["step"] >= 1
-    assert len(only(events, "progress")) < 3
+    assert [e["step"] for e in only(events, "resumed")] == [1]
+    assert [e["step"] for e in only(events, "progress")] == [2]
     for got, want in zip(frame_pixels(panel), oneshot_frames):
         np.testing.assert_array_equal(got, want)
 
 
-def test_closed_loop_and_photo_back_view(tmp_path: Path, model360: Path) -> None:
+def test_photo_back_view_and_closed_loop(tmp_path: Path, model360: Path) -> None:
+    """The artist's own back photo (not square: its centre square is used) in a closed-loop job: the frames are the
+    pipeline's closed-loop frames for that photo, and differ from the open loop's."""
     from dp3d_core.images import load_rgb
     from dp3d_core.pipeline360 import DiffPortrait360Pipeline
 
-    # the artist's own photo of the back of the head (not square: its centre square is used)
     job_dir = make_job(tmp_path, model360, "photo", steps=2, image="back_photo.png", origin="photo")
     _image(job_dir / "back_photo.png", 7, (96, 72))
-    rc, events, err = run_worker(job_dir)
-    assert rc == 0, err
-    assert "back_view" not in kinds(events) and not (job_dir / "back").exists()
-    open_frames = frame_pixels(job_dir)
-    pipe = DiffPortrait360Pipeline.from_pretrained(model360)
-    conds = [load_rgb(job_dir / f"cond_{i}.png", SIZE) for i in range(FRAMES)]
-    run = dict(num_inference_steps=2, eta=0.5, seed=5, output_type="np")
-    expected = pipe(load_rgb(job_dir / "ref.png", SIZE), conds, back_image=load_rgb(job_dir / "back_photo.png", SIZE),
-                    **run).images
-    for got, want in zip(open_frames, expected):
-        np.testing.assert_allclose(got / 255, want, atol=1.5 / 255)
-
-    # closed loop: another hash, the frames made again, with the loop's windows (frames differ)
-    open_hash = events[0]["job_hash"]
+    open_hash = job_hash(read_job(job_dir), job_dir)
     edit_job(job_dir, settings__closed_loop=True)
+    assert job_hash(read_job(job_dir), job_dir) != open_hash
     rc, events, err = run_worker(job_dir)
     assert rc == 0, err
-    assert events[0]["job_hash"] != open_hash and events[0]["frames_done"] == 0
-    closed_frames = frame_pixels(job_dir)
-    assert all(np.abs(a.astype(int) - b).max() > 2 for a, b in zip(closed_frames, open_frames))
-    expected = pipe(load_rgb(job_dir / "ref.png", SIZE), conds, back_image=load_rgb(job_dir / "back_photo.png", SIZE),
-                    closed_loop=True, **run).images
-    for got, want in zip(closed_frames, expected):
+    assert "back_view" not in kinds(events) and not (job_dir / "back").exists()  # a given back view: no back stage
+    assert {e["stage"] for e in only(events, "progress")} == {"views"}
+    frames = frame_pixels(job_dir)
+    pipe = DiffPortrait360Pipeline.from_pretrained(model360)
+    inputs = (load_rgb(job_dir / "ref.png", SIZE), [load_rgb(job_dir / f"cond_{i}.png", SIZE) for i in range(FRAMES)])
+    run = dict(back_image=load_rgb(job_dir / "back_photo.png", SIZE), num_inference_steps=2, eta=0.5, seed=5,
+               output_type="np")
+    closed, open_ = (pipe(*inputs, closed_loop=loop, **run).images for loop in (True, False))
+    for got, want, other in zip(frames, closed, open_):
         np.testing.assert_allclose(got / 255, want, atol=1.5 / 255)
+        assert np.abs(got / 255 - other).max() > 4 / 255  # the loop's windows change every frame
 
 
 def test_bad_360_jobs_fail_before_loading(tmp_path: Path, model360: Path, model360_without_back_head: Path) -> None:
