@@ -524,7 +524,7 @@ class JobPreparation:
         try:
             _, _, anchor = self._objects()
             back = self._back_projection()
-            extra = {} if back is None else {"back_image": back[0], "back_label_or_camera": back[1]}
+            extra = {} if back is None else {"back_image_path": back[0], "back_label_or_camera": back[1]}
             projection = project_reference(objects()[0], projected, projected_from, anchor=anchor, **extra)
             yield PrepProgress("Rendering 3D-aware proxy views", 0, len(self.frames))
 

@@ -271,18 +271,24 @@ def test_generate_runs_the_back_stage_first_then_cancel_and_resume(scene, tmp_pa
     assert rerun.imported and not rerun.import_error
 
 
-def test_cli_writes_a_closed_loop_turntable_with_previews(scene, tmp_path):
+def test_cli_with_3d_aware_noise_makes_the_back_view_first(scene, tmp_path):
+    """Headless, 3D-aware noise, no back view: the back stage runs first (a --back-only worker), the proxies
+    project the photo and that back view, then the views; a closed loop with a contact sheet."""
     out = tmp_path / "cli"
-    photo = tmp_path / "back.png"
-    Image.open(PORTRAIT).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(photo)
     result = job_runner.run_turntable_job(out, frames=FRAMES, reference=str(PORTRAIT), size=SIZE, steps=STEPS,
                                           model=str(tiny_360_model()), worker_python=sys.executable, device="cpu",
-                                          prepare=False, back_image=str(photo), previews=True)
+                                          prepare=False, proxy_views=True, back_seed=2, previews=True)
     assert result.closed_loop and len(result.frames) == FRAMES and all(f.is_file() for f in result.frames)
     assert result.contact_sheet.is_file() and result.gif.is_file()
-    assert result.back_view == photo.resolve()
+    assert result.back_view == result.job_dir / "back" / "back_seed2.png" and result.back_view.is_file()
     job = _job(out)
-    assert job["back"]["origin"] == "photo" and job["settings"]["closed_loop"] is True
+    assert job["back"]["image"] is None and job["back"]["seed"] == 2 and job["settings"]["closed_loop"] is True
+    # the views' worker found the back view the back stage had made (its back_view event names that file) ...
+    assert Path(result.status.back_view) == result.back_view
+    # ... which existed before the proxies were rendered (they project it)
+    proxies = [result.job_dir / f["proxy"] for f in job["frames"]]
+    assert all(p.is_file() for p in proxies)
+    assert result.back_view.stat().st_mtime <= min(p.stat().st_mtime for p in proxies)
     labels = [item[1] for item in json.loads((out / poses.DATASET_FILE).read_text())["labels"]]
     yaws = [cameras.yaw_pitch_from_cam2world(np.array(label[:16]).reshape(4, 4))[0] for label in labels]
     assert yaws == pytest.approx([wrap_deg(360.0 * i / FRAMES) for i in range(FRAMES)], abs=1e-3)
