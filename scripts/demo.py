@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     if random_weights:
         print("\nNOTE: the model has RANDOM weights (a tiny test model), so the frames look like noise. "
               "The demo shows the whole path working; real portraits need the converted official model "
-              "(Preferences > Add-ons > Portrait 3D > Convert Official Checkpoint) or a trained models/small/.")
+              "(Preferences > Add-ons > Portrait 3D > Convert Official Checkpoint) or a trained "
+              f"{'models/small360/' if args.full_turn else 'models/small/'}.")
     return 0
 
 
