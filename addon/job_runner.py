@@ -66,6 +66,9 @@ def format_eta(seconds: float) -> str:
 
 def progress_text(status: WorkerStatus) -> str:
     """"3/48 frames | step 12/50 | ETA 1m 05s" ("" before the frame count is known)."""
+    if status.stage == "back":
+        eta = f" | ETA {format_eta(status.eta_seconds)}" if status.state == "running" else ""
+        return f"back view | step {status.step}/{status.total_steps}{eta}"
     if not status.frames_total:
         return ""
     text = f"{status.frames_done}/{status.frames_total} frames"
@@ -254,6 +257,7 @@ class GenerationRun:
         p.preview_step = -1 if s.preview_step is None else s.preview_step
         p.frames_done, p.frames_total = s.frames_done, s.frames_total
         p.step, p.total_steps = s.step, s.total_steps
+        p.back_stage = s.stage == "back" and not self.preparing
         p.eta_seconds = s.eta_seconds
         if self.preparing:
             p.fraction = self.preparation.progress.fraction

@@ -222,6 +222,8 @@ def draw_progress(layout, progress) -> None:
     if progress.running:
         if progress.preparing:
             text = progress.status  # "Rendering conditions 12/48"
+        elif progress.back_stage:
+            text = f"Back view  step {progress.step}/{progress.total_steps}  ETA {format_eta(progress.eta_seconds)}"
         else:
             text = f"{progress.frames_done}/{progress.frames_total} frames"
             if progress.total_steps:

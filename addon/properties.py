@@ -209,6 +209,8 @@ class PORTRAIT3D_PG_progress(bpy.types.PropertyGroup):
     preview_step: IntProperty(name="Preview Step", default=-1,
                               description="The denoising step of the latest preview (-1: none yet)")
     status: StringProperty(name="Status", default="")
+    back_stage: BoolProperty(name="Back Stage", default=False,
+                             description="The worker is denoising the back view (DiffPortrait360)")
     fraction: FloatProperty(name="Progress", default=0.0, min=0.0, max=1.0, subtype='FACTOR')
     frames_done: IntProperty(name="Frames Done", default=0)
     frames_total: IntProperty(name="Frames Total", default=0)

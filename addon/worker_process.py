@@ -165,6 +165,7 @@ class WorkerStatus:
     preview_step: int | None = None   # the step of the latest previews (``preview`` event)
     preview_folder: str = ""
     previews: int = 0                 # preview events so far
+    stage: str = ""                   # DiffPortrait360: "back" while the back view is denoised, then "views"
     back_view: str = ""               # the back view the worker made (``back_view`` event; DiffPortrait360)
     back_view_seed: int = 0
 
@@ -284,13 +285,16 @@ class WorkerProcess:
             s.frames_done, s.frames_total = int(ev["frames_done"]), int(ev["frames_total"])
             units_done = (s.step - 1) * s.windows + s.window
             now = time.monotonic()
+            stage = str(ev.get("stage") or "")
+            if stage != s.stage:  # DiffPortrait360: the views after the back view; the ETA starts over
+                s.stage, s.eta_seconds, self._first_progress = stage, -1.0, None
             if self._first_progress is None:
                 self._first_progress = (now, units_done)
             t0, u0 = self._first_progress
             if units_done > u0:
                 rate = (now - t0) / (units_done - u0)
                 s.eta_seconds = rate * (s.total_steps * s.windows - units_done)
-            s.message = (f"Back view: denoising step {s.step}/{s.total_steps}" if ev.get("stage") == "back" else
+            s.message = (f"Back view: denoising step {s.step}/{s.total_steps}" if s.stage == "back" else
                          f"Denoising step {s.step}/{s.total_steps}")
         elif ev.kind == "resumed":
             s.resumed_step, s.total_steps = int(ev["step"]), int(ev["total_steps"])

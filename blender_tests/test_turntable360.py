@@ -102,6 +102,20 @@ def test_360_turntable_is_a_closed_full_turn_without_warnings(scene, tmp_path):
     assert cond.size == (SIZE, SIZE) and np.asarray(cond).std() > 1.0  # a rendered head, not an empty image
 
 
+def test_full_turn_yaws_from_the_photo_view_and_loop_detection():
+    start = math.radians(20.0)
+    yaws = rig.turntable_yaws(6, 0.0, start, full_turn=True)
+    assert [math.degrees(y) for y in yaws] == pytest.approx([20.0 + 60.0 * i for i in range(6)])
+
+    def frames(yaw_list, pitch=0.0):
+        return [poses.FramePose(i, [], wrap_deg(y), pitch) for i, y in enumerate(yaw_list)]
+    assert poses.is_full_turn(frames([60.0 * i for i in range(6)]))
+    assert poses.is_full_turn(frames([-60.0 * i for i in range(6)]))  # the other way round
+    assert not poses.is_full_turn(frames([60.0 * i for i in range(7)]))  # the first view repeated at the end
+    assert not poses.is_full_turn(frames([-30.0, -10.0, 10.0, 30.0]))    # a sweep
+    assert not poses.is_full_turn([*frames([0.0, 120.0]), *frames([240.0], pitch=10.0)])  # pitch changes
+
+
 def test_dp3d_model_keeps_the_sweep_and_the_warnings(scene, tmp_path):
     s = _setup(scene, tmp_path / "out", fake_model_folder(tmp_path / "dp3d"))
     yaws = [p.yaw for p in poses.scene_poses(scene, scene.camera, s.head_anchor, range(1, FRAMES + 1))]
@@ -213,6 +227,8 @@ def test_cancel_while_the_back_view_is_generated(scene, tmp_path):
     deadline = time.monotonic() + 300
     while not run.update(bpy.context) and time.monotonic() < deadline:
         if run.status.step >= 1 and not run.worker.cancel_requested:
+            assert job_runner.progress_text(run.status).startswith("back view | step ")
+            assert bpy.context.window_manager.portrait3d_progress.back_stage
             assert bpy.ops.portrait3d.cancel() == {'FINISHED'}
         time.sleep(0.02)
     assert run.status.state == "cancelled", (run.status.message, run.status.log_tail)
