@@ -315,3 +315,7 @@ def test_cli_refuses_360_flags_for_a_dp3d_model(scene, tmp_path):
                                 "--model", str(fake_model_folder(tmp_path / "dp3d")), "--no-prepare"])
     assert code == 1
     assert not (tmp_path / "o").exists()
+    args = job_runner.cli_parser().parse_args(["--out", "o", "--no-full-turn", "--back-image", "b.png",
+                                               "--back-seed", "7"])
+    assert (args.full_turn, args.back_image, args.back_seed) == (False, "b.png", 7)
+    assert job_runner.cli_parser().parse_args(["--out", "o"]).full_turn is None  # the model's family decides
