@@ -236,6 +236,43 @@ def test_cancel_while_the_back_view_is_generated(scene, tmp_path):
     assert not list((run.prepared.job_dir / "back").glob("*.png"))
 
 
+def test_proxies_project_the_back_view_here_and_in_a_background_blender(scene, tmp_path, monkeypatch):
+    """3D-aware noise with the artist's back photo (plain blue): the proxy views show it from behind, not from the
+    front, and a background Blender (the UI's path) renders the same images as this process."""
+    from addon import background_render
+    from blender_tests.helpers import fake_worker_python
+
+    monkeypatch.setattr(background_render, "COMMAND", [sys.executable])  # the bpy module stands in for blender -b
+    monkeypatch.setenv("PORTRAIT3D_WORKER_PYTHON", str(fake_worker_python(tmp_path / "bin")))
+    s = _setup(scene, tmp_path / "child", tiny_360_model())
+    s.use_proxy_views = True
+    photo = tmp_path / "blue back.png"
+    Image.fromarray(np.tile(np.array([20, 40, 230], np.uint8), (96, 96, 1))).save(photo)
+    assert bpy.ops.portrait3d.use_back_photo(filepath=str(photo)) == {'FINISHED'}
+
+    run = job_runner.begin_generation(bpy.context)
+    while run.preparing:
+        run.update(bpy.context)
+        time.sleep(0.01)
+    assert run.worker is not None, run.status.message
+    assert run.preparation.frames_rendered == 0 and not run.prepared.warnings, run.prepared.warnings
+    child = run.prepared.job.resolve(run.prepared.job_dir)
+    job_runner.stop_all()
+
+    def blue(path) -> float:
+        rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        return float(((rgb[..., 2] > 150) & (rgb[..., 0] < 90)).mean())
+    front, behind = child.frames[0], child.frames[FRAMES // 2]
+    assert blue(behind.proxy) > 0.1 and blue(front.proxy) < 0.01, (blue(behind.proxy), blue(front.proxy))
+
+    s.output_folder = str(tmp_path / "here") + os.sep
+    here = job_writer.prepare_job(bpy.context)
+    here_job = here.job.resolve(here.job_dir)
+    for a, b in zip(child.frames, here_job.frames):
+        assert Path(a.proxy).read_bytes() == Path(b.proxy).read_bytes()
+        assert Path(a.condition).read_bytes() == Path(b.condition).read_bytes()
+
+
 def test_model_without_back_head_needs_a_photo(scene, tmp_path):
     import shutil
 
