@@ -23,7 +23,7 @@ import bpy
 from . import back_view, background_render, model_manager, preferences, reference_prep
 from .core import CORE_PARENT, cameras, failures, job as jobspec, preflight
 from .model_family import ModelFamily, family_of
-from .poses import FramePose, PoseError, blender_camera, head_anchor, is_full_turn, scene_poses, write_dataset
+from .poses import FramePose, PoseError, head_anchor, is_full_turn, scene_poses, write_dataset
 from .poses import output_folder as poses_output_folder
 from .properties import active_camera, frame_range
 from .reference_check import ReferenceImageError, check_reference
