@@ -48,7 +48,8 @@ def sd_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from diffusers import PNDMScheduler
     PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
                   steps_offset=1).save_pretrained(str(root / "scheduler"))
-    (root / "model_index.json").write_text(json.dumps({  # as in SD 1.5's folder (diffusers' single-file loader reads it)
+    # model_index.json as in SD 1.5's folder (diffusers' single-file loader reads it)
+    (root / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None], "safety_checker": [None, None],
         "requires_safety_checker": False, "scheduler": ["diffusers", "PNDMScheduler"],
         "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
@@ -109,7 +110,8 @@ def write_single_file(sd: Path, path: Path, parts: tuple[str, ...] = ("unet", "v
         up_attention = ["CrossAttn" in t for t in unet.config.up_block_types]
         for key, value in unet.state_dict().items():
             name, param = key.rsplit(".", 1)
-            state[f"model.diffusion_model.{ldm_unet_key(name, unet.config.layers_per_block, up_attention)}.{param}"] = value
+            new = ldm_unet_key(name, unet.config.layers_per_block, up_attention)
+            state[f"model.diffusion_model.{new}.{param}"] = value
     if "vae" in parts:
         vae = AutoencoderKL.from_pretrained(str(sd), subfolder="vae")
         for key, value in vae.state_dict().items():
