@@ -395,7 +395,7 @@ def _cancelled(emit: Emitter, started: float) -> int:
 
 
 def back_stage(job: Job, png: Path, key: str, reference: Any, condition: Any, device: Any, dtype: Any,
-               emit: Emitter, progress: Callable[..., dict | None]) -> None:
+               warn: Callable[[str], None], progress: Callable[..., dict | None]) -> None:
     """DiffPortrait360's back view for a job whose ``back.image`` is null: the back-head model at seed
     ``back.seed``, written to ``png`` (8-bit, atomically) with its record ``key`` (dp3d_core.back_view).
     Raises :class:`~dp3d_core.pipeline.Cancelled` when ``progress`` asks for it."""
@@ -411,7 +411,7 @@ def back_stage(job: Job, png: Path, key: str, reference: Any, condition: Any, de
     if not isinstance(pipe, BackHeadPipeline):  # preflight checked it; the folder changed since
         raise WorkerError(f"{folder} does not hold DiffPortrait360's back-head model",
                           "convert back_head-230000.th into that folder again")
-    apply_speed_options(pipe, job.memory, False, device, lambda m: emit("warning", message=m))
+    apply_speed_options(pipe, job.memory, False, device, warn)
     result = pipe(reference, [condition], num_inference_steps=s.steps, guidance_scale=s.guidance, eta=s.eta,
                   seed=job.back.seed, scheduler=s.scheduler, height=s.size, width=s.size, output_type="np",
                   callback_on_window=progress)
@@ -491,6 +491,12 @@ def run_job(job_dir: Path, emit: Emitter, back_only: bool = False) -> int:
         return _cancelled(emit, started)
     s = job.settings
     stage = {"stage": "back"} if dp360 else {}
+    said: set[str] = set()
+
+    def warn_once(message: str) -> None:  # the memory-mode warnings apply to both models of a DiffPortrait360 job
+        if message not in said:
+            said.add(message)
+            warn(message)
 
     def on_window(step: int, num_steps: int, window: int, num_windows: int) -> dict | None:
         emit("progress", step=step + 1, total_steps=num_steps, window=window + 1, windows=num_windows,
@@ -501,7 +507,8 @@ def run_job(job_dir: Path, emit: Emitter, back_only: bool = False) -> int:
     if dp360:
         if back_condition is not None:
             try:
-                back_stage(job, back_path, back_key, references[0], back_condition, device, dtype, emit, on_window)
+                back_stage(job, back_path, back_key, references[0], back_condition, device, dtype, warn_once,
+                           on_window)
             except Cancelled:
                 return _cancelled(emit, started)
             emit("back_view", path=str(back_path.resolve()), seed=job.back.seed, origin=job.back.origin)
@@ -515,17 +522,17 @@ def run_job(job_dir: Path, emit: Emitter, back_only: bool = False) -> int:
             return _cancelled(emit, started)
 
     pipe = load_pipeline(job.model, torch_device_for(job.memory, device), dtype)
-    apply_speed_options(pipe, job.memory, job.compile, device, lambda m: emit("warning", message=m))
+    apply_speed_options(pipe, job.memory, job.compile, device, warn_once)
     keeper = StateKeeper(job_dir, digest, pipe, job, names, emit)
-    inputs: dict[str, Any] = ({"reference_image": references[0], "back_image": back_image} if dp360
-                              else {"reference_images": references})
+    # DiffPortrait360 takes one portrait and the back view, DiffPortrait3D a list of references
+    reference, extra = (references[0], {"back_image": back_image}) if dp360 else (references, {})
     try:
-        result = pipe(condition_images=conditions,
+        result = pipe(reference, conditions,
                       proxy_images=proxies if any(p is not None for p in proxies) else None,
                       num_inference_steps=s.steps, guidance_scale=s.guidance, eta=s.eta, seed=s.seed,
                       scheduler=s.scheduler, window=s.window, overlap=s.overlap, share_noise=s.share_noise,
                       closed_loop=s.closed_loop, state=keeper.resume, callback_on_window=on_window,
-                      callback_on_step_end=keeper.on_step, output_type="latent", **inputs)
+                      callback_on_step_end=keeper.on_step, output_type="latent", **extra)
     except Cancelled as exc:
         keeper.keep(exc.state)
         return _cancelled(emit, started)

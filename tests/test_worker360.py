@@ -182,8 +182,11 @@ def edit_job(job_dir: Path, **changes: object) -> None:
 
 def run_worker(job_dir: Path, *args: str, cancel_at: tuple[str, int] | None = None
                ) -> tuple[int, list[Event], str]:
-    """The worker subprocess; ``cancel_at`` (stage, step): write the cancel file at that stage's progress step."""
+    """The worker subprocess; ``cancel_at`` (stage, step): write the cancel file at that stage's progress step
+    (the worker then pauses 0.5 s in its next preview write, so the cancel is seen at the following step)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), DP3D_PREVIEW_EVERY_SECONDS="0")  # a preview at every step
+    if cancel_at:
+        env[protocol.TEST_PAUSE_ENV] = "preview/frame_0001.png:0.5"
     proc = subprocess.Popen([sys.executable, "-m", "dp3d_core.worker", str(job_dir), *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     events = []
@@ -253,7 +256,7 @@ def test_back_stage_back_only_accept_cancel_resume(tmp_path: Path, model360: Pat
 
     # 3. the artist accepts it (back.image = the PNG); a cancel in the view stage keeps its checkpoint ...
     edit_job(panel, back__image="back/back_seed2.png")
-    rc, events, err = run_worker(panel, cancel_at=("views", 2))
+    rc, events, err = run_worker(panel, cancel_at=("views", 1))
     assert rc == protocol.EXIT_CANCELLED, err
     assert "back_view" not in kinds(events) and not only(events, "frame")  # given back view: no back stage
     assert events[-1]["cancelled"] is True and not protocol.cancel_requested(panel)
@@ -313,3 +316,27 @@ def test_bad_360_jobs_fail_before_loading(tmp_path: Path, model360: Path, model3
     rc, events, err = run_worker(broken)
     assert rc == protocol.EXIT_ERROR and kinds(events) == ["started", "error"], err
     assert "back_photo.png" in events[-1]["message"]
+
+
+def test_cancel_in_the_back_stage(tmp_path: Path, model360: Path) -> None:
+    """In-process (the cancel file is written by the first back-stage progress event, so it is seen at once)."""
+    import torch
+
+    from dp3d_core import worker
+
+    job_dir = make_job(tmp_path, model360, "cancel_back")
+    events: list[Event] = []
+
+    def emit(kind: str, **fields: object) -> None:
+        protocol.encode_event(kind, **fields)  # a valid protocol line
+        events.append(Event(kind, fields))
+        if kind == "progress":
+            protocol.request_cancel(job_dir)
+    threads = torch.get_num_threads()
+    try:
+        assert worker.run(job_dir, emit, back_only=True) == protocol.EXIT_CANCELLED
+    finally:
+        torch.set_num_threads(threads)  # the worker sets its own
+    assert kinds(events) == ["started", "progress", "done"] and events[1]["stage"] == "back"
+    assert events[-1]["cancelled"] is True and events[-1]["frames_written"] == 0
+    assert not protocol.cancel_requested(job_dir) and not list((job_dir / "back").glob("*.png"))
