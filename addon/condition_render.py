@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +48,7 @@ ENGINES = {"WORKBENCH": ("BLENDER_WORKBENCH",), "EEVEE": ("BLENDER_EEVEE", "BLEN
            "CYCLES": ("CYCLES",)}
 STUDIO_LIGHT = "basic.sl"
 _TMP_PREFIX = "DP3D tmp"
+PASSES_PREFIX = "dp3d_proxy_passes_"
 
 
 class ConditionRenderError(ValueError):
@@ -611,7 +614,8 @@ def proxy_view_renderer(scene: bpy.types.Scene, camera: bpy.types.Object, out_di
     ``render(frame) -> path``. Like :func:`condition_renderer`, opened once per batch of frames.
 
     ``projection`` comes from :func:`project_reference`; when it has a back image, each frame is three Workbench
-    passes (front texture, back texture, blend weights) mixed per pixel into ``proxy_{frame:04d}.png``."""
+    passes (front texture, back texture, blend weights, in a temporary folder) mixed per pixel into
+    ``proxy_{frame:04d}.png``."""
     _, out = _check_inputs(scene, camera, [0], out_dir, size)
     with _restoring() as state:
         if projection.back is None:
@@ -682,14 +686,9 @@ def _front_back_renderer(state: SceneState, scene, camera, out: Path, proxy_obje
     world = scene.world
     background = tuple(world.color)
     _show_only(state, scene, list(views.values()))
-    passes = out / f".proxy_passes_{os.getpid()}"
-    passes.mkdir(exist_ok=True)
-
-    def drop_passes() -> None:
-        for p in passes.glob("*"):
-            p.unlink()
-        passes.rmdir()
-    state.on_restore(drop_passes)
+    # Pass files go to the system's temporary folder, so a killed render leaves nothing in the user's folder.
+    passes = Path(tempfile.mkdtemp(prefix=PASSES_PREFIX))
+    state.on_restore(lambda: shutil.rmtree(passes, ignore_errors=True))
     render_pass = _frame_renderer(state, scene, camera, passes, "pass")
     fill = np.array(FILL_SRGB, np.float32) / 255.0
     bg = np.array(BACKGROUND_SRGB, np.float32) / 255.0

@@ -165,10 +165,10 @@ def _head_shape(d: np.ndarray, p: dict, *, scale: float = 1.0) -> np.ndarray:
     py = py - 0.09 * p["chin_forward"] * lower ** 2 * front ** 0.5
     # Flatter face front, fuller back of the skull.
     py = np.where(y < 0, py * (1.0 - 0.12 * front ** 2), py * 1.03)
-    # Behind the jaw the head narrows into the neck: the skull's lower back is pulled in (back half only,
-    # so the face and the frontal silhouette keep their shape), leaving the occiput as the widest point.
+    # Behind the jaw the head narrows into the neck: the skull's lower back is pulled in, only well behind
+    # the ears (pulling in the sides too moved the face mesh's pitch read-out on renders, test_reference_prep).
     back = np.clip(y, 0.0, 1.0)
-    tuck = _smoothstep(lower * 1.5) * back ** 0.8
+    tuck = _smoothstep(lower * 1.5) * _smoothstep((back - 0.35) / 0.5)
     px = px * (1.0 - 0.22 * tuck)
     py = py * (1.0 - 0.38 * tuck)
     pos = np.stack([px, py, pz], axis=1) + np.array([0.0, 0.015, 0.06])
@@ -213,7 +213,7 @@ def _build_parts(p: dict) -> list[tuple[str, np.ndarray, list[tuple[int, ...]]]]
     # Neck and shoulders.
     nw = 0.085 * p["neck_width"]
     # Wider than deep, as a neck is from behind (the trapezius), and set back under the skull.
-    parts.append(("Skin",) + _ellipsoid((0.0, 0.045, -0.23), (nw * 1.2, nw * 1.05, 0.17), 12, 32))
+    parts.append(("Skin",) + _ellipsoid((0.0, 0.04, -0.23), (nw * 1.1, nw * 1.05, 0.17), 12, 32))
     sv, sf = _ellipsoid((0.0, 0.06, -0.47), (0.34, 0.16, 0.22), 20, 48)
     parts.append(("Cloth", sv, sf))
 

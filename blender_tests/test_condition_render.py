@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import tempfile
 from pathlib import Path
 
 import bpy
@@ -287,6 +288,7 @@ def test_front_red_back_blue_blend_at_the_sides(head_scene, tmp_path, red_blue):
     projection = cr.project_reference(head, red, back_image_path=blue)
     assert projection.back == blue and projection.weights.shape == (len(head.data.loops), 3)
     np.testing.assert_allclose(projection.weights.sum(axis=1), 1.0, atol=1e-9)
+    temp_before = set(Path(tempfile.gettempdir()).glob(cr.PASSES_PREFIX + "*"))
     views = {}
     for yaw in (0, 90, 180, 270):
         # Looking at the head's centre: with EG3D's pivot (0.2 in front of it) a side view cuts off the back.
@@ -309,7 +311,8 @@ def test_front_red_back_blue_blend_at_the_sides(head_scene, tmp_path, red_blue):
         between = (((w[:, 0] > 0.1) & (w[:, 0] < 0.9)) | ((w[:, 1] > 0.1) & (w[:, 1] < 0.9))).mean()
         assert reddish > 0.1 and bluish > 0.05 and between > 0.1, (yaw, reddish, bluish, between)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "proxy_0000.png", "proxy_0090.png", "proxy_0180.png", "proxy_0270.png"]  # no pass files left
+        "proxy_0000.png", "proxy_0090.png", "proxy_0180.png", "proxy_0270.png"]
+    assert set(Path(tempfile.gettempdir()).glob(cr.PASSES_PREFIX + "*")) == temp_before  # pass files deleted
 
 
 def test_back_camera_object_equals_its_label(head_scene, tmp_path, red_blue):
