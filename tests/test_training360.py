@@ -1,6 +1,6 @@
 """DiffPortrait360 training stages (back, 360): full-turn data, what each stage trains, the written model folders.
 
-Tiny random DiffPortrait3D model (dp3d_core.tiny) as the starting point and a synthetic numpy dataset of 32 px
+Tiny random DiffPortrait3D model (dp3d_core.tiny) as the starting point and a synthetic numpy dataset of 64 px
 images with cameras all around the head; no Blender.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from training.data import DatasetError, MultiViewDataset, write_labels
 from training.models import views_to_360_layout
 from training.train import Trainer
 
-SIZE = 32
+SIZE = 64   # the pipeline needs a multiple of 64 with the tiny 4-level UNet
 IDENTITIES = 3
 VIEWS = 10
 
