@@ -207,3 +207,20 @@ def test_trained_folders_run_in_the_360_pipeline(data: Path, tiny_model: Path, t
                num_inference_steps=2, output_type="np", closed_loop=True)
     assert np.asarray(out.images).shape == (8, SIZE, SIZE, 3) and np.isfinite(np.asarray(out.images)).all()
     assert out.back_image.shape == (SIZE, SIZE, 3)
+
+
+def test_shipped_small360_model_loads_and_makes_a_full_turn() -> None:
+    """models/small360 (contract 1: the view model with back_head/ inside, fp16) runs in the 360 pipeline."""
+    from dp3d_core.model_folder import model_family
+    from dp3d_core.pipeline360 import DiffPortrait360Pipeline
+
+    folder = Path(__file__).resolve().parents[1] / "models" / "small360"
+    assert model_family(folder).variant == "views" and model_family(folder / "back_head").variant == "back_head"
+    assert sum(f.stat().st_size for f in folder.rglob("*.safetensors")) <= 40 * 2**20
+    pipe = DiffPortrait360Pipeline.from_pretrained(folder, back_head=folder / "back_head")
+    rng = np.random.default_rng(0)
+    image = lambda: rng.random((64, 64, 3)).astype(np.float32)  # noqa: E731
+    out = pipe(image(), [image() for _ in range(3)], back_condition_image=image(), num_inference_steps=2,
+               seed=0, output_type="np", closed_loop=True)
+    assert np.asarray(out.images).shape == (3, 64, 64, 3) and np.isfinite(out.images).all()
+    assert out.back_image.shape == (64, 64, 3) and out.back_image.std() > 0.01
