@@ -47,11 +47,10 @@ class LandmarkModel:
 
 # Beyond this camera yaw (degrees, as the detector's keypoints see it) the face mesh's landmarks fold back toward
 # frontal on the calibration heads while the keypoints (their ear tragions) still follow the turn: the yaw is then
-# taken from the keypoints (chosen on the calibration identities, scripts/make_face_landmarks_3d.py). Only when
-# the mesh itself sees the face turned the same way by at least MESH_YAW_FOR_KEYPOINTS: the 6 coarse keypoints
-# must not turn a face the mesh finds near frontal (on the calibration heads the mesh says 30-45 at yaw 60).
+# taken from the keypoints (chosen on the calibration identities, scripts/make_face_landmarks_3d.py; the mesh
+# says as little as 19 there). In 225 measured renders at camera yaw within 30, the keypoints never said more than
+# 43. Only when the mesh sees the face turned the same way: the keypoints never flip the side.
 KEYPOINT_YAW = 45.0
-MESH_YAW_FOR_KEYPOINTS = 25.0
 
 
 @lru_cache(maxsize=1)
@@ -206,9 +205,8 @@ def fit_pose(landmarks: np.ndarray, model: LandmarkModel | None = None,
     """Fit the EG3D camera (yaw, pitch, roll) and the EG3D-framed crop to face-mesh ``landmarks`` (468 x >= 2,
     photo pixels). Robust to the landmarks the mesh model guesses on the hidden side of a turned face
     (iteratively reweighted, Cauchy weights). With the detector's 6 ``keypoints`` (same pixels), a face whose
-    keypoints say it is turned further than :data:`KEYPOINT_YAW` and further than the mesh says (the same way,
-    the mesh at least :data:`MESH_YAW_FOR_KEYPOINTS`) gets the keypoints' yaw, and pitch, roll and crop are
-    refitted to the landmarks with that yaw held."""
+    keypoints say it is turned further than :data:`KEYPOINT_YAW` and further than the mesh says (the same way)
+    gets the keypoints' yaw, and pitch, roll and crop are refitted to the landmarks with that yaw held."""
     model = model or landmark_model()
     lm = np.asarray(landmarks, float)
     if lm.ndim != 2 or lm.shape[0] <= int(model.indices.max()) or lm.shape[1] < 2:
@@ -227,8 +225,7 @@ def fit_pose(landmarks: np.ndarray, model: LandmarkModel | None = None,
     if keypoints is not None and model.keypoints is not None:
         yaw_k = keypoint_yaw(keypoints, model)
         yaw_m = (theta[0] + 180.0) % 360.0 - 180.0
-        if abs(yaw_k) > KEYPOINT_YAW and abs(yaw_k) > abs(yaw_m) and abs(yaw_m) >= MESH_YAW_FOR_KEYPOINTS \
-                and yaw_k * yaw_m > 0:
+        if abs(yaw_k) > KEYPOINT_YAW and abs(yaw_k) > abs(yaw_m) and yaw_k * yaw_m > 0:
             theta = theta.copy()
             theta[0] = yaw_k
             theta, rms = _robust_fit(theta, pts3, pts2, free=(1, 2, 3, 4, 5))
