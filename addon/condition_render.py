@@ -4,7 +4,9 @@ Condition images: the proxy head alone, seen from the output camera on a plain n
 (Workbench, studio light, material colours; see docs/CONDITIONS.md for the engine choice).
 Proxy views: the reference portrait projected onto the proxy head from the reference camera
 (EG3D frontal by default), rendered unlit from each output camera; surfaces the reference camera
-cannot see get a neutral fill.
+cannot see get a neutral fill. With a back image (DiffPortrait360), the back image is projected too, from
+the back camera (EG3D yaw 180 degrees by default), and the two are blended at the sides by per-corner weights
+(:func:`blend_weights`).
 
 Every render runs inside :class:`SceneState`, which records each setting it changes (engine,
 resolution, colour management, shading, world, camera, frame, visibility, ...) and puts it back,
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +39,16 @@ except ImportError:  # the add-on's core shim is not there (e.g. a partial check
 BACKGROUND_SRGB = (104, 100, 96)
 # Surfaces the reference camera cannot see: a slightly lighter neutral grey.
 FILL_SRGB = (128, 128, 128)
+# Front/back blending: a camera's weight ramps (smoothstep) from 0 where the surface turns away from it
+# (cosine between the normal and the direction to the camera = GRAZING_COS, the 'facing' threshold of the
+# projection) to 1 at FULL_COS (about 75 degrees from the camera), so the texture fades before it stretches.
+GRAZING_COS = 0.05
+FULL_COS = 0.25
 ENGINES = {"WORKBENCH": ("BLENDER_WORKBENCH",), "EEVEE": ("BLENDER_EEVEE", "BLENDER_EEVEE_NEXT"),
            "CYCLES": ("CYCLES",)}
 STUDIO_LIGHT = "basic.sl"
 _TMP_PREFIX = "DP3D tmp"
+PASSES_PREFIX = "dp3d_proxy_passes_"
 
 
 class ConditionRenderError(ValueError):
@@ -310,6 +320,33 @@ def frontal_label() -> np.ndarray:
     return cameras.to_label(c2w, cameras.intrinsics_from_focal())
 
 
+def back_label() -> np.ndarray:
+    """EG3D label of the camera straight behind the head: the frontal camera turned by yaw 180 degrees (level,
+    radius 2.7, looking at the pivot (0, 0, 0.2), focal 4.2647). The default back camera of a back image."""
+    c2w = cameras.sample_lookat(math.pi / 2 + math.pi, math.pi / 2, cameras.EG3D_PIVOT, cameras.EG3D_RADIUS)
+    return cameras.to_label(c2w, cameras.intrinsics_from_focal())
+
+
+def blend_weights(cos_front: np.ndarray, cos_back: np.ndarray, seen_front: np.ndarray, seen_back: np.ndarray
+                  ) -> np.ndarray:
+    """(N, 3) weights (front image, back image, neutral fill) per surface point; each row sums to 1.
+
+    ``cos_*``: cosine of the angle between the surface normal and the direction from the point to that camera;
+    ``seen_*``: whether that camera sees the point at all (not turned away, not hidden behind another part).
+    A camera's score is 0 where it does not see the point and rises smoothly from 0 at the grazing angle
+    (``GRAZING_COS``) to 1 at ``FULL_COS``; the two scores are the weights (scaled down together where they add
+    up to more than 1) and whatever is left goes to the fill, so a point neither camera sees is neutral grey
+    (``FILL_SRGB``) and the front fades through the sides into the back without a seam."""
+    def score(cos: np.ndarray, seen: np.ndarray) -> np.ndarray:
+        x = np.clip((np.asarray(cos, float) - GRAZING_COS) / (FULL_COS - GRAZING_COS), 0.0, 1.0)
+        return np.where(np.asarray(seen, bool), x * x * (3.0 - 2.0 * x), 0.0)
+
+    front, back = score(cos_front, seen_front), score(cos_back, seen_back)
+    total = np.maximum(1.0, front + back)
+    front, back = front / total, back / total
+    return np.stack([front, back, np.clip(1.0 - front - back, 0.0, 1.0)], axis=1)
+
+
 def _unscaled(m: Matrix) -> np.ndarray:
     loc, rot, _ = m.decompose()
     return np.array(Matrix.LocRotScale(loc, rot, None))
@@ -402,6 +439,30 @@ def _project_uvs(mesh: bpy.types.Mesh, matrix_world: Matrix, c2w: np.ndarray, k:
     return uv, seen_f
 
 
+def _corner_cosines(mesh: bpy.types.Mesh, matrix_world: Matrix, origin: np.ndarray) -> np.ndarray:
+    """Per face corner (loop): cosine between the corner normal and the direction to the camera at ``origin``."""
+    mw = np.array(matrix_world)
+    co = np.empty(len(mesh.vertices) * 3)
+    mesh.vertices.foreach_get("co", co)
+    world = co.reshape(-1, 3) @ mw[:3, :3].T + mw[:3, 3]
+    loop_vi = np.empty(len(mesh.loops), np.int32)
+    mesh.loops.foreach_get("vertex_index", loop_vi)
+    normals = np.empty(len(mesh.loops) * 3)
+    mesh.corner_normals.foreach_get("vector", normals)
+    normals = normals.reshape(-1, 3) @ np.linalg.inv(mw[:3, :3])
+    normals /= np.linalg.norm(normals, axis=1, keepdims=True) + 1e-12
+    to_cam = origin - world[loop_vi]
+    to_cam /= np.linalg.norm(to_cam, axis=1, keepdims=True) + 1e-12
+    return np.sum(normals * to_cam, axis=1)
+
+
+def _loop_faces(mesh: bpy.types.Mesh) -> np.ndarray:
+    """Index of the face each loop (face corner) belongs to."""
+    totals = np.empty(len(mesh.polygons), np.int32)
+    mesh.polygons.foreach_get("loop_total", totals)
+    return np.repeat(np.arange(len(mesh.polygons)), totals)
+
+
 def _texture_material(name: str, image: bpy.types.Image) -> bpy.types.Material:
     mat = bpy.data.materials.new(name)
     if mat.node_tree is None:
@@ -422,22 +483,28 @@ def _texture_material(name: str, image: bpy.types.Image) -> bpy.types.Material:
 @dataclass
 class ProxyProjection:
     """Where the reference portrait lands on the proxy head: per-vertex image UVs and a per-face 'seen by the
-    reference camera' flag, for the evaluated mesh of ``proxy_object`` (see :func:`project_reference`)."""
+    reference camera' flag, for the evaluated mesh of ``proxy_object`` (see :func:`project_reference`).
+
+    With a back image: ``back`` (its path), ``back_uv`` (per-vertex UVs in the back image) and ``weights``
+    ((loops, 3): front, back and fill weight per face corner, each row summing to 1; :func:`blend_weights`)."""
 
     reference: Path
     uv: np.ndarray
     seen: np.ndarray
+    back: Path | None = None
+    back_uv: np.ndarray | None = None
+    weights: np.ndarray | None = None
 
 
-def _load_image(path: Path) -> bpy.types.Image:
+def _load_image(path: Path, what: str = "reference image", colorspace: str = "sRGB") -> bpy.types.Image:
     try:
         image = bpy.data.images.load(str(path), check_existing=False)
     except RuntimeError as exc:
-        raise ConditionRenderError(f"cannot read the reference image {path}: {exc}") from exc
-    image.colorspace_settings.name = "sRGB"
+        raise ConditionRenderError(f"cannot read the {what} {path}: {exc}") from exc
+    image.colorspace_settings.name = colorspace
     if image.size[0] == 0 or image.size[1] == 0:
         bpy.data.images.remove(image)
-        raise ConditionRenderError(f"the reference image {path} is empty or unreadable")
+        raise ConditionRenderError(f"the {what} {path} is empty or unreadable")
     return image
 
 
@@ -446,28 +513,97 @@ def _evaluated_mesh_copy(proxy_object: bpy.types.Object) -> bpy.types.Mesh:
     return bpy.data.meshes.new_from_object(proxy_object.evaluated_get(depsgraph))
 
 
+def _image_file(path_like, what: str) -> Path:
+    path = Path(bpy.path.abspath(str(path_like)))
+    if not path.is_file():
+        raise ConditionRenderError(f"{what} not found: {path}")
+    return path
+
+
+def _image_size(path: Path, what: str) -> tuple[int, int]:
+    image = _load_image(path, what)
+    size = (int(image.size[0]), int(image.size[1]))
+    bpy.data.images.remove(image)
+    return size
+
+
 def project_reference(proxy_object: bpy.types.Object, reference_image_path, reference_label_or_camera=None,
-                      anchor: bpy.types.Object | None = None) -> ProxyProjection:
+                      anchor: bpy.types.Object | None = None, *, back_image_path=None,
+                      back_label_or_camera=None) -> ProxyProjection:
     """Project the reference portrait onto ``proxy_object`` from the reference camera (an EG3D label in the
     anchor frame, a camera object, or None = EG3D frontal). ``anchor`` defaults to the proxy's parent.
+
+    ``back_image_path`` (optional, DiffPortrait360): a view of the back of the head, projected from
+    ``back_label_or_camera`` (an EG3D label in the anchor frame, a camera object, or None = :func:`back_label`,
+    straight behind). The image is used as it is, so it must be framed like a render from that camera (the
+    back-head model's output is). Both projections are then blended per face corner by :func:`blend_weights`
+    (front where the photo's camera sees the surface, back where the back camera does, smooth at the sides,
+    neutral fill where neither does). Without a back image the result is exactly the front-only projection.
     Leaves no data behind."""
     if proxy_object is None or proxy_object.type != "MESH":
         raise ConditionRenderError("proxy_object must be a mesh object (the proxy head)")
-    path = Path(bpy.path.abspath(str(reference_image_path)))
-    if not path.is_file():
-        raise ConditionRenderError(f"reference image not found: {path}")
+    path = _image_file(reference_image_path, "reference image")
+    if back_image_path is None and back_label_or_camera is not None:
+        raise ConditionRenderError("a back camera was given without a back image; pass back_image_path too")
+    back_path = None if back_image_path is None else _image_file(back_image_path, "back image")
     anchor = anchor if anchor is not None else proxy_object.parent
     reference = frontal_label() if reference_label_or_camera is None else reference_label_or_camera
-    image = _load_image(path)
-    width, height = image.size
-    bpy.data.images.remove(image)
+    width, height = _image_size(path, "reference image")
+    back_size = None if back_path is None else _image_size(back_path, "back image")
     mesh = _evaluated_mesh_copy(proxy_object)
     try:
         c2w, k = _reference_projection(reference, anchor, width, height)
         uv, seen = _project_uvs(mesh, proxy_object.matrix_world, c2w, k)
+        if back_path is None:
+            return ProxyProjection(path, uv, seen)
+        back_ref = back_label() if back_label_or_camera is None else back_label_or_camera
+        back_c2w, back_k = _reference_projection(back_ref, anchor, *back_size)
+        back_uv, back_seen = _project_uvs(mesh, proxy_object.matrix_world, back_c2w, back_k)
+        faces = _loop_faces(mesh)
+        weights = blend_weights(_corner_cosines(mesh, proxy_object.matrix_world, c2w[:3, 3]),
+                                _corner_cosines(mesh, proxy_object.matrix_world, back_c2w[:3, 3]),
+                                seen[faces], back_seen[faces])
     finally:
         bpy.data.meshes.remove(mesh)
-    return ProxyProjection(path, uv, seen)
+    return ProxyProjection(path, uv, seen, back_path, back_uv, weights)
+
+
+def _view_object(state: SceneState, scene: bpy.types.Scene, proxy_object: bpy.types.Object,
+                 projection: ProxyProjection, name: str, materials: Sequence[bpy.types.Material]
+                 ) -> bpy.types.Object:
+    """A temporary copy of the proxy head (same place, evaluated mesh) with ``materials`` as its only slots;
+    deleted, with its mesh and the materials, on restore."""
+    mesh = _evaluated_mesh_copy(proxy_object)
+    view_obj = bpy.data.objects.new(name, mesh)
+
+    def cleanup() -> None:
+        bpy.data.objects.remove(view_obj, do_unlink=True)
+        bpy.data.meshes.remove(mesh)
+        for m in materials:
+            bpy.data.materials.remove(m)
+    state.on_restore(cleanup)
+    if len(mesh.vertices) != len(projection.uv) or len(mesh.polygons) != len(projection.seen) or (
+            projection.weights is not None and len(mesh.loops) != len(projection.weights)):
+        raise ConditionRenderError("the proxy head changed after the reference was projected onto it; "
+                                   "render the proxy views again")
+    scene.collection.objects.link(view_obj)
+    view_obj.parent = proxy_object.parent
+    view_obj.matrix_parent_inverse = proxy_object.matrix_parent_inverse
+    view_obj.matrix_basis = proxy_object.matrix_basis
+    mesh.materials.clear()
+    for m in materials:
+        mesh.materials.append(m)
+    return view_obj
+
+
+def _set_uvs(mesh: bpy.types.Mesh, name: str, uv: np.ndarray) -> None:
+    """Replace the mesh's UV maps with one: per-vertex ``uv`` spread to the face corners."""
+    for layer in list(mesh.uv_layers):
+        mesh.uv_layers.remove(layer)
+    layer = mesh.uv_layers.new(name=name)
+    loop_vi = np.empty(len(mesh.loops), np.int32)
+    mesh.loops.foreach_get("vertex_index", loop_vi)
+    layer.data.foreach_set("uv", uv[loop_vi].astype(np.float32).ravel())
 
 
 @contextmanager
@@ -475,61 +611,141 @@ def proxy_view_renderer(scene: bpy.types.Scene, camera: bpy.types.Object, out_di
                         proxy_object: bpy.types.Object, projection: ProxyProjection, size: int = 512
                         ) -> Iterator[FrameRenderer]:
     """The scene set up for 3D-aware proxy views (restored on exit, temporary data deleted): yields
-    ``render(frame) -> path``. Like :func:`condition_renderer`, opened once per batch of frames."""
+    ``render(frame) -> path``. Like :func:`condition_renderer`, opened once per batch of frames.
+
+    ``projection`` comes from :func:`project_reference`; when it has a back image, each frame is three Workbench
+    passes (front texture, back texture, blend weights, in a temporary folder) mixed per pixel into
+    ``proxy_{frame:04d}.png``."""
     _, out = _check_inputs(scene, camera, [0], out_dir, size)
     with _restoring() as state:
-        image = _load_image(projection.reference)
-        state.on_restore(lambda: bpy.data.images.remove(image))
-        fill = bpy.data.images.new(f"{_TMP_PREFIX} fill", 4, 4)
-        state.on_restore(lambda: bpy.data.images.remove(fill))
-        fill.colorspace_settings.name = "sRGB"
-        fill.pixels.foreach_set(np.tile([c / 255.0 for c in FILL_SRGB] + [1.0], 16).astype(np.float32))
+        if projection.back is None:
+            yield _front_renderer(state, scene, camera, out, proxy_object, projection, int(size))
+        else:
+            yield _front_back_renderer(state, scene, camera, out, proxy_object, projection, int(size))
 
-        mesh = _evaluated_mesh_copy(proxy_object)
-        view_obj = bpy.data.objects.new(f"{_TMP_PREFIX} proxy view", mesh)
-        mats = [_texture_material(f"{_TMP_PREFIX} projected", image), _texture_material(f"{_TMP_PREFIX} fill", fill)]
 
-        def cleanup() -> None:
-            bpy.data.objects.remove(view_obj, do_unlink=True)
-            bpy.data.meshes.remove(mesh)
-            for m in mats:
-                bpy.data.materials.remove(m)
-        state.on_restore(cleanup)
-        if len(mesh.vertices) != len(projection.uv) or len(mesh.polygons) != len(projection.seen):
-            raise ConditionRenderError("the proxy head changed after the reference was projected onto it; "
-                                       "render the proxy views again")
-        scene.collection.objects.link(view_obj)
-        view_obj.parent = proxy_object.parent
-        view_obj.matrix_parent_inverse = proxy_object.matrix_parent_inverse
-        view_obj.matrix_basis = proxy_object.matrix_basis
+def _front_renderer(state: SceneState, scene, camera, out: Path, proxy_object, projection: ProxyProjection,
+                    size: int) -> FrameRenderer:
+    image = _load_image(projection.reference)
+    state.on_restore(lambda: bpy.data.images.remove(image))
+    fill = bpy.data.images.new(f"{_TMP_PREFIX} fill", 4, 4)
+    state.on_restore(lambda: bpy.data.images.remove(fill))
+    fill.colorspace_settings.name = "sRGB"
+    fill.pixels.foreach_set(np.tile([c / 255.0 for c in FILL_SRGB] + [1.0], 16).astype(np.float32))
+    mats = [_texture_material(f"{_TMP_PREFIX} projected", image), _texture_material(f"{_TMP_PREFIX} fill", fill)]
+    view_obj = _view_object(state, scene, proxy_object, projection, f"{_TMP_PREFIX} proxy view", mats)
+    mesh = view_obj.data
+    mesh.polygons.foreach_set("material_index", np.where(projection.seen, 0, 1).astype(np.int32))
+    _set_uvs(mesh, "Reference Projection", projection.uv)
+    mesh.update()
 
-        mesh.materials.clear()
-        for m in mats:
-            mesh.materials.append(m)
-        mesh.polygons.foreach_set("material_index", np.where(projection.seen, 0, 1).astype(np.int32))
-        for layer in list(mesh.uv_layers):
-            mesh.uv_layers.remove(layer)
-        layer = mesh.uv_layers.new(name="Reference Projection")
-        loop_vi = np.empty(len(mesh.loops), np.int32)
-        mesh.loops.foreach_get("vertex_index", loop_vi)
-        layer.data.foreach_set("uv", projection.uv[loop_vi].astype(np.float32).ravel())
-        mesh.update()
+    _render_settings(state, scene, "BLENDER_WORKBENCH", size, flat=True)
+    _temp_world(state, scene)
+    _show_only(state, scene, [view_obj])
+    return _frame_renderer(state, scene, camera, out, "proxy")
 
-        _render_settings(state, scene, "BLENDER_WORKBENCH", int(size), flat=True)
-        _temp_world(state, scene)
-        _show_only(state, scene, [view_obj])
-        yield _frame_renderer(state, scene, camera, out, "proxy")
+
+def _read_pixels(path: Path, colorspace: str) -> np.ndarray:
+    """(H, W, 3) float pixels of a PNG as stored (bottom row first), read through Blender."""
+    image = _load_image(path, "render pass", colorspace)
+    try:
+        w, h = image.size
+        px = np.empty(w * h * 4, np.float32)
+        image.pixels.foreach_get(px)
+    finally:
+        bpy.data.images.remove(image)
+    return px.reshape(h, w, 4)[:, :, :3]
+
+
+def _front_back_renderer(state: SceneState, scene, camera, out: Path, proxy_object,
+                         projection: ProxyProjection, size: int) -> FrameRenderer:
+    front_image = _load_image(projection.reference)
+    state.on_restore(lambda: bpy.data.images.remove(front_image))
+    back_image = _load_image(projection.back, "back image")
+    state.on_restore(lambda: bpy.data.images.remove(back_image))
+    views = {}
+    for key, image, uv in (("front", front_image, projection.uv), ("back", back_image, projection.back_uv)):
+        obj = _view_object(state, scene, proxy_object, projection, f"{_TMP_PREFIX} proxy {key}",
+                           [_texture_material(f"{_TMP_PREFIX} projected {key}", image)])
+        obj.data.polygons.foreach_set("material_index", np.zeros(len(obj.data.polygons), np.int32))
+        _set_uvs(obj.data, f"{key.title()} Projection", uv)
+        obj.data.update()
+        views[key] = obj
+    # Blend weights as a float (linear) colour per face corner: rendered flat with the 'Raw' view transform
+    # into a 16-bit PNG, the pixel is the weights, interpolated across each face like the textures are.
+    obj = _view_object(state, scene, proxy_object, projection, f"{_TMP_PREFIX} proxy weights", [])
+    attr = obj.data.color_attributes.new("Blend Weights", "FLOAT_COLOR", "CORNER")
+    rgba = np.concatenate([projection.weights, np.ones((len(projection.weights), 1))], axis=1)
+    attr.data.foreach_set("color", rgba.astype(np.float32).ravel())
+    obj.data.color_attributes.active_color = attr
+    obj.data.update()
+    views["weights"] = obj
+
+    _render_settings(state, scene, "BLENDER_WORKBENCH", size, flat=True)
+    _temp_world(state, scene)
+    world = scene.world
+    background = tuple(world.color)
+    _show_only(state, scene, list(views.values()))
+    # Pass files go to the system's temporary folder, so a killed render leaves nothing in the user's folder.
+    passes = Path(tempfile.mkdtemp(prefix=PASSES_PREFIX))
+    state.on_restore(lambda: shutil.rmtree(passes, ignore_errors=True))
+    render_pass = _frame_renderer(state, scene, camera, passes, "pass")
+    fill = np.array(FILL_SRGB, np.float32) / 255.0
+    bg = np.array(BACKGROUND_SRGB, np.float32) / 255.0
+
+    def render(f: int) -> Path:
+        layers = {}
+        for key in ("weights", "front", "back"):
+            for other, view in views.items():
+                state.set(view, "hide_render", other != key)
+            weights = key == "weights"
+            state.set(scene.display.shading, "color_type", "VERTEX" if weights else "TEXTURE")
+            state.set(scene.view_settings, "view_transform", "Raw" if weights else "Standard")
+            state.set(scene.render.image_settings, "color_depth", "16" if weights else "8")
+            world.color = (0.0, 0.0, 0.0) if weights else background
+            path = render_pass(f)
+            layers[key] = _read_pixels(path, "Non-Color" if weights else "sRGB")
+            path.unlink()
+        w = np.clip(layers["weights"], 0.0, None)
+        cover = w.sum(axis=2, keepdims=True)  # 1 on the head, 0 on the background, between at the outline
+        w = np.where(cover > 1e-3, w / np.maximum(cover, 1e-3), np.array([1.0, 0.0, 0.0], np.float32))
+        cover = np.clip(cover, 0.0, 1.0)
+        fill_layer = cover * fill + (1.0 - cover) * bg
+        mixed = w[..., :1] * layers["front"] + w[..., 1:2] * layers["back"] + w[..., 2:] * fill_layer
+        return _write_png(scene, mixed, out / f"proxy_{f:04d}.png")
+    return render
+
+
+def _write_png(scene: bpy.types.Scene, rgb: np.ndarray, final: Path) -> Path:
+    """Write (H, W, 3) display values in 0..1 (bottom row first) as an 8-bit RGB PNG, atomically."""
+    h, w = rgb.shape[:2]
+    image = bpy.data.images.new(f"{_TMP_PREFIX} mixed", w, h, alpha=False)
+    try:
+        image.colorspace_settings.name = "sRGB"
+        rgba = np.concatenate([np.clip(rgb, 0.0, 1.0), np.ones((h, w, 1), np.float32)], axis=2)
+        image.pixels.foreach_set(rgba.astype(np.float32).ravel())
+        tmp = final.parent / f".{final.stem}.tmp.png"
+        image.filepath_raw = str(tmp)
+        image.file_format = "PNG"
+        image.save()
+        os.replace(tmp, final)
+    finally:
+        bpy.data.images.remove(image)
+    return final
 
 
 def render_proxy_views(scene: bpy.types.Scene, camera: bpy.types.Object, frames: Iterable[int], out_dir, *,
                        reference_image_path, proxy_object: bpy.types.Object,
                        reference_label_or_camera=None, anchor: bpy.types.Object | None = None,
-                       size: int = 512) -> list[Path]:
+                       size: int = 512, back_image_path=None, back_label_or_camera=None) -> list[Path]:
     """Render ``proxy_{frame:04d}.png``: the reference portrait projected onto ``proxy_object`` from the
     reference camera (an EG3D label in the anchor frame, a camera object, or None = EG3D frontal),
-    seen from ``camera`` at each frame. ``anchor`` defaults to the proxy's parent."""
+    seen from ``camera`` at each frame. ``anchor`` defaults to the proxy's parent. ``back_image_path`` and
+    ``back_label_or_camera`` (optional, DiffPortrait360: the back view and its camera, default straight behind)
+    are passed to :func:`project_reference`: front and back blended at the sides."""
     frames, out = _check_inputs(scene, camera, frames, out_dir, size)
-    projection = project_reference(proxy_object, reference_image_path, reference_label_or_camera, anchor)
+    projection = project_reference(proxy_object, reference_image_path, reference_label_or_camera, anchor,
+                                   back_image_path=back_image_path, back_label_or_camera=back_label_or_camera)
     with proxy_view_renderer(scene, camera, out, proxy_object=proxy_object, projection=projection,
                              size=size) as render:
         return [render(f) for f in frames]

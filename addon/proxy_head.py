@@ -165,6 +165,12 @@ def _head_shape(d: np.ndarray, p: dict, *, scale: float = 1.0) -> np.ndarray:
     py = py - 0.09 * p["chin_forward"] * lower ** 2 * front ** 0.5
     # Flatter face front, fuller back of the skull.
     py = np.where(y < 0, py * (1.0 - 0.12 * front ** 2), py * 1.03)
+    # Behind the jaw the head narrows into the neck: the skull's lower back is pulled in, only well behind
+    # the ears (pulling in the sides too moved the face mesh's pitch read-out on renders, test_reference_prep).
+    back = np.clip(y, 0.0, 1.0)
+    tuck = _smoothstep(lower * 1.5) * _smoothstep((back - 0.35) / 0.5)
+    px = px * (1.0 - 0.22 * tuck)
+    py = py * (1.0 - 0.38 * tuck)
     pos = np.stack([px, py, pz], axis=1) + np.array([0.0, 0.015, 0.06])
     s = p["eye_spacing"]
     # Eye sockets in, brow ridge and cheekbones out (along the radial direction).
@@ -206,7 +212,8 @@ def _build_parts(p: dict) -> list[tuple[str, np.ndarray, list[tuple[int, ...]]]]
 
     # Neck and shoulders.
     nw = 0.085 * p["neck_width"]
-    parts.append(("Skin",) + _ellipsoid((0.0, 0.035, -0.23), (nw, nw * 1.05, 0.17), 12, 32))
+    # Wider than deep, as a neck is from behind (the trapezius), and set back under the skull.
+    parts.append(("Skin",) + _ellipsoid((0.0, 0.04, -0.23), (nw * 1.1, nw * 1.05, 0.17), 12, 32))
     sv, sf = _ellipsoid((0.0, 0.06, -0.47), (0.34, 0.16, 0.22), 20, 48)
     parts.append(("Cloth", sv, sf))
 
@@ -299,36 +306,74 @@ def _build_parts(p: dict) -> list[tuple[str, np.ndarray, list[tuple[int, ...]]]]
 
     def ear(side: float):
         sx = side_x(0.035, ear_z)
-        v, f = _ellipsoid((0.0, 0.0, 0.0), (0.011, 0.027 * es, 0.040 * es), 10, 20)
-        v[:, 0] += 0.006 * (v[:, 1] / 0.027) ** 2  # cupped
-        v = v @ (_rot_y(0.0) @ _rot_z(-0.35) @ _rot_x(-0.25)).T
-        return v + np.array([sx + 0.006, 0.040, ear_z]), f
+        v, f = _ellipsoid((0.0, 0.0, 0.0), (0.011, 0.029 * es, 0.043 * es), 10, 20)
+        v[:, 0] += 0.006 * (v[:, 1] / 0.029) ** 2  # cupped
+        # Turned so the back rim stands off the skull (and clear of the hair): ears read from behind too.
+        v = v @ (_rot_z(-0.75) @ _rot_x(-0.25)).T
+        return v + np.array([sx + 0.014, 0.040, ear_z]), f
 
     for name, (v, f) in zip(("Skin", "Skin"), _mirror_pair(ear)):
         parts.append((name, v, f))
 
-    # Hair: a shell over the skull, pulled under the skin below the hairline.
+    # Hair: a shell over the skull, pulled under the skin below the hairline. The hairline (in the
+    # direction's z) keeps the face's framing for fr >= 0; behind, it passes above the ear, drops behind it
+    # and covers the back of the skull down to the nape.
     d2, hf = _sphere_grid(72, 96)
     shell = _head_shape(d2, p)
     centre = np.array([0.0, 0.015, 0.06])
     rel = shell - centre
     fr = -d2[:, 1]  # 1 at the face, -1 at the back
     part = p["hair_part"]
-    boundary = np.interp(fr, [-1.0, -0.3, 0.2, 0.55, 1.0],
-                         [-0.35 - 0.6 * p["hair_length"], -0.15, 0.18, p["hairline"] - 0.05, p["hairline"]])
+    nape = -0.50 - 0.08 * p["hair_length"]
+    boundary = np.interp(fr, [-1.0, -0.6, -0.35, -0.15, 0.0, 0.2, 0.55, 1.0],
+                         [nape, nape + 0.04, -0.22, 0.12, 0.048, 0.18, p["hairline"] - 0.05, p["hairline"]])
     boundary = boundary + 0.06 * part * d2[:, 0] * (fr > 0)
-    mask = _smoothstep((d2[:, 2] - boundary) / 0.16 + 0.5)
-    grow = 1.0 + (p["hair_thickness"] / 0.17 + 0.04) * mask - 0.06 * (1.0 - mask)
+    behind = np.clip(-fr, 0.0, 1.0)
+    soft = 0.16 + 0.30 * behind  # the hair thins out toward the nape instead of ending in a ledge
+    mask = _smoothstep((d2[:, 2] - boundary) / soft + 0.5)
+    # Short over the ears (the sides below the temples), so the ears stand out of it from behind.
+    sides = np.abs(d2[:, 0]) ** 4 * (1.0 - _smoothstep((d2[:, 2] - 0.05) / 0.45)) * _smoothstep((0.2 - fr) / 0.3)
+    thick = (p["hair_thickness"] / 0.17 + 0.04) * (1.0 - 0.6 * (1.0 - p["hair_length"]) * sides)
+    grow = 1.0 + thick * mask - 0.06 * (1.0 - mask)
     grow = grow * (1.0 + 0.06 * mask * np.clip(d2[:, 2], 0, 1))  # volume on top
-    parts.append(("Hair", centre + rel * grow[:, None], hf))
+    cap = centre + rel * grow[:, None]
+    parts.append(("Hair", cap, hf))
     if p["hair_length"] > 0:
-        length = 0.14 + 0.16 * p["hair_length"]
-        lv, lf = _ellipsoid((0.0, 0.06, -0.03), (0.165 * p["head_width"] + p["hair_thickness"], 0.17,
-                                                 length), 20, 40)
-        back = lv[:, 1] < -0.02
-        lv[back, 1] = -0.02 + (lv[back, 1] + 0.02) * 0.25
-        parts.append(("Hair", lv, lf))
+        parts.append(("Hair",) + _long_hair(cap, p))
     return parts
+
+
+def _long_hair(cap: np.ndarray, p: dict) -> tuple[np.ndarray, list[tuple[int, ...]]]:
+    """Hair falling from the cap's widest ring to ``hair_length``: its cross-section there is the cap's own
+    (so it leaves the cap without a step), then it narrows in a rounded curve at the sides (the frontal framing)
+    and falls straight, rounded at the ends, behind. The front stays behind the cheeks."""
+    top, yc = 0.06, 0.015
+    ring = cap[np.abs(cap[:, 2] - top) < 0.02]
+    # The ring's radius around the skull's vertical axis per |angle| (0 = straight behind); mirror-symmetric.
+    ring_a = np.abs(np.arctan2(ring[:, 0], ring[:, 1] - yc))
+    ring_r = np.hypot(ring[:, 0], ring[:, 1] - yc)
+    edges = np.linspace(0.0, math.pi, 37)
+    which = np.clip(np.searchsorted(edges, ring_a, side="right") - 1, 0, 35)
+    radius = np.zeros(36)
+    np.maximum.at(radius, which, ring_r)
+    centres = 0.5 * (edges[:-1] + edges[1:])
+    filled = radius > 0
+    radius = np.interp(centres, centres[filled], radius[filled])
+    radius = np.convolve(np.pad(radius, 1, mode="reflect"), np.ones(3) / 3.0, mode="valid")
+    bottom = -0.03 - (0.14 + 0.16 * p["hair_length"])
+    d, faces = _sphere_grid(32, 64)
+    horiz = np.hypot(d[:, 0], d[:, 1])
+    ang = np.arctan2(d[:, 0], d[:, 1])
+    r = 0.97 * np.interp(np.abs(ang), centres, radius)
+    cz = d[:, 2]
+    behind = _smoothstep(np.cos(ang) / 0.7)
+    p_exp = 3.0 + 2.0 * behind  # 3 at the sides (the old frontal framing), 5 = a straight fall (back)
+    h = np.where(cz < 0, (1.0 - np.abs(cz) ** p_exp) ** (1.0 / p_exp), horiz)
+    x = r * h * np.sin(ang)
+    y = yc + r * h * np.cos(ang)
+    y = np.where(y < -0.02, -0.02 + (y + 0.02) * 0.25, y)  # never in front of the cheeks
+    z = np.where(cz >= 0, top + 0.10 * cz, top + (top - bottom) * cz)
+    return np.stack([x, y, z], axis=1), faces
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import tempfile
 from pathlib import Path
 
 import bpy
@@ -17,9 +18,8 @@ SIZE = 96
 PORTRAIT = "official_samples/portraits/0000028.png"
 
 
-def _place(cam_obj, yaw_deg: float, anchor) -> None:
-    c2w = cameras.sample_lookat(math.pi / 2 + math.radians(yaw_deg), math.pi / 2, cameras.EG3D_PIVOT,
-                                cameras.EG3D_RADIUS)
+def _place(cam_obj, yaw_deg: float, anchor, pivot=cameras.EG3D_PIVOT) -> None:
+    c2w = cameras.sample_lookat(math.pi / 2 + math.radians(yaw_deg), math.pi / 2, pivot, cameras.EG3D_RADIUS)
     size = cameras.anchor_size_from_matrix(np.array(anchor.matrix_world), anchor.empty_display_size)
     bc = cameras.label_to_blender(cameras.to_label(c2w, cameras.intrinsics_from_focal()),
                                   cameras.HeadAnchor(np.array(anchor.matrix_world), size),
@@ -166,6 +166,9 @@ def test_scene_is_restored(head_scene, tmp_path):
     cr.render_proxy_views(scene, cam, [2], tmp_path, reference_image_path=_fixture(PORTRAIT), proxy_object=head,
                           size=64)
     assert _scene_snapshot(scene) == before
+    cr.render_proxy_views(scene, cam, [2], tmp_path, reference_image_path=_fixture(PORTRAIT), proxy_object=head,
+                          back_image_path=_fixture(PORTRAIT), size=64)
+    assert _scene_snapshot(scene) == before
 
 
 def _fixture(rel: str) -> Path:
@@ -215,3 +218,128 @@ def test_bad_inputs_raise_clear_errors(head_scene, tmp_path):
     bpy.data.objects.remove(head)
     with pytest.raises(cr.ConditionRenderError, match="no proxy head"):
         cr.render_condition_images(scene, cam, [1], tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Front + back projection (DiffPortrait360).
+
+RED, BLUE = np.array([1.0, 0.0, 0.0]), np.array([0.0, 0.0, 1.0])
+
+
+def _solid_png(path: Path, rgb) -> Path:
+    img = bpy.data.images.new("solid", 64, 64, alpha=False)
+    try:
+        img.pixels.foreach_set(np.tile([*rgb, 1.0], 64 * 64).astype(np.float32))
+        img.filepath_raw = str(path)
+        img.file_format = "PNG"
+        img.save()
+    finally:
+        bpy.data.images.remove(img)
+    return path
+
+
+@pytest.fixture
+def red_blue(tmp_path):
+    return _solid_png(tmp_path / "red.png", RED), _solid_png(tmp_path / "blue.png", BLUE)
+
+
+def test_blend_weights_sum_to_one_and_turn_smoothly():
+    # A normal turning from the front camera (theta 0) to the back camera (theta pi) in 0.1-degree steps; with
+    # perspective each camera sees a little less than its half (the cosines are shifted by -0.06).
+    theta = np.radians(np.arange(0.0, 180.0001, 0.1))
+    seen = np.ones_like(theta, bool)
+    w = cr.blend_weights(np.cos(theta) - 0.06, -np.cos(theta) - 0.06, seen, seen)
+    np.testing.assert_allclose(w.sum(axis=1), 1.0, atol=1e-12)
+    assert (w >= 0).all() and (w <= 1).all()
+    np.testing.assert_allclose(w[0], [1, 0, 0])
+    np.testing.assert_allclose(w[-1], [0, 1, 0])
+    side = np.argmin(np.abs(theta - math.pi / 2))
+    np.testing.assert_allclose(w[side], [0, 0, 1])  # seen by neither camera: the neutral fill
+    assert np.abs(np.diff(w, axis=0)).max() < 0.02  # no seam: 0.1 degree never moves a weight by 2 %
+    # A point the camera cannot see (hidden or outside its image) takes nothing from it, whatever the angle.
+    hidden = cr.blend_weights(np.ones(3), -np.ones(3), np.zeros(3, bool), np.zeros(3, bool))
+    np.testing.assert_allclose(hidden, [[0, 0, 1]] * 3)
+    both = cr.blend_weights(np.ones(2), np.ones(2), seen[:2], seen[:2])  # impossible for opposite cameras
+    np.testing.assert_allclose(both, [[0.5, 0.5, 0.0]] * 2)
+
+
+def _red_blue_fill_weights(px: np.ndarray) -> np.ndarray:
+    """(N, 3) weights (red, blue, grey fill) of pixels that are w_r*red + w_b*blue + w_f*grey: the grey is the
+    only source of green, and adds the same amount to red and blue."""
+    g = cr.FILL_SRGB[1] / 255.0
+    return np.stack([px[:, 0] - px[:, 1], px[:, 2] - px[:, 1], px[:, 1] / g], axis=1)
+
+
+def _interior(img: np.ndarray) -> np.ndarray:
+    """Foreground pixels at least 2 pixels from the background (Blender's pixel filter blends the outline with
+    the background over more than one pixel)."""
+    fg = _foreground(img)
+    inner = fg.copy()
+    for dy in (-2, -1, 0, 1, 2):
+        for dx in (-2, -1, 0, 1, 2):
+            inner &= np.roll(np.roll(fg, dy, axis=0), dx, axis=1)
+    return inner
+
+
+def test_front_red_back_blue_blend_at_the_sides(head_scene, tmp_path, red_blue):
+    scene, anchor, head, cam = head_scene
+    red, blue = red_blue
+    cam.animation_data_clear()
+    projection = cr.project_reference(head, red, back_image_path=blue)
+    assert projection.back == blue and projection.weights.shape == (len(head.data.loops), 3)
+    np.testing.assert_allclose(projection.weights.sum(axis=1), 1.0, atol=1e-9)
+    temp_before = set(Path(tempfile.gettempdir()).glob(cr.PASSES_PREFIX + "*"))
+    views = {}
+    for yaw in (0, 90, 180, 270):
+        # Looking at the head's centre: with EG3D's pivot (0.2 in front of it) a side view cuts off the back.
+        _place(cam, yaw, anchor, pivot=(0.0, 0.0, 0.0))
+        path = cr.render_proxy_views(scene, cam, [yaw], tmp_path / "out", reference_image_path=red,
+                                     proxy_object=head, back_image_path=blue, size=SIZE)[0]
+        views[yaw] = img = _read(path)
+        inner = _interior(img)
+        # Every head pixel is red, blue and the grey fill mixed with weights that sum to 1.
+        w = _red_blue_fill_weights(img[inner])
+        assert np.abs(w.sum(axis=1) - 1.0).max() < 0.04, (yaw, np.abs(w.sum(axis=1) - 1.0).max())
+        assert w.min() > -0.02, (yaw, w.min())
+    h = SIZE
+    centre = (slice(int(0.35 * h), int(0.65 * h)), slice(int(0.4 * h), int(0.6 * h)))
+    np.testing.assert_allclose(views[0][centre].reshape(-1, 3).mean(axis=0), RED, atol=0.03)
+    np.testing.assert_allclose(views[180][centre].reshape(-1, 3).mean(axis=0), BLUE, atol=0.03)
+    for yaw in (90, 270):  # the side: red toward the face, blue toward the back, blended between
+        w = _red_blue_fill_weights(views[yaw][_interior(views[yaw])])
+        reddish, bluish = (w[:, 0] > 0.9).mean(), (w[:, 1] > 0.9).mean()
+        between = (((w[:, 0] > 0.1) & (w[:, 0] < 0.9)) | ((w[:, 1] > 0.1) & (w[:, 1] < 0.9))).mean()
+        assert reddish > 0.1 and bluish > 0.05 and between > 0.1, (yaw, reddish, bluish, between)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "proxy_0000.png", "proxy_0090.png", "proxy_0180.png", "proxy_0270.png"]
+    assert set(Path(tempfile.gettempdir()).glob(cr.PASSES_PREFIX + "*")) == temp_before  # pass files deleted
+
+
+def test_back_camera_object_equals_its_label(head_scene, tmp_path, red_blue):
+    scene, anchor, head, cam = head_scene
+    red, blue = red_blue
+    cam.animation_data_clear()
+    back_cam = bpy.data.objects.new("Back Camera", bpy.data.cameras.new("Back Camera"))
+    scene.collection.objects.link(back_cam)
+    _place(back_cam, 180.0, anchor)
+    bpy.context.view_layer.update()
+    by_label = cr.project_reference(head, red, back_image_path=blue)
+    by_object = cr.project_reference(head, red, back_image_path=blue, back_label_or_camera=back_cam)
+    np.testing.assert_allclose(by_object.back_uv, by_label.back_uv, atol=2e-3)
+    assert np.abs(by_object.weights - by_label.weights).max() < 1e-3
+    # A back camera turned the other way round (at the front) would put the blue on the face instead.
+    _place(back_cam, 0.0, anchor)
+    bpy.context.view_layer.update()
+    wrong = cr.project_reference(head, red, back_image_path=blue, back_label_or_camera=back_cam)
+    assert np.abs(wrong.weights - by_label.weights).max() > 0.5
+
+
+def test_without_back_image_nothing_changes(head_scene, tmp_path):
+    scene, _, head, cam = head_scene
+    projection = cr.project_reference(head, _fixture(PORTRAIT))
+    assert projection.back is None and projection.back_uv is None and projection.weights is None
+    with pytest.raises(cr.ConditionRenderError, match="back image"):
+        cr.project_reference(head, _fixture(PORTRAIT), back_label_or_camera=cr.back_label())
+    with pytest.raises(cr.ConditionRenderError, match="back image not found"):
+        cr.render_proxy_views(scene, cam, [1], tmp_path, reference_image_path=_fixture(PORTRAIT),
+                              proxy_object=head, back_image_path=tmp_path / "nope.png")

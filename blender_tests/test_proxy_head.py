@@ -139,3 +139,53 @@ def test_bad_inputs_are_clear(empty_scene):
         build_proxy_head(1, None)
     with pytest.raises(ProxyHeadError, match="seed"):
         head_params("abc")
+
+
+def _hit_parts(obj, origins, direction) -> list[str | None]:
+    """Part name of the first surface each ray from ``origins`` along ``direction`` hits (local frame)."""
+    from mathutils import Vector
+    from mathutils.bvhtree import BVHTree
+    mesh = obj.data
+    tree = BVHTree.FromPolygons([tuple(v.co) for v in mesh.vertices], [tuple(p.vertices) for p in mesh.polygons])
+    idx = np.empty(len(mesh.polygons), np.int32)
+    mesh.polygons.foreach_get("material_index", idx)
+    out = []
+    for o in origins:
+        hit = tree.ray_cast(Vector(o), Vector(direction))
+        out.append(None if hit[0] is None else PART_NAMES[idx[hit[2]]])
+    return out
+
+
+@pytest.mark.parametrize("seed", [6, 4, 9])  # hair length 0, 0.5 and 1
+def test_from_behind_hair_covers_the_skull_down_to_the_nape(empty_scene, seed):
+    anchor = _anchor(empty_scene)
+    obj = build_proxy_head(seed, anchor)
+    # Straight down the back of the head, from the crown to below the ear lobes: all hair.
+    skull = [(x, 1.0, z) for x in (-0.06, 0.0, 0.06) for z in np.linspace(-0.07, 0.25, 12)]
+    assert set(_hit_parts(obj, skull, (0.0, -1.0, 0.0))) == {"Hair"}
+    if head_params(seed)["hair_length"] == 0.0:
+        # Short hair ends at the nape: below it, the neck (skin), then the shoulders (cloth).
+        assert _hit_parts(obj, [(0.0, 1.0, -0.2)], (0.0, -1.0, 0.0)) == ["Skin"]
+        assert _hit_parts(obj, [(0.0, 1.0, -0.33)], (0.0, -1.0, 0.0)) == ["Cloth"]
+
+
+@pytest.mark.parametrize("seed", [6, 5, 8, 11])  # short hair, thin to thick
+def test_ears_stand_out_of_short_hair_from_behind(empty_scene, seed):
+    assert head_params(seed)["hair_length"] == 0.0
+    obj = build_proxy_head(seed, _anchor(empty_scene))
+
+    def outermost(zs, part: str) -> float:
+        """Largest |x| where a ray from behind first hits ``part`` (both sides), over heights ``zs``."""
+        best = 0.0
+        for side in (1.0, -1.0):
+            xs = np.linspace(0.30, 0.0, 151)
+            for z in zs:
+                hits = _hit_parts(obj, [(side * x, 1.0, z) for x in xs], (0.0, -1.0, 0.0))
+                first = next((i for i, p in enumerate(hits) if p is not None), None)
+                if first is not None and hits[first] == part:
+                    best = max(best, float(xs[first]))
+        return best
+
+    ears = outermost(np.linspace(-0.02, 0.07, 10), "Skin")
+    hair = outermost(np.linspace(0.0, 0.30, 16), "Hair")
+    assert ears >= hair - 0.004, (ears, hair)  # the ears are (about) the widest thing seen from behind

@@ -28,7 +28,7 @@ def _pins(path: Path) -> dict[str, str]:
 def test_worker_requirements_carry_the_projects_pins():
     project = _pins(ROOT / "requirements.txt")
     worker = _pins(we.REQUIREMENTS_FILE)
-    dev_only = {"bpy", "pytest", "hypothesis"}
+    dev_only = {"bpy", "pytest", "hypothesis", "bitsandbytes"}
     assert dev_only <= set(project)
     assert worker == {name: pin for name, pin in project.items() if name not in dev_only}
     assert worker["torch"].startswith("==") and worker["diffusers"].startswith("==")

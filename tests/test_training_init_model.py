@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from training.init_model import InitModelError, init_model, main, motion_key_map
 
@@ -43,8 +45,111 @@ def sd_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                  num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
                                  pad_token_id=1)).save_pretrained(str(root / "text_encoder"))
     make_tokenizer(root / "tokenizer")
-    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    from diffusers import PNDMScheduler
+    PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+                  steps_offset=1).save_pretrained(str(root / "scheduler"))
+    # model_index.json as in SD 1.5's folder (diffusers' single-file loader reads it)
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None], "safety_checker": [None, None],
+        "requires_safety_checker": False, "scheduler": ["diffusers", "PNDMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}))
     return root
+
+
+# ---------------------------------------------------------------------------- the original (LDM) single-file layout
+# Written here from the diffusers folder, in the key layout of the original SD-1.x checkpoints, so the test can
+# check that diffusers' own single-file loader reads it back into exactly the folder's weights.
+LDM_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+              "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+LDM_UNET = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+            "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+LDM_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def ldm_unet_key(name: str, layers: int, up_attention: list[bool]) -> str:
+    if name in LDM_UNET:
+        return LDM_UNET[name]
+    if m := re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", name):
+        way, b, kind, j, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
+        block = f"input_blocks.{1 + b * (layers + 1) + j}" if way == "down" else f"output_blocks.{b * (layers + 1) + j}"
+        return f"{block}.0.{LDM_RESNET.get(rest, rest)}" if kind == "resnets" else f"{block}.1.{rest}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv", name):
+        return f"input_blocks.{1 + int(m[1]) * (layers + 1) + layers}.0.op"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv", name):
+        b = int(m[1])
+        return f"output_blocks.{b * (layers + 1) + layers}.{2 if up_attention[b] else 1}.conv"
+    if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", name):
+        return f"middle_block.{2 * int(m[1])}.{LDM_RESNET.get(m[2], m[2])}"
+    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", name):
+        return f"middle_block.1.{m[1]}"
+    raise KeyError(name)
+
+
+def ldm_vae_key(name: str, levels: int) -> str:
+    if m := re.fullmatch(r"(encoder|decoder)\.(down|up)_blocks\.(\d+)\.(resnets|downsamplers|upsamplers)\.(\d+)\.(.+)",
+                         name):
+        part, way, i, kind, j, rest = m[1], m[2], int(m[3]), m[4], m[5], m[6]
+        level = i if way == "down" else levels - 1 - i  # the original decoder counts its levels bottom-up
+        if kind == "resnets":
+            return f"{part}.{way}.{level}.block.{j}.{rest.replace('conv_shortcut', 'nin_shortcut')}"
+        return f"{part}.{way}.{level}.{way}sample.{rest}"
+    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", name):
+        return f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
+    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)", name):
+        return f"{m[1]}.mid.attn_1.{LDM_VAE_ATTENTION[m[2]]}"
+    return name.replace("conv_norm_out", "norm_out")
+
+
+def write_single_file(sd: Path, path: Path, parts: tuple[str, ...] = ("unet", "vae", "text_encoder")) -> Path:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+    state: dict[str, torch.Tensor] = {}
+    if "unet" in parts:
+        unet = UNet2DConditionModel.from_pretrained(str(sd), subfolder="unet")
+        up_attention = ["CrossAttn" in t for t in unet.config.up_block_types]
+        for key, value in unet.state_dict().items():
+            name, param = key.rsplit(".", 1)
+            new = ldm_unet_key(name, unet.config.layers_per_block, up_attention)
+            state[f"model.diffusion_model.{new}.{param}"] = value
+    if "vae" in parts:
+        vae = AutoencoderKL.from_pretrained(str(sd), subfolder="vae")
+        for key, value in vae.state_dict().items():
+            name, param = key.rsplit(".", 1)
+            if ".mid_block.attentions." in name and value.ndim == 2:
+                value = value[:, :, None, None]  # the original VAE attention uses 1x1 convolutions
+            state[f"first_stage_model.{ldm_vae_key(name, len(vae.config.block_out_channels))}.{param}"] = value
+    if "text_encoder" in parts:
+        text = CLIPTextModel.from_pretrained(str(sd), subfolder="text_encoder")
+        state.update({f"cond_stage_model.transformer.{k}": v for k, v in text.state_dict().items()})
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+def configs_only(sd: Path, folder: Path) -> Path:
+    """The diffusers folder without its weights: what --config contributes is configs and the tokenizer only."""
+    shutil.copytree(sd, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    return folder
+
+
+def same_folder(a: Path, b: Path) -> list[str]:
+    """Files that differ between two model folders (``_name_or_path``, where a model was read from, aside)."""
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    differ = []
+    for rel in files:
+        if rel.suffix == ".safetensors":
+            x, y = load_file(str(a / rel)), load_file(str(b / rel))
+            same = x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+        elif rel.suffix == ".json":
+            x, y = (json.loads((f / rel).read_text()) for f in (a, b))
+            same = {k: v for k, v in x.items() if k != "_name_or_path"} == \
+                {k: v for k, v in y.items() if k != "_name_or_path"}
+        else:
+            same = (a / rel).read_bytes() == (b / rel).read_bytes()
+        if not same:
+            differ.append(str(rel))
+    return differ
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +224,35 @@ def test_bad_inputs_fail_before_writing(sd_folder: Path, adapter, tmp_path: Path
     assert main(["--sd", str(tmp_path), "--out", str(tmp_path / "d")]) == 2
     assert "not a diffusers Stable Diffusion folder" in capsys.readouterr().err
     assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+def test_a_single_file_checkpoint_gives_the_folder_the_diffusers_folder_gives(sd_folder: Path, tmp_path: Path) -> None:
+    """diffusers' own single-file loader, configs from a local folder without weights (nothing downloaded)."""
+    single = write_single_file(sd_folder, tmp_path / "sd.safetensors")
+    from safetensors import safe_open
+    with safe_open(str(single), framework="pt") as f:  # the original layout, e.g. SD 1.5's upsampler and VAE attention
+        assert f.get_slice("model.diffusion_model.output_blocks.2.1.conv.weight").get_shape()[0] == CHANNELS[1]
+        assert len(f.get_slice("first_stage_model.encoder.mid.attn_1.q.weight").get_shape()) == 4
+    config = configs_only(sd_folder, tmp_path / "config")
+    assert main(["--sd", str(single), "--config", str(config), "--out", str(tmp_path / "from_file")]) == 0
+    assert main(["--sd", str(sd_folder), "--out", str(tmp_path / "from_folder")]) == 0
+    assert same_folder(tmp_path / "from_folder", tmp_path / "from_file") == []
+    assert main(["--sd", str(sd_folder), "--out", str(tmp_path / "seed1"), "--seed", "1"]) == 0
+    # the seed sets the randomly initialised part (F_cam's conditioning embedding), nothing else
+    assert same_folder(tmp_path / "from_folder", tmp_path / "seed1") == [
+        "view_controlnet/diffusion_pytorch_model.safetensors", "view_modules/diffusion_pytorch_model.safetensors"]
+
+
+def test_an_incomplete_single_file_or_config_fails_before_loading(sd_folder: Path, tmp_path: Path, capsys) -> None:
+    no_text = write_single_file(sd_folder, tmp_path / "unet_vae.safetensors", parts=("unet", "vae"))
+    # diffusers alone would take the text encoder from --config's weights: refused, the embedding must be this file's
+    assert main(["--sd", str(no_text), "--config", str(sd_folder), "--out", str(tmp_path / "a")]) == 2
+    assert "no CLIP text encoder" in capsys.readouterr().err
+    full = write_single_file(sd_folder, tmp_path / "sd.safetensors")
+    assert main(["--sd", str(full), "--config", str(tmp_path), "--out", str(tmp_path / "b")]) == 2
+    assert "not a diffusers Stable Diffusion folder" in capsys.readouterr().err
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+    assert main(["--sd", str(tmp_path / "broken.safetensors"), "--config", str(sd_folder),
+                 "--out", str(tmp_path / "c")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    assert not any((tmp_path / n).exists() for n in "abc")

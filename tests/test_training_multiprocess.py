@@ -162,6 +162,18 @@ def test_a_checkpoint_of_two_processes_resumes_on_one(runs, tmp_path: Path) -> N
     assert_close(expected, ema)
 
 
+@pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_fsdp_and_deepspeed_on_the_cpu_are_refused_before_any_work(variable: str, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `accelerate launch --config_file configs/accelerate/fsdp.yaml` (or deepspeed_zero2.yaml) sets; on a
+    machine without GPUs accelerate cannot run either engine (docs/TRAINING.md), so the trainer says so first."""
+    from training.train import Trainer, TrainingError
+    monkeypatch.setenv(variable, "true")
+    with pytest.raises(TrainingError, match="only on GPUs.*--multi_gpu"):
+        Trainer(stage_config("1", tmp_path / "no-data", tmp_path / "no-model", tmp_path / "out"), resume=False)
+    assert not (tmp_path / "out").exists()
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
     sys.path.insert(0, str(ROOT))
     torch.set_num_threads(1)

@@ -1,6 +1,7 @@
 """Seconds per optimizer step and peak memory of one training sample, with and without gradient checkpointing.
 
     python -m training.bench --stage {1,2,3} --size {tiny,mid,sd15} [--precision no fp16 bf16] [--steps 2]
+    python -m training.bench --stage 1 2 3 --size sd15 --memory-floor    (counts only, runs nothing)
 
 One sample = one target view (stages 1, 2) or a reference + 8-view clip (stage 3), batch 1, random weights of
 the size's layout, a synthetic dataset; each configuration runs in its own process so its peak memory is its own
@@ -13,6 +14,7 @@ the size's layout, a synthetic dataset; each configuration runs in its own proce
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -33,11 +35,11 @@ SD_VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "no
 MID_VAE = {"block_out_channels": (32, 64, 128, 128), "layers_per_block": 1, "norm_num_groups": 32}
 
 
-def write_model(size: str, folder: Path) -> Path:
+def make_components(size: str) -> dict[str, Any]:
+    """The size's networks with random weights (under ``torch.device("meta")``: their shapes only)."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from dp3d_core.model_folder import save_model_folder
     from dp3d_core.models.config import network_configs, official_params
     from dp3d_core.models.prompt_embedding import PromptEmbedding
     from dp3d_core.tiny import make_tiny_components
@@ -46,15 +48,43 @@ def write_model(size: str, folder: Path) -> Path:
     spec = SIZES[size]
     latent = spec["image"] // 8
     if spec["params"] is None:
-        return save_model_folder(make_tiny_components(seed=0, sample_size=latent), folder, overwrite=True)
+        return make_tiny_components(seed=0, sample_size=latent)
     params = official_params(spec["params"])
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**{**network_configs(params)["unet"], "sample_size": latent})
     vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                         latent_channels=4, sample_size=spec["image"], **(SD_VAE if size == "sd15" else MID_VAE))
     prompt = PromptEmbedding.from_tensor(torch.randn(1, 77, params["context_dim"]))
-    return save_model_folder({"unet": unet, **hand_over_from_unet(unet, params), "vae": vae,
-                              "prompt_embedding": prompt}, folder, overwrite=True)
+    return {"unet": unet, **hand_over_from_unet(unet, params), "vae": vae, "prompt_embedding": prompt}
+
+
+def write_model(size: str, folder: Path) -> Path:
+    from dp3d_core.model_folder import save_model_folder
+    return save_model_folder(make_components(size), folder, overwrite=True)
+
+
+def memory_floor(size: str, stages: Iterable[str]) -> list[dict[str, Any]]:
+    """What a stage holds before its first activation, counted from the networks' shapes (nothing allocated):
+    every network's float32 weights (the trainer loads them all; mixed precision keeps float32 weights), the
+    trainable network's float32 gradients, and its optimizer moments: AdamW 2 x 4 bytes, AdamW8bit 2 x 1 byte
+    per parameter (its per-block scales, under 1 %, left out)."""
+    import torch
+
+    from .models import TRAINABLE
+    # tiny: real tensors (its initialisation reads values, and it is small)
+    with torch.device("meta") if SIZES[size]["params"] is not None else contextlib.nullcontext():
+        parts = make_components(size)
+    counts = {name: sum(p.numel() for p in m.parameters()) for name, m in parts.items()
+              if isinstance(m, torch.nn.Module)}
+    weights = sum(counts.values()) * 4
+    rows = []
+    for stage in stages:
+        trained = counts[TRAINABLE[stage]]
+        rows.append({"stage": stage, "size": size, "all_params": sum(counts.values()), "trainable_params": trained,
+                     "weights_gib": weights / 2**30, "gradients_gib": trained * 4 / 2**30,
+                     "adamw_floor_gib": (weights + trained * 12) / 2**30,
+                     "adamw8bit_floor_gib": (weights + trained * 6) / 2**30})
+    return rows
 
 
 def write_data(folder: Path, image: int, identities: int = 2, views: int = 9) -> Path:
@@ -142,12 +172,24 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2, help="timed steps per configuration (after one warm-up)")
     parser.add_argument("--work", help="folder for the random model and data (default: a temporary one)")
     parser.add_argument("--out-json", help="also write the rows here")
+    parser.add_argument("--memory-floor", action="store_true",
+                        help="only count each stage's weights, gradients and optimizer moments (nothing is run)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one configuration as JSON, in a child
     args = parser.parse_args(list(argv) if argv is not None else None)
     if args.one:
         spec = json.loads(args.one)
         print(json.dumps(measure(spec["stage"], Path(spec["model"]), Path(spec["data"]), spec["image"],
                                  spec["checkpointing"], spec["precision"], spec["steps"])))
+        return 0
+    if args.memory_floor:
+        print(f"size {args.size}: memory before activations (float32 weights of every network + the trainable "
+              f"network's gradients + optimizer moments)")
+        print("| stage | all params | trainable | weights | + gradients + AdamW | + gradients + AdamW8bit |")
+        print("|---|---|---|---|---|---|")
+        for r in memory_floor(args.size, args.stage):
+            print(f"| {r['stage']} | {r['all_params'] / 1e6:.1f} M | {r['trainable_params'] / 1e6:.1f} M "
+                  f"| {r['weights_gib']:.2f} GiB | {r['adamw_floor_gib']:.2f} GiB "
+                  f"| {r['adamw8bit_floor_gib']:.2f} GiB |")
         return 0
     work = Path(args.work or tempfile.mkdtemp(prefix="dp3d-bench-"))
     image = SIZES[args.size]["image"]

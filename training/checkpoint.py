@@ -5,7 +5,8 @@ accelerate's ``save_state``/``load_state`` pickle the RNG states and custom obje
 and reads a fixed set of files and refuses a folder that holds anything else:
 
     model.safetensors                 the trainable network's full state dict (unwrapped, gathered)
-    optimizer.safetensors / .json     optimizer tensors by "<parameter name>/<state key>"; param_groups + scalars
+    optimizer.safetensors / .json     optimizer tensors by "<parameter name>/<state key>[/<inner key>]";
+                                      param_groups + scalars
     scheduler.json                    the LR schedule's state (its lambdas are code, rebuilt from the config)
     ema.safetensors / ema.json        EMA shadow weights and counters (when EMA is on)
     rng.safetensors / rng.json        torch CPU (+ CUDA) generator states; Python and NumPy states
@@ -86,27 +87,40 @@ def _jsonable(value: Any) -> Any:
 
 
 def split_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """An optimizer state dict (keys: parameter names or ids) -> (tensors, JSON part)."""
+    """An optimizer state dict (keys: parameter names or ids) -> (tensors, JSON part). A parameter's state may
+    nest dicts (bitsandbytes keeps its 8-bit moments under ``__bnb_optimizer_quant_state__``): their keys join
+    with "/", as in "<parameter>/<key>/<inner key>"."""
     tensors, scalars = {}, {}
+
+    def walk(param: str, path: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(param, f"{path}/{key}" if path else str(key), inner)
+        elif isinstance(value, torch.Tensor) and value.ndim > 0:
+            tensors[f"{param}/{path}"] = value
+        else:
+            scalars.setdefault(param, {})[path] = {"tensor": isinstance(value, torch.Tensor),
+                                                   "value": _jsonable(value)}
     for param, entries in state["state"].items():
-        for key, value in entries.items():
-            if isinstance(value, torch.Tensor) and value.ndim > 0:
-                tensors[f"{param}/{key}"] = value
-            else:
-                scalars.setdefault(str(param), {})[key] = {"tensor": isinstance(value, torch.Tensor),
-                                                           "value": _jsonable(value)}
+        walk(str(param), "", entries)
     return _tensors(tensors), {"param_groups": _jsonable(state["param_groups"]), "scalars": scalars}
 
 
 def join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     state: dict[str, dict[str, Any]] = {}
+
+    def put(param: str, path: str, value: Any) -> None:
+        *outer, name = path.split("/")
+        entry = state.setdefault(param, {})
+        for key in outer:
+            entry = entry.setdefault(key, {})
+        entry[name] = value
     for key, value in tensors.items():
-        param, _, name = key.rpartition("/")
-        state.setdefault(param, {})[name] = value
+        param, _, path = key.partition("/")
+        put(param, path, value)
     for param, entries in meta["scalars"].items():
-        for name, item in entries.items():
-            state.setdefault(param, {})[name] = torch.tensor(item["value"], dtype=torch.float32) \
-                if item["tensor"] else item["value"]
+        for path, item in entries.items():
+            put(param, path, torch.tensor(item["value"], dtype=torch.float32) if item["tensor"] else item["value"])
     return {"state": state, "param_groups": meta["param_groups"]}
 
 

@@ -66,7 +66,7 @@ def enable_gradient_checkpointing(network: nn.Module) -> int:
 def make_optimizer(name: str, params: list[nn.Parameter], lr: float, betas: tuple[float, float],
                    weight_decay: float, eps: float = 1e-8) -> torch.optim.Optimizer:
     """``adamw`` (torch) or ``adamw8bit`` (bitsandbytes' AdamW8bit: optimizer moments in 8 bits, ~75 % less
-    optimizer memory; needs bitsandbytes and, for its fast kernels, a GPU)."""
+    optimizer memory; needs bitsandbytes, which also runs it on the CPU)."""
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     if name == "adamw8bit":

@@ -37,6 +37,9 @@ from typing import Any, Iterable
 import torch
 
 PICKLES = {".ckpt", ".bin", ".pt", ".pth", ".pkl"}
+# the original (LDM) layout of an SD-1.x single-file checkpoint: network -> key prefix
+SINGLE_FILE_PARTS = {"UNet": "model.diffusion_model.", "VAE": "first_stage_model.",
+                     "CLIP text encoder": "cond_stage_model.transformer."}
 
 
 class InitModelError(ValueError):
@@ -82,6 +85,7 @@ def load_sd(path: str | Path, config: str | Path | None = None) -> dict[str, Any
             raise InitModelError(f"cannot read the SD weights in {path} ({exc}); the folder must hold safetensors "
                                  f"weights (pickled .bin weights are not read)") from None
     _refuse_pickle(path)
+    _check_single_file(path, config)
     from diffusers import StableDiffusionPipeline
     kwargs: dict[str, Any] = {"local_files_only": config is not None}
     if config is not None:
@@ -92,6 +96,26 @@ def load_sd(path: str | Path, config: str | Path | None = None) -> dict[str, Any
         raise InitModelError(f"cannot read {path} as a single-file SD-1.5 checkpoint ({exc}); pass --config with "
                              f"a local diffusers SD-1.5 folder for the configs") from None
     return {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer}
+
+
+def _check_single_file(path: Path, config: str | Path | None) -> None:
+    """Before the big load: the file holds all three SD-1.x networks (diffusers would otherwise take a missing
+    text encoder from --config's weights, and the embedding would not come from this checkpoint), and --config
+    is a local diffusers folder."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as exc:
+        raise InitModelError(f"cannot read {path} as safetensors ({exc})") from None
+    missing = [name for name, prefix in SINGLE_FILE_PARTS.items() if not any(k.startswith(prefix) for k in keys)]
+    if missing:
+        raise InitModelError(f"{path} is not a complete SD-1.x checkpoint: it has no {' and no '.join(missing)} "
+                             f"(keys {', '.join(SINGLE_FILE_PARTS[m] + '*' for m in missing)}); use a full "
+                             f"checkpoint or a diffusers folder")
+    if config is not None and not (Path(config) / "model_index.json").is_file():
+        raise InitModelError(f"--config {config} is not a diffusers Stable Diffusion folder (no model_index.json); "
+                             f"give the folder of a diffusers SD-1.5 model (its configs and tokenizer are used)")
 
 
 @torch.no_grad()
@@ -169,7 +193,8 @@ def load_motion_modules(view_modules: torch.nn.Module, state: dict[str, torch.Te
 
 # ---------------------------------------------------------------------------- the folder
 def init_model(sd: str | Path, out: str | Path, motion_modules: str | Path | None = None,
-               config: str | Path | None = None, overwrite: bool = False) -> tuple[Path, MotionReport | None]:
+               config: str | Path | None = None, overwrite: bool = False,
+               seed: int = 0) -> tuple[Path, MotionReport | None]:
     from dp3d_core.model_folder import save_model_folder
     from dp3d_core.models.prompt_embedding import PromptEmbedding
 
@@ -180,7 +205,9 @@ def init_model(sd: str | Path, out: str | Path, motion_modules: str | Path | Non
     motion_state = read_motion_modules(motion_modules) if motion_modules else None  # fail before the big load
     parts = load_sd(sd, config)
     unet = parts["unet"].eval()
-    networks = hand_over_from_unet(unet, params_of(unet))
+    with torch.random.fork_rng():  # F_cam's conditioning embedding and the view modules start from random weights
+        torch.manual_seed(seed)
+        networks = hand_over_from_unet(unet, params_of(unet))
     report = load_motion_modules(networks["view_modules"], motion_state) if motion_state is not None else None
     embedding = empty_prompt_embedding(parts["text_encoder"], parts["tokenizer"])
     if embedding.shape[-1] != unet.config.cross_attention_dim:
@@ -198,9 +225,10 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--motion-modules", help="AnimateDiff motion modules (diffusers MotionAdapter, safetensors)")
     parser.add_argument("--config", help="local diffusers SD-1.5 folder with the configs (single-file --sd only)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the randomly initialised weights (default 0)")
     args = parser.parse_args(list(argv) if argv is not None else None)
     try:
-        out, report = init_model(args.sd, args.out, args.motion_modules, args.config, args.overwrite)
+        out, report = init_model(args.sd, args.out, args.motion_modules, args.config, args.overwrite, args.seed)
     except InitModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -77,6 +78,19 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return max(found, key=lambda p: int(p.name[5:])) if found else None
 
 
+def _refuse_sharding_without_accelerator(cfg: TrainConfig) -> None:
+    """accelerate (1.16) starts FSDP and DeepSpeed only on accelerator devices. On CPUs its FSDP plugin stops
+    with a traceback (or, with sync_module_states off, quietly becomes DDP), and DeepSpeed starts with
+    accelerate seeing one process each while DeepSpeed sees all (its batch check fails). Say so before any work."""
+    from accelerate.utils import get_torch_accelerator_backend
+    engine = next((name for name, var in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+                   if os.environ.get(var, "false").lower() == "true"), None)
+    if engine and (cfg.device == "cpu" or get_torch_accelerator_backend()[0] is None):
+        raise TrainingError(f"accelerate runs {engine} only on GPUs (or other accelerators), and this run is on the "
+                            f"CPU; on CPUs use DDP: accelerate launch --multi_gpu --num_processes N -m training.train "
+                            f"... (accelerate runs it over gloo)")
+
+
 class StageModel(nn.Module):
     """What accelerate prepares (wraps in DDP, FSDP or a DeepSpeed engine): the stage's trainable network is its
     only submodule and its forward is the stage's loss on this process's samples, so every call the denoiser makes
@@ -106,6 +120,7 @@ class Trainer:
         self.dir = cfg.stage_dir
         if cfg.num_threads > 0:
             torch.set_num_threads(cfg.num_threads)
+        _refuse_sharding_without_accelerator(cfg)
         # find_unused_parameters: a step may leave part of the network unused (the middle view module runs on
         # dropped clips only; a micro-batch may drop every sample)
         self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu",
