@@ -433,7 +433,7 @@ def test_pose_within_the_bound_where_the_face_mesh_follows(pose_errors):
 def test_strongly_turned_face_takes_its_yaw_from_the_keypoints(pose_errors):
     """At camera yaw +-60 (pitch within 15) the face mesh's landmarks fold back toward frontal (they gave yaw
     errors up to 40 degrees); the detector's keypoints keep the yaw within 15 degrees (measured within 11 over
-    seeds 11-13 on the current head, 13.8 on the earlier one, docs/REFERENCE_PREP.md)."""
+    seeds 11-13, docs/REFERENCE_PREP.md)."""
     e = pose_errors
     wide = e[(np.abs(e[:, 1]) > 59.5) & (np.abs(e[:, 2]) <= 15.5)]
     assert len(wide) == 2 * 3 * len(POSE_SEEDS)
