@@ -42,15 +42,26 @@ class LandmarkModel:
     points: np.ndarray  # (N, 3) EG3D coordinates
     scale: float  # framing correction: true crop side / fitted crop side
     offset: tuple[float, float]  # framing correction: (true - fitted) crop centre, in fitted crop sides
+    keypoints: np.ndarray | None = None  # (6, 3) EG3D points of the detector's keypoints (eyes, nose, mouth, ears)
+
+
+# Beyond this camera yaw (degrees, as the detector's keypoints see it) the face mesh's landmarks fold back toward
+# frontal on the calibration heads while the keypoints (their ear tragions) still follow the turn: the yaw is then
+# taken from the keypoints (chosen on the calibration identities, scripts/make_face_landmarks_3d.py; the mesh
+# says as little as 19 there). In 225 measured renders at camera yaw within 30, the keypoints never said more than
+# 43. Only when the mesh sees the face turned the same way: the keypoints never flip the side.
+KEYPOINT_YAW = 45.0
 
 
 @lru_cache(maxsize=1)
 def landmark_model(path: str | None = None) -> LandmarkModel:
     data = json.loads(Path(path or DATA_FILE).read_text(encoding="utf-8"))
     framing = data.get("framing", {})
+    keypoints = data.get("keypoints_3d")
     return LandmarkModel(indices=np.array(data["indices"], int), points=np.array(data["points"], float),
                          scale=float(framing.get("scale", 1.0)),
-                         offset=tuple(float(v) for v in framing.get("offset", (0.0, 0.0))))
+                         offset=tuple(float(v) for v in framing.get("offset", (0.0, 0.0))),
+                         keypoints=None if keypoints is None else np.array(keypoints, float))
 
 
 def subject_yaw(camera_yaw: float) -> float:
@@ -121,8 +132,9 @@ def _residuals(theta: np.ndarray, pts3: np.ndarray, pts2: np.ndarray) -> np.ndar
 
 
 def _solve(theta: np.ndarray, pts3: np.ndarray, pts2: np.ndarray, weights: np.ndarray,
-           iterations: int = 40) -> tuple[np.ndarray, float]:
-    """Levenberg-Marquardt with a numeric Jacobian; ``weights`` per landmark (IRLS by the caller)."""
+           iterations: int = 40, free: tuple[int, ...] = (0, 1, 2, 3, 4, 5)) -> tuple[np.ndarray, float]:
+    """Levenberg-Marquardt with a numeric Jacobian; ``weights`` per landmark (IRLS by the caller); only the
+    parameters numbered in ``free`` move."""
     w = np.repeat(np.sqrt(weights), 2)
     lam = 1e-3
     steps = np.array([1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1e-5]) * np.array([1, 1, 1, 1, 1, 1])
@@ -130,13 +142,14 @@ def _solve(theta: np.ndarray, pts3: np.ndarray, pts2: np.ndarray, weights: np.nd
     cost = float(r @ r)
     for _ in range(iterations):
         h = steps * np.maximum(1.0, np.abs(theta))
-        jac = np.stack([(_residuals(theta + np.eye(6)[k] * h[k], pts3, pts2) * w - r) / h[k] for k in range(6)],
+        jac = np.stack([(_residuals(theta + np.eye(6)[k] * h[k], pts3, pts2) * w - r) / h[k] for k in free],
                        axis=1)
         g = jac.T @ r
         a = jac.T @ jac
         improved = False
         for _ in range(8):
-            delta = np.linalg.solve(a + lam * np.diag(np.diag(a) + 1e-9), -g)
+            delta = np.zeros(6)
+            delta[list(free)] = np.linalg.solve(a + lam * np.diag(np.diag(a) + 1e-9), -g)
             cand = theta + delta
             cand[1] = float(np.clip(cand[1], -85.0, 85.0))
             rc = _residuals(cand, pts3, pts2) * w
@@ -151,10 +164,49 @@ def _solve(theta: np.ndarray, pts3: np.ndarray, pts2: np.ndarray, weights: np.nd
     return theta, cost
 
 
-def fit_pose(landmarks: np.ndarray, model: LandmarkModel | None = None) -> PoseFit:
+def _robust_fit(theta: np.ndarray, pts3: np.ndarray, pts2: np.ndarray,
+                free: tuple[int, ...] = (0, 1, 2, 3, 4, 5)) -> tuple[np.ndarray, float]:
+    """Cauchy-reweighted refinement from ``theta``; (parameters, weighted rms)."""
+    weights = np.ones(len(pts3))
+    for _ in range(3):
+        theta, _cost = _solve(theta, pts3, pts2, weights, free=free)
+        err = np.linalg.norm(_residuals(theta, pts3, pts2).reshape(-1, 2), axis=1)
+        scale = max(1.4826 * float(np.median(err)), 2e-3)
+        weights = 1.0 / (1.0 + (err / (2.0 * scale)) ** 2)
+    return theta, math.sqrt(float(np.sum(weights * err ** 2) / np.sum(weights)))
+
+
+def _start(pts2: np.ndarray, pts3: np.ndarray) -> tuple[np.ndarray, float]:
+    """Frontal start: the generic points scaled and moved onto ``pts2``'s box; (centre x0 y0, side)."""
+    extent = float(np.max(np.ptp(pts2, axis=0)))
+    if extent <= 1e-6:
+        raise PoseFitError("the landmarks all sit on one point")
+    front = project(camera_from_pose(0.0, 0.0), pts3)
+    side0 = extent / float(np.max(np.ptp(front, axis=0)))
+    return pts2.mean(0) - side0 * front.mean(0), side0
+
+
+def keypoint_yaw(keypoints: np.ndarray, model: LandmarkModel | None = None) -> float:
+    """The camera yaw (degrees) fitted to the detector's 6 keypoints alone (ValueError without a keypoint set)."""
+    model = model or landmark_model()
+    if model.keypoints is None:
+        raise ValueError("the landmark set has no detector keypoints")
+    kp = np.asarray(keypoints, float)[:, :2]
+    if kp.shape != (6, 2) or not np.all(np.isfinite(kp)):
+        raise PoseFitError(f"expected the detector's 6 keypoints, got an array shaped {kp.shape}")
+    centre0, side0 = _start(kp, model.keypoints)
+    starts = [np.array([yaw0, 0.0, 0.0, centre0[0], centre0[1], math.log(side0)]) for yaw0 in (0.0, -50.0, 50.0)]
+    theta = min((_solve(t, model.keypoints, kp, np.ones(6)) for t in starts), key=lambda r: r[1])[0]
+    return float((theta[0] + 180.0) % 360.0 - 180.0)
+
+
+def fit_pose(landmarks: np.ndarray, model: LandmarkModel | None = None,
+             keypoints: np.ndarray | None = None) -> PoseFit:
     """Fit the EG3D camera (yaw, pitch, roll) and the EG3D-framed crop to face-mesh ``landmarks`` (468 x >= 2,
     photo pixels). Robust to the landmarks the mesh model guesses on the hidden side of a turned face
-    (iteratively reweighted, Cauchy weights)."""
+    (iteratively reweighted, Cauchy weights). With the detector's 6 ``keypoints`` (same pixels), a face whose
+    keypoints say it is turned further than :data:`KEYPOINT_YAW` and further than the mesh says (the same way)
+    gets the keypoints' yaw, and pitch, roll and crop are refitted to the landmarks with that yaw held."""
     model = model or landmark_model()
     lm = np.asarray(landmarks, float)
     if lm.ndim != 2 or lm.shape[0] <= int(model.indices.max()) or lm.shape[1] < 2:
@@ -163,30 +215,24 @@ def fit_pose(landmarks: np.ndarray, model: LandmarkModel | None = None) -> PoseF
     pts3 = model.points
     if not np.all(np.isfinite(pts2)):
         raise PoseFitError("the landmarks contain NaN or infinite values")
-    extent = float(np.max(np.ptp(pts2, axis=0)))
-    if extent <= 1e-6:
-        raise PoseFitError("the landmarks all sit on one point")
-    # Start: frontal camera, the generic face scaled and moved onto the landmarks' box.
-    front = project(camera_from_pose(0.0, 0.0), pts3)
-    side0 = extent / float(np.max(np.ptp(front, axis=0)))
-    centre0 = pts2.mean(0) - side0 * front.mean(0)
+    centre0, side0 = _start(pts2, pts3)
     # Three starting yaws (a strongly turned face can fall into the mirrored solution from a frontal start);
     # the best plain least-squares solution is then refined with robust weights.
     starts = [np.array([yaw0, 0.0, 0.0, centre0[0], centre0[1], math.log(side0)]) for yaw0 in (0.0, -40.0, 40.0)]
     ones = np.ones(len(pts3))
     theta = min((_solve(t, pts3, pts2, ones, iterations=15) for t in starts), key=lambda r: r[1])[0]
-    weights = ones
-    for _ in range(3):
-        theta, _cost = _solve(theta, pts3, pts2, weights)
-        err = np.linalg.norm(_residuals(theta, pts3, pts2).reshape(-1, 2), axis=1)
-        scale = max(1.4826 * float(np.median(err)), 2e-3)
-        weights = 1.0 / (1.0 + (err / (2.0 * scale)) ** 2)
-    best = (float(np.sum(weights * err ** 2) / np.sum(weights)), theta)
-    yaw, pitch, roll, x0, y0, log_side = best[1]
+    theta, rms = _robust_fit(theta, pts3, pts2)
+    if keypoints is not None and model.keypoints is not None:
+        yaw_k = keypoint_yaw(keypoints, model)
+        yaw_m = (theta[0] + 180.0) % 360.0 - 180.0
+        if abs(yaw_k) > KEYPOINT_YAW and abs(yaw_k) > abs(yaw_m) and yaw_k * yaw_m > 0:
+            theta = theta.copy()
+            theta[0] = yaw_k
+            theta, rms = _robust_fit(theta, pts3, pts2, free=(1, 2, 3, 4, 5))
+    yaw, pitch, roll, x0, y0, log_side = theta
     yaw = (yaw + 180.0) % 360.0 - 180.0
     roll = (roll + 180.0) % 360.0 - 180.0
-    return PoseFit(float(yaw), float(pitch), float(roll), (float(x0), float(y0), math.exp(log_side)),
-                   math.sqrt(best[0]))
+    return PoseFit(float(yaw), float(pitch), float(roll), (float(x0), float(y0), math.exp(log_side)), rms)
 
 
 def framed_crop(fit: PoseFit, model: LandmarkModel | None = None) -> tuple[float, float, float, float]:

@@ -79,7 +79,7 @@ def prepare(image: str | Path, out: str | Path | None = None, *, size: int = 512
     face = faces[0]
     landmarks = face.landmarks.copy()
     landmarks[:, :2] *= factor
-    fit = face_pose.fit_pose(landmarks)
+    fit = face_pose.fit_pose(landmarks, keypoints=face.keypoints * factor)
     crop = face_pose.nudge_crop(face_pose.framed_crop(fit), scale, offset_x, offset_y)
     warnings: list[str] = []
     if len(faces) > 1:

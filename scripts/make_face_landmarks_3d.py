@@ -8,7 +8,9 @@ Needs the bpy module and the face models (the project's venv has both). About a 
    rendered (Workbench, like the condition images) from known EG3D cameras around the front; the face mesh
    finds its 468 landmarks in each render; each landmark is triangulated (linear least squares over the views,
    the cameras are exact), per identity, then averaged over identities. Landmarks whose triangulation does not
-   explain the views (silhouette points that slide over the surface as the head turns) are left out.
+   explain the views (silhouette points that slide over the surface as the head turns) are left out. The
+   detector's 6 keypoints (eyes, nose tip, mouth, ear tragions) are triangulated the same way: face_pose takes
+   the yaw of a strongly turned face from them.
 2. Framing: the fit of dp3d_core.face_pose on each official sample portrait gives the square EG3D's camera
    would frame; the mean ratio and offset to the sample's own square are the framing correction. The measured
    framing of the samples (eye line, eye distance, chin, as fractions of the image) is stored beside it.
@@ -88,9 +90,10 @@ def projection_matrix(c2w: np.ndarray, size: int) -> np.ndarray:
 
 
 def triangulate(views: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """(468, 3) points from [(landmarks 468x2 px, 3x4 projection)] by linear least squares (DLT)."""
-    points = np.zeros((468, 3))
-    for i in range(468):
+    """(N, 3) points from [(landmarks Nx2 px, 3x4 projection)] by linear least squares (DLT)."""
+    n = len(views[0][0])
+    points = np.zeros((n, 3))
+    for i in range(n):
         rows = []
         for lm, p in views:
             x, y = lm[i, :2]
@@ -110,12 +113,16 @@ def reprojection_error(points: np.ndarray, views) -> np.ndarray:
     return np.sqrt(np.mean(np.square(errs), axis=0))
 
 
-def landmarks_of(path: Path):
+def landmarks_of(path: Path, keypoints: bool = False):
+    """The face mesh's 468 landmarks of the first face in ``path`` (None without a face); with ``keypoints``,
+    (landmarks, the detector's 6 keypoints)."""
     from PIL import Image
 
     from dp3d_core.face_landmarks import find_faces
     faces = find_faces(np.asarray(Image.open(path).convert("RGB")))
-    return faces[0].landmarks if faces else None
+    if not faces:
+        return None
+    return (faces[0].landmarks, faces[0].keypoints) if keypoints else faces[0].landmarks
 
 
 def main(argv=None) -> int:
@@ -124,17 +131,19 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     poses = [(y, p) for p in PITCHES for y in YAWS]
-    per_identity, all_views = [], []
+    per_identity, per_identity_kp, all_views = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in CALIBRATION_SEEDS:
-            views = []
+            views, kp_views = [], []
             for path, c2w in render_views(seed, poses, Path(tmp)):
-                lm = landmarks_of(path)
-                if lm is None:
+                found = landmarks_of(path, keypoints=True)
+                if found is None:
                     print(f"  no face found in {path.name}; view skipped")
                     continue
-                views.append((lm, projection_matrix(c2w, SIZE)))
+                views.append((found[0], projection_matrix(c2w, SIZE)))
+                kp_views.append((found[1], projection_matrix(c2w, SIZE)))
             points = triangulate(views)
+            per_identity_kp.append(triangulate(kp_views))
             err = reprojection_error(points, views)
             print(f"seed {seed}: {len(views)} views, median reprojection error {np.median(err):.2f} px")
             per_identity.append(points)
@@ -154,6 +163,7 @@ def main(argv=None) -> int:
         "seeds": list(CALIBRATION_SEEDS),
         "indices": [int(i) for i in keep],
         "points": [[round(float(v), 5) for v in points[i]] for i in keep],
+        "keypoints_3d": [[round(float(v), 5) for v in p] for p in np.mean(per_identity_kp, axis=0)],
     }
     tmp_file = out.with_suffix(".tmp")
     tmp_file.write_text(json.dumps(data), encoding="utf-8")

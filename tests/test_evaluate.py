@@ -180,3 +180,66 @@ def test_dataset_proxy_renders_are_used_and_shown(tmp_path: Path, tiny_model: Pa
     grid = ev.save_eval_grid(result, tmp_path / "grid.png")
     with Image.open(grid) as im:  # condition, proxy, truth, model, 3D noise, no view modules
         assert im.size[1] == 6 * (64 + 2) + 2
+
+
+# ---------------------------------------------------------------- training.evaluate360 (DiffPortrait360, all around)
+
+def test_yaw_sectors() -> None:
+    from training.evaluate360 import sector_of
+    assert [sector_of(y) for y in (0, -44.9, 45, -90, 134.9, 135, -180, 180)] == \
+        ["front", "front", "sides", "sides", "sides", "back", "back", "back"]
+
+
+def _full_turn_dataset(root: Path, identities: int = 2, size: int = 64, back: bool = True) -> Path:
+    rng = np.random.default_rng(0)
+    entries = []
+    for i in range(identities):
+        colour = rng.random(3)
+        yaws = [0.0, 180.0 if back else 100.0, -120.0, -60.0, 30.0, 90.0, 150.0]
+        for v, yaw in enumerate(yaws):
+            rel = f"id{i:02d}/v{v:02d}.png"
+            for folder in (root, root / "cond", root / "proxy"):
+                (folder / f"id{i:02d}").mkdir(parents=True, exist_ok=True)
+                img = np.clip(colour + 0.1 * rng.standard_normal((size, size, 3)), 0, 1)
+                Image.fromarray((img * 255).astype(np.uint8)).save(folder / rel)
+            entries.append((rel, to_label(sample_lookat(math.pi / 2 + math.radians(yaw), math.pi / 2),
+                                          intrinsics_from_focal())))
+    write_labels(root, entries)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_360(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from dp3d_core.tiny import make_tiny_360_model_folders
+    views, back = make_tiny_360_model_folders(tmp_path_factory.mktemp("m360") / "tiny", sample_size=8)
+    back.rename(views / "back_head")
+    return views
+
+
+def test_evaluate360_scores_every_sector_and_the_back_view(tmp_path: Path, tiny_360: Path) -> None:
+    from training import evaluate360 as e360
+    data = _full_turn_dataset(tmp_path / "data")
+    samples = e360.load_turns(data, 5, 64)
+    assert len(samples) == 2 and samples[0].yaws == sorted(samples[0].yaws) and len(samples[0].yaws) == 6
+    assert torch.equal(samples[0].back, samples[0].truth[-1])   # yaw 180 sorts last
+    result = e360.evaluate_turns(tiny_360, data, identities=2, steps=1)
+    text = e360.markdown_tables(result)
+    for row in ("reference copied", "projected proxy", "model (back view from its back-head model)",
+                "true back view", "3D-aware noise", "back-head model"):
+        assert row in text
+    assert "front 2, sides 6, back 4" in text
+    # the reference copied unchanged: exact at no view (a different colour per view), worst at the back
+    assert result["back_scores"]["reference"]["psnr"] < 100 and result["scores"]["proxy"]["all"]["n"] == 12
+    grid = e360.save_turn_grid(result, tmp_path / "g.png", identities=2)
+    with Image.open(grid) as im:
+        # 2 identities x 5 rows (condition, proxy, truth, model, true back) of reference/back + 6 views
+        assert im.size == (72 + 7 * (64 + 2) + 2, 10 * (64 + 2) + 2)
+
+
+def test_evaluate360_refuses_data_without_back_views_and_models_without_back_head(tmp_path: Path,
+                                                                                    tiny_360: Path) -> None:
+    from training import evaluate360 as e360
+    data = _full_turn_dataset(tmp_path / "data", back=False)
+    with pytest.raises(ev.EvaluationError, match="--full-turn"):
+        e360.load_turns(data, 2, 64)
+    assert e360.main(["--model", str(tiny_360 / "back_head"), "--data", str(data)]) == 2

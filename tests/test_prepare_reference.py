@@ -154,6 +154,25 @@ def test_pose_fit_recovers_a_projected_camera():
         np.testing.assert_allclose(fit.crop, (100, 100, 300), atol=3.0)
 
 
+def test_keypoint_yaw_only_beyond_45_degrees_and_on_the_mesh_side():
+    """The detector's keypoints replace the mesh's yaw only beyond 45 degrees, further than the mesh's and the same
+    way (exact projections of the generic sets)."""
+    model = face_pose.landmark_model()
+
+    def views(mesh_yaw, keypoint_yaw):
+        landmarks = np.zeros((468, 3))
+        landmarks[model.indices, :2] = 100 + 300 * face_pose.project(face_pose.camera_from_pose(mesh_yaw, 10),
+                                                                      model.points)
+        kp = 100 + 300 * face_pose.project(face_pose.camera_from_pose(keypoint_yaw, 10), model.keypoints)
+        return face_pose.fit_pose(landmarks, model, keypoints=kp)
+
+    turned = views(40.0, 62.0)
+    assert abs(turned.yaw - 62.0) < 1.0 and abs(turned.pitch - 10.0) < 4.0, turned
+    assert abs(views(-40.0, -62.0).yaw + 62.0) < 1.0
+    for mesh_yaw, keypoint_yaw in ((40.0, -62.0), (20.0, 44.0), (50.0, 48.0)):
+        assert abs(views(mesh_yaw, keypoint_yaw).yaw - mesh_yaw) < 1.0, (mesh_yaw, keypoint_yaw)
+
+
 # ---------------------------------------------------------------- image formats
 
 
@@ -361,7 +380,70 @@ def test_strongly_turned_face_warns(monkeypatch):
     import dp3d_core.prepare_reference as prep
 
     real_fit = face_pose.fit_pose
-    monkeypatch.setattr(prep.face_pose, "fit_pose", lambda lm: replace(real_fit(lm), yaw=-72.0))
+    monkeypatch.setattr(prep.face_pose, "fit_pose", lambda *a, **k: replace(real_fit(*a, **k), yaw=-72.0))
     result = prep.prepare(sample("0000167"))
     assert result["yaw"] == 72.0  # camera 72 degrees on the subject's right: the subject turned 72 to its left
     assert any("turned 72 degrees" in w for w in result["warnings"])
+
+
+# ---------------------------------------------------------------- pose on renders of held-out heads
+
+# Held out: the generic landmarks and keypoints were triangulated from seeds 1001-1004 (and the keypoint-yaw switch
+# chosen on them); scripts/measure_pose_accuracy.py reports seeds 11-13 on a finer grid.
+POSE_SEEDS = (11, 12)
+POSE_YAWS = (-60.0, -30.0, 0.0, 30.0, 60.0)
+POSE_PITCHES = (-30.0, -15.0, 0.0, 15.0, 30.0)
+
+
+@pytest.fixture(scope="module")
+def pose_errors(tmp_path_factory) -> np.ndarray:
+    """Rows (seed, camera yaw, pitch, yaw error, pitch error, roll) of the whole path (detector, face mesh, fit) on
+    Workbench renders of the project's proxy head made here (bpy module, no Blender process)."""
+    from scripts.make_face_landmarks_3d import render_views
+
+    folder = tmp_path_factory.mktemp("pose-renders")
+    poses = [(y, p) for p in POSE_PITCHES for y in POSE_YAWS]
+    rows = []
+    for seed in POSE_SEEDS:
+        for path, c2w in render_views(seed, poses, folder, size=256):
+            yaw, pitch = cameras.yaw_pitch_from_cam2world(c2w)
+            result = prepare(path)
+            rows.append((seed, yaw, pitch, face_pose.camera_yaw(result["yaw"]) - yaw, result["pitch"] - pitch,
+                         result["roll"]))
+    import bpy
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    return np.array(rows)
+
+
+def _table(rows: np.ndarray) -> str:
+    return "\n".join(f"seed {s:.0f} yaw {y:+.0f} pitch {p:+.0f}: error yaw {dy:+.1f} pitch {dp:+.1f} roll {r:+.1f}"
+                     for s, y, p, dy, dp, r in rows)
+
+
+def test_pose_within_the_bound_where_the_face_mesh_follows(pose_errors):
+    """Issue 13's bound (median <= 5, worst <= 10 degrees of max(|yaw error|, |pitch error|)) where it is met:
+    |yaw| <= 30 and |pitch| <= 15; the renders have no roll."""
+    e = pose_errors
+    inner = e[(np.abs(e[:, 1]) <= 30.5) & (np.abs(e[:, 2]) <= 15.5)]
+    worst = np.max(np.abs(inner[:, 3:5]), axis=1)
+    assert np.median(worst) <= 5.0 and worst.max() <= 10.0, _table(inner)
+    assert np.max(np.abs(inner[:, 5])) <= 5.0, _table(inner)
+
+
+def test_strongly_turned_face_takes_its_yaw_from_the_keypoints(pose_errors):
+    """At camera yaw +-60 (pitch within 15) the face mesh's landmarks fold back toward frontal (they gave yaw
+    errors up to 40 degrees); the detector's keypoints keep the yaw within 15 degrees (measured within 11 over
+    seeds 11-13, docs/REFERENCE_PREP.md)."""
+    e = pose_errors
+    wide = e[(np.abs(e[:, 1]) > 59.5) & (np.abs(e[:, 2]) <= 15.5)]
+    assert len(wide) == 2 * 3 * len(POSE_SEEDS)
+    assert np.max(np.abs(wide[:, 3])) <= 15.0, _table(wide)
+    assert np.median(np.abs(wide[:, 3])) <= 7.0, _table(wide)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 13's bound over yaw +-60 / pitch +-30 is not met: the face mesh "
+                                       "underestimates pitch beyond 15 degrees when the face is also turned "
+                                       "(docs/REFERENCE_PREP.md, Accuracy)")
+def test_pose_bound_over_the_issues_full_range(pose_errors):
+    worst = np.max(np.abs(pose_errors[:, 3:5]), axis=1)
+    assert np.median(worst) <= 5.0 and worst.max() <= 10.0, _table(pose_errors)

@@ -91,3 +91,16 @@ def test_render_is_deterministic_resumable_and_loadable(tmp_path: Path) -> None:
         for sub in ("", "cond/"):
             pixels = [np.asarray(Image.open(root / "train" / sub / rel)) for root in (a, tmp_path / "b")]
             assert np.array_equal(*pixels), f"{sub}{rel} differs between two renders with the same seed"
+
+
+def test_full_turn_views_go_all_around_with_a_front_and_a_back_view() -> None:
+    labels = sample_views(seed=3, index=7, views=60, full_turn=True)
+    yaws, pitches = zip(*(yaw_pitch_from_cam2world(from_label(label)[0]) for label in labels))
+    assert abs(yaws[0]) < 1e-6 and abs(pitches[0]) < 1e-6          # view 0: frontal
+    assert abs(abs(yaws[1]) - 180) < 1e-6 and abs(pitches[1]) < 1e-6  # view 1: straight behind
+    rest = np.abs(np.array(yaws[2:]))
+    assert (rest > 135).sum() >= 5 and (rest < 45).sum() >= 5 and ((rest > 45) & (rest < 135)).sum() >= 5
+    assert max(abs(p) for p in pitches) <= math.degrees(PITCH_RANGE) + 1e-6
+    # the default stays in the trained frontal range
+    assert max(abs(yaw_pitch_from_cam2world(from_label(label)[0])[0])
+               for label in sample_views(seed=3, index=7, views=60)) <= math.degrees(YAW_RANGE) + 1e-6

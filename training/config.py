@@ -14,13 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-STAGES = ("vae", "0", "1", "2", "3")
+STAGES = ("vae", "0", "1", "2", "3", "back", "360")
+STAGES_360 = ("back", "360")   # DiffPortrait360: start from a model folder (init_model), full-turn data
 STAGE_NAMES = {
     "vae": "small autoencoder (stands in for the SD VAE)",
     "0": "base UNet F from scratch (stands in for SD pretraining)",
     "1": "appearance reference net F_ref",
     "2": "view ControlNet F_cam (F_ref frozen)",
     "3": "cross-view attention modules (everything else frozen)",
+    "back": "DiffPortrait360 back-head model: front reference -> back view (F_ref and F_cam, F frozen)",
+    "360": "DiffPortrait360 view model: front + back references, view modules (F frozen)",
 }
 
 
@@ -74,6 +77,7 @@ class TrainConfig:
     save_fp16: bool = False            # write the final model folder in float16
     gradient_checkpointing: bool = False  # recompute the trainable network's activations in the backward pass
     optimizer: str = "adamw"           # "adamw" (torch) or "adamw8bit" (bitsandbytes, optional)
+    train_networks: str = ""           # stages back/360: comma-separated networks to train (default: the stage's)
 
     @property
     def stage_dir(self) -> Path:
@@ -83,6 +87,9 @@ class TrainConfig:
     def resolved_init_model(self) -> Path:
         if self.init_model:
             return Path(self.init_model)
+        if self.stage in STAGES_360:
+            raise ConfigError(f"stage {self.stage} starts from a trained model folder: set 'init_model' (e.g. "
+                              f"models/small, or an earlier run's stage{self.stage}/model)")
         if self.stage in ("vae", "0"):
             raise ConfigError(f"stage {self.stage} does not start from a model folder")
         return Path(self.output_dir) / f"stage{int(self.stage) - 1}" / "model"
@@ -128,6 +135,23 @@ def _check(cfg: TrainConfig) -> TrainConfig:
     if cfg.gradient_checkpointing and cfg.stage == "0" and cfg.reference_prob > 0:
         raise ConfigError("'gradient_checkpointing' cannot be combined with stage 0's 'reference_prob': F would "
                           "recompute its reference attention after the reference bank is gone; turn one off")
+    if cfg.train_networks:
+        from .models import STAGE_NETWORKS
+        names = [n.strip() for n in cfg.train_networks.split(",")]
+        allowed = STAGE_NETWORKS.get(cfg.stage)
+        if allowed is None:
+            raise ConfigError(f"'train_networks' applies to stages {', '.join(STAGES_360)} only (stage {cfg.stage} "
+                              f"trains one fixed network)")
+        wrong = [n for n in names if n not in allowed]
+        if wrong or not names:
+            raise ConfigError(f"'train_networks' of stage {cfg.stage} must name some of {', '.join(allowed)}, "
+                              f"got {cfg.train_networks!r}")
+    if cfg.stage in STAGES_360 and not cfg.init_model:
+        raise ConfigError(f"stage {cfg.stage} starts from a trained model folder: set 'init_model' (e.g. "
+                          f"models/small, or an earlier run's stage{cfg.stage}/model)")
+    if cfg.stage == "back" and cfg.num_targets != 1:
+        raise ConfigError(f"stage back has one target per sample (the back view); set num_targets to 1, "
+                          f"got {cfg.num_targets}")
     if not 0.0 < cfg.ema_decay < 1.0:
         raise ConfigError(f"'ema_decay' must be in (0, 1), got {cfg.ema_decay}")
     return cfg
@@ -146,7 +170,8 @@ def make_config(values: dict[str, Any], stage: str | int, overrides: dict[str, A
     cli = overrides
     overrides = (values.get("stages") or {})
     if not isinstance(overrides, dict):
-        raise ConfigError("'stages' must map stage names (\"vae\", \"0\".. \"3\") to objects of overrides")
+        raise ConfigError("'stages' must map stage names (\"vae\", \"0\".. \"3\", \"back\", \"360\") to objects "
+                          "of overrides")
     unknown_stages = sorted(k for k in overrides if k not in STAGES and not k.startswith("_"))
     if unknown_stages:
         raise ConfigError(f"'stages' has unknown stage(s) {unknown_stages}; use {', '.join(STAGES)}")

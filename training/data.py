@@ -25,13 +25,16 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from dp3d_core.cameras import CameraError, from_label, to_label
+from dp3d_core.cameras import CameraError, from_label, to_label, yaw_pitch_from_cam2world
 
 log = logging.getLogger(__name__)
 
 CONDITION_DIR = "cond"
 PROXY_DIR = "proxy"  # optional 3D-aware proxy views (training.render_dataset --proxies), read by training.evaluate
 DATASET_FILE = "dataset.json"
+MODES = ("any", "back", "dual")
+FRONT_MAX_YAW = 20.0    # degrees: the reference of modes back/dual must be this close to frontal
+BACK_MIN_YAW = 160.0    # degrees: and the back view this close to straight behind
 
 
 class DatasetError(ValueError):
@@ -139,8 +142,11 @@ class MultiViewDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, root: str | Path, size: int = 64, num_targets: int = 1, need_conditions: bool = True,
-                 seed: int = 0, cache_images: bool = False) -> None:
+                 seed: int = 0, cache_images: bool = False, mode: str = "any") -> None:
         self.root = Path(root)
+        if mode not in MODES:
+            raise DatasetError(f"unknown dataset mode {mode!r}; choose one of {', '.join(MODES)}")
+        self.mode = mode
         self._images: dict[str, torch.Tensor] | None = {} if cache_images else None
         if int(num_targets) < 1:
             raise DatasetError(f"num_targets must be at least 1, got {num_targets}")
@@ -162,10 +168,18 @@ class MultiViewDataset(torch.utils.data.Dataset):
                 self._report(f"{CONDITION_DIR}/{rel}",
                              f"missing condition image {self.root / CONDITION_DIR / rel}; view not used as a target")
             by_name.setdefault(name, Identity(name)).views.append(View(rel, label, has_cond))
+        if mode != "any":
+            for ident in by_name.values():
+                if self._front_back(ident) is None:
+                    self._report(ident.name, f"identity {ident.name} has no frontal view (|yaw| <= {FRONT_MAX_YAW:g} "
+                                             f"degrees) and back view (|yaw| >= {BACK_MIN_YAW:g}), which stage "
+                                             f"'{mode}' needs (render with --full-turn); identity not used")
         self.identities = [ident for ident in by_name.values() if self._usable(ident)]
         if not self.identities:
-            raise DatasetError(f"{self.root}: no identity has at least two readable views"
-                               f"{' with condition images' if self.need_conditions else ''}; "
+            need = (" with condition images" if self.need_conditions else "") + (
+                ", a frontal view and a back view (render with training.render_dataset --full-turn)"
+                if mode != "any" else "")
+            raise DatasetError(f"{self.root}: no identity has at least two readable views{need}; "
                                f"{len(self.problems)} problem(s): {'; '.join(list(self.problems.values())[:3])}")
 
     # ------------------------------------------------------------------ bookkeeping
@@ -179,9 +193,32 @@ class MultiViewDataset(torch.utils.data.Dataset):
         return [v for v in ident.views if v.path not in self._bad
                 and (not self.need_conditions or (v.has_condition and f"{CONDITION_DIR}/{v.path}" not in self._bad))]
 
-    def _usable(self, ident: Identity) -> bool:
+    def _front_back(self, ident: Identity) -> tuple[View, View] | None:
+        """(frontal view, back view) of an identity by camera yaw, or None when it lacks either."""
         good = [v for v in ident.views if v.path not in self._bad]
-        return len(good) >= 2 and bool(self._targets_of(ident))
+        if len(good) < 2:
+            return None
+        yaw = {v.path: abs(yaw_pitch_from_cam2world(from_label(v.label)[0])[0]) for v in good}
+        front = min(good, key=lambda v: (yaw[v.path], v.path))
+        back = max(good, key=lambda v: (yaw[v.path], v.path))
+        if yaw[front.path] > FRONT_MAX_YAW or yaw[back.path] < BACK_MIN_YAW:
+            return None
+        return front, back
+
+    def _usable(self, ident: Identity) -> bool:
+        if ident.name in self._bad:
+            return False
+        good = [v for v in ident.views if v.path not in self._bad]
+        if len(good) < 2 or not self._targets_of(ident):
+            return False
+        if self.mode == "any":
+            return True
+        pair = self._front_back(ident)
+        if pair is None:
+            return False
+        if self.mode == "back":
+            return any(v.path == pair[1].path for v in self._targets_of(ident))
+        return True
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -220,6 +257,8 @@ class MultiViewDataset(torch.utils.data.Dataset):
         return image
 
     def _build(self, ident: Identity, rng: np.random.Generator) -> dict[str, Any]:
+        if self.mode != "any":
+            return self._build_360(ident, rng)
         candidates = self._targets_of(ident)
         good = [v for v in ident.views if v.path not in self._bad]
         target_idx = rng.permutation(len(candidates))
@@ -246,6 +285,37 @@ class MultiViewDataset(torch.utils.data.Dataset):
             "labels": torch.from_numpy(np.stack([v.label for v in targets]).astype(np.float32)),
             "paths": [v.path for v in targets],
         }
+
+
+    def _build_360(self, ident: Identity, rng: np.random.Generator) -> dict[str, Any]:
+        """Modes back/dual: the reference is the frontal view; mode back: the target is the back view (its
+        condition image = the back camera's); mode dual: the back view is the second reference and the targets
+        are ``num_targets`` views in a row by yaw (every view can be one, the front and back included)."""
+        front, back = self._front_back(ident)
+        if self.mode == "back":
+            targets = [back] * self.num_targets
+        else:
+            # a continuous view sequence (DiffPortrait360): consecutive views by yaw around the circle from a
+            # random start, in order of yaw (wrapping past 180 degrees; repeating when there are too few)
+            around = sorted(self._targets_of(ident),
+                            key=lambda v: (yaw_pitch_from_cam2world(from_label(v.label)[0])[0], v.path))
+            start = int(rng.integers(len(around)))
+            targets = [around[(start + k) % len(around)] for k in range(self.num_targets)]
+        ref_img = self._load(front.path)
+        item = {
+            "identity": ident.name,
+            "reference": ref_img,
+            "reference_path": front.path,
+            "reference_label": torch.from_numpy(front.label.astype(np.float32)),
+            "targets": torch.stack([self._load(v.path) for v in targets]),
+            "conditions": torch.stack([self._load(f"{CONDITION_DIR}/{v.path}") for v in targets]),
+            "labels": torch.from_numpy(np.stack([v.label for v in targets]).astype(np.float32)),
+            "paths": [v.path for v in targets],
+        }
+        if self.mode == "dual":
+            item["back_reference"] = self._load(back.path)
+            item["back_reference_path"] = back.path
+        return item
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -20,6 +20,9 @@ from dp3d_core.models.prompt_embedding import PromptEmbedding
 from dp3d_core.models.view_modules import ViewModules
 
 TRAINABLE = {"vae": "vae", "0": "unet", "1": "reference_unet", "2": "view_controlnet", "3": "view_modules"}
+# DiffPortrait360 stages train several networks at once (F stays locked); ``train_networks`` may pick fewer.
+STAGE_NETWORKS = {"back": ("reference_unet", "view_controlnet"),
+                  "360": ("reference_unet", "view_controlnet", "view_modules")}
 
 SMALL_VAE_CONFIG: dict[str, Any] = {
     "down_block_types": ["DownEncoderBlock2D"] * 4,
@@ -124,12 +127,51 @@ def tie_parameters(source: nn.Module, target: nn.Module) -> None:
         setattr(target.get_submodule(owner) if owner else target, attr, param)
 
 
-def set_trainable(components: dict[str, Any], stage: str) -> nn.Module:
-    """Freeze every network except the stage's one (``requires_grad_``); returns the trainable module."""
-    name = TRAINABLE[stage]
+def trainable_names(stage: str, train_networks: str = "") -> tuple[str, ...]:
+    """The component names a stage trains (``train_networks``: a comma-separated subset, stages back/360)."""
+    if stage in STAGE_NETWORKS:
+        if train_networks:
+            return tuple(n.strip() for n in train_networks.split(","))
+        return STAGE_NETWORKS[stage]
+    return (TRAINABLE[stage],)
+
+
+def set_trainable(components: dict[str, Any], stage: str, train_networks: str = "") -> nn.Module:
+    """Freeze every network except the stage's (``requires_grad_``); returns the trainable module: the network
+    itself, or (stages back/360) an ``nn.ModuleDict`` holding the very same network objects by name."""
+    names = trainable_names(stage, train_networks)
     for key, module in components.items():
         if isinstance(module, nn.Module):
-            module.requires_grad_(key == name)
-    trainable = components[name]
+            module.requires_grad_(key in names)
+    if stage in STAGE_NETWORKS:
+        trainable = nn.ModuleDict({name: components[name] for name in names})
+    else:
+        trainable = components[names[0]]
     trainable.train()
     return trainable
+
+
+def views_to_360_layout(view_modules: ViewModules) -> tuple[ViewModules, list[str]]:
+    """DiffPortrait360 view modules initialised from DiffPortrait3D ones where the places coincide: the module
+    after each ResBlock input block (DiffPortrait3D's modules after the Downsamples have no place in 360's layout)
+    and the first module after each output block (after its Upsample where it has one; DiffPortrait3D's second
+    module there and its middle module are dropped). Returns (modules, names of the dropped 3D modules)."""
+    cfg = dict(view_modules.config)
+    if cfg.get("layout", "diffportrait3d") != "diffportrait3d":
+        raise ValueError(f"expected DiffPortrait3D view modules, got layout {cfg.get('layout')!r}")
+    keep = {k: cfg[k] for k in ("block_out_channels", "layers_per_block", "num_attention_heads",
+                                "num_transformer_blocks", "max_views", "norm_num_groups")}
+    out = ViewModules(**keep, layout="diffportrait360").to(next(view_modules.parameters()).dtype)
+    layers, levels = keep["layers_per_block"], len(keep["block_out_channels"])
+    dropped = []
+    with torch.no_grad():
+        for level in range(levels):
+            for j in range(layers):
+                out.down[level * layers + j].load_state_dict(view_modules.down[level * (layers + 1) + j].state_dict())
+            if level != levels - 1:
+                dropped.append(f"down.{level * (layers + 1) + layers}")
+        for i, modules in enumerate(view_modules.up):
+            out.up[i][0].load_state_dict(modules[0].state_dict())
+            dropped.extend(f"up.{i}.{k}" for k in range(1, len(modules)))
+    dropped.append("mid")
+    return out, dropped

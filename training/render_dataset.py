@@ -59,13 +59,22 @@ def condition_seed(seed: int, index: int, view: int) -> int:
 
 
 def sample_views(seed: int, index: int, views: int, yaw_range: float = YAW_RANGE,
-                 pitch_range: float = PITCH_RANGE) -> list[np.ndarray]:
-    """EG3D labels of an identity's views: view 0 frontal, the rest uniform in the yaw/pitch range."""
+                 pitch_range: float = PITCH_RANGE, full_turn: bool = False) -> list[np.ndarray]:
+    """EG3D labels of an identity's views: view 0 frontal, the rest uniform in the yaw/pitch range.
+
+    ``full_turn``: view 0 frontal, view 1 straight behind (yaw 180 degrees, level: the back-head stage's
+    target), the rest uniform in yaw over the whole turn and in the pitch range."""
     rng = np.random.default_rng((int(seed), int(index), 3))
     labels = []
     for v in range(views):
-        yaw, pitch = (0.0, 0.0) if v == 0 else (rng.uniform(-yaw_range, yaw_range),
-                                                rng.uniform(-pitch_range, pitch_range))
+        if v == 0:
+            yaw, pitch = 0.0, 0.0
+        elif full_turn and v == 1:
+            yaw, pitch = math.pi, 0.0
+        elif full_turn:
+            yaw, pitch = rng.uniform(-math.pi, math.pi), rng.uniform(-pitch_range, pitch_range)
+        else:
+            yaw, pitch = rng.uniform(-yaw_range, yaw_range), rng.uniform(-pitch_range, pitch_range)
         c2w = sample_lookat(math.pi / 2 + yaw, math.pi / 2 + pitch)
         labels.append(to_label(c2w, intrinsics_from_focal()))
     return labels
@@ -147,14 +156,15 @@ def _render_still(scene, path: Path) -> None:
     bpy.ops.render.render(write_still=True, scene=scene.name)
 
 
-def render_identity(out: Path, index: int, seed: int, views: int, size: int) -> list[tuple[str, list[float]]]:
+def render_identity(out: Path, index: int, seed: int, views: int, size: int,
+                    full_turn: bool = False) -> list[tuple[str, list[float]]]:
     """Render one identity's views and condition images into ``out``; returns its label entries."""
     from addon.condition_render import render_condition_images
     from addon.proxy_head import build_proxy_head, remove_proxy_head
 
     name = identity_name(index)
     scene, anchor, cam = _scene(size)
-    labels = sample_views(seed, index, views)
+    labels = sample_views(seed, index, views, full_turn=full_turn)
     (out / name).mkdir(parents=True, exist_ok=True)
     (out / "cond" / name).mkdir(parents=True, exist_ok=True)
     build_proxy_head(identity_seed(seed, index), anchor, name="Subject")
@@ -225,8 +235,9 @@ def write_index(out: str | Path) -> None:
 
 
 def render_dataset(out: str | Path, identities: int, views: int, size: int = 64, seed: int = 0,
-                   test_fraction: float = 0.1, log=print) -> dict[str, Any]:
-    """Render (or finish rendering) the whole dataset; returns counts and speed."""
+                   test_fraction: float = 0.1, full_turn: bool = False, log=print) -> dict[str, Any]:
+    """Render (or finish rendering) the whole dataset; returns counts and speed. ``full_turn``: cameras all
+    around the head (see ``sample_views``)."""
     if identities < 2:
         raise RenderDatasetError("at least 2 identities are needed (conditions show a different identity)")
     if views < 2:
@@ -240,9 +251,14 @@ def render_dataset(out: str | Path, identities: int, views: int, size: int = 64,
         split = out / ("train" if index < n_train else "test")
         done = split / identity_name(index) / "done.json"
         if done.is_file():
+            previous = json.loads(done.read_text())
+            if bool(previous.get("full_turn", False)) != full_turn:
+                raise RenderDatasetError(f"{done.parent} was rendered with full_turn={not full_turn}; "
+                                         f"use another --out folder for a dataset of the other kind")
             continue
-        entries = render_identity(split, index, seed, views, size)
-        done.write_text(json.dumps({"seed": seed, "views": views, "size": size, "labels": entries}))
+        entries = render_identity(split, index, seed, views, size, full_turn)
+        done.write_text(json.dumps({"seed": seed, "views": views, "size": size, "full_turn": full_turn,
+                                    "labels": entries}))
         rendered += views
         rate = rendered / max(time.time() - t0, 1e-9)
         log(f"[render_dataset] {identity_name(index)} done ({index + 1}/{identities}, {rate:.2f} views/s)")
@@ -262,6 +278,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--test-fraction", type=float, default=0.1)
+    parser.add_argument("--full-turn", action="store_true",
+                        help="cameras all around the head: view 0 frontal, view 1 straight behind (yaw 180), "
+                             "the rest uniform over the whole turn (for DiffPortrait360 training)")
     parser.add_argument("--index-only", action="store_true", help="only rewrite dataset.json from finished identities")
     parser.add_argument("--proxies", action="store_true",
                         help="render the 3D-aware proxy views of the rendered split --out (e.g. DIR/test) for "
@@ -280,7 +299,8 @@ def main(argv: Iterable[str] | None = None) -> int:
         print(json.dumps({"proxy_views_rendered": count}))
         return 0
     try:
-        stats = render_dataset(args.out, args.identities, args.views or 12, args.size, args.seed, args.test_fraction)
+        stats = render_dataset(args.out, args.identities, args.views or 12, args.size, args.seed, args.test_fraction,
+                               args.full_turn)
     except RenderDatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -33,7 +33,17 @@ class StageInputs:
     x0: torch.Tensor            # [N, C, h, w] clean target latents
     reference: torch.Tensor     # [N, C, h, w] the reference latent of each row's identity
     condition: torch.Tensor     # [N, 3, H, W] condition images in [-1, 1]
-    group: int                  # rows per sample (1, or the clip length in stage 3)
+    group: int                  # rows per sample (1, or the clip length in stages 3 and 360)
+    back_reference: torch.Tensor | None = None   # [N, C, h, w] stage 360: the back view, the second reference
+
+    def rows(self, keep: torch.Tensor) -> "StageInputs":
+        """The inputs of the rows where ``keep`` is true."""
+        back = None if self.back_reference is None else self.back_reference[keep]
+        return StageInputs(self.x0[keep], self.reference[keep], self.condition[keep], self.group, back)
+
+    def references(self) -> list[torch.Tensor]:
+        """The reference latents of the conditional pass: the reference, then (stage 360) the back view."""
+        return [self.reference] + ([] if self.back_reference is None else [self.back_reference])
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -84,7 +94,11 @@ def prepare_inputs(batch: dict[str, Any], vae: Any, generators: Sequence[torch.G
     ref = encode(vae, batch["reference"], generators, cache, ref_keys).to(device)
     reference = ref.repeat_interleave(t, dim=0)
     condition = batch["conditions"].flatten(0, 1).to(device, x0.dtype)
-    return StageInputs(x0=x0, reference=reference, condition=condition, group=t)
+    back = None
+    if "back_reference" in batch:
+        back = encode(vae, batch["back_reference"], generators, cache,
+                      batch.get("back_reference_path")).to(device).repeat_interleave(t, dim=0)
+    return StageInputs(x0=x0, reference=reference, condition=condition, group=t, back_reference=back)
 
 
 def noisy(x0: torch.Tensor, alphas_cumprod: torch.Tensor, group: int,
@@ -118,7 +132,7 @@ def predict(stage: str, denoiser: DiffPortrait3DDenoiser, xt: torch.Tensor, t: t
             return denoiser.unet(xt, t, encoder_hidden_states=ctx, return_dict=False)[0]
         finally:
             denoiser.bank.clear()
-    return denoiser.eps_cond(xt, t, context, inputs.reference, inputs.condition)
+    return denoiser.eps_cond(xt, t, context, inputs.references(), inputs.condition)
 
 
 def eps_loss(pred: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
@@ -160,7 +174,7 @@ def stage_loss(stage: str, denoiser: DiffPortrait3DDenoiser, inputs: StageInputs
     pred = torch.empty_like(xt)
     keep = ~rows
     if bool(keep.any()):
-        kept = StageInputs(inputs.x0[keep], inputs.reference[keep], inputs.condition[keep], inputs.group)
+        kept = inputs.rows(keep)
         pred[keep] = predict(main, denoiser, xt[keep], t[keep], context, kept,
                              reference_t=None if ref_t is None else ref_t[keep]).to(pred.dtype)
     pred[rows] = predict(stage, denoiser, xt[rows], t[rows], context, inputs, conditional=False).to(pred.dtype)

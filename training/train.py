@@ -6,6 +6,11 @@ Stages (paper: DiffPortrait3D, Gu et al. CVPR 2024; F, the SD UNet, is locked th
   1    appearance reference net F_ref: reference view -> target view, no camera control
   2    view ControlNet F_cam, F_ref frozen; condition = a different identity rendered at the target camera
   3    cross-view attention modules on 8-view clips (views shuffled), everything else frozen
+DiffPortrait360 (Gu et al. CVPR 2025), both from a trained model folder (``init_model``), full-turn data:
+  back the back-head model: frontal reference -> the view straight behind, given its condition image
+       (F_ref and F_cam trained, no view modules); writes a ``"variant": "back_head"`` folder
+  360  the view model: frontal + back references in the reference attention, 8-view clips all around the head,
+       view modules in DiffPortrait360's layout (F_ref, F_cam and the view modules trained)
 
 Each stage reads a model folder (stage N-1's output unless ``init_model`` is set) and writes one:
 ``<output_dir>/stage<N>/model``. Checkpoints (safetensors + JSON, :mod:`training.checkpoint`) go to
@@ -36,16 +41,16 @@ from accelerate.utils import DistributedType
 from diffusers import AutoencoderKL
 from torch import nn
 
-from dp3d_core.families import FAMILY_3D
+from dp3d_core.families import FAMILY_3D, FAMILY_360_BACK_HEAD, FAMILY_360_VIEWS
 from dp3d_core.model_folder import ModelFolderError, load_model_folder, make_denoiser, save_model_folder
 from dp3d_core.schedulers import DEFAULT_SCHEDULER_CONFIG, make_scheduler
 
 from . import checkpoint
-from .config import STAGE_NAMES, ConfigError, TrainConfig, load_config
+from .config import STAGE_NAMES, STAGES_360, ConfigError, TrainConfig, load_config
 from .data import DatasetError, MultiViewDataset, batch_for_step, shard
 from .efficiency import OptimizerUnavailable, enable_gradient_checkpointing, make_optimizer, use_sdpa
 from .models import (detach_view_modules, fresh_components, hand_over_from_unet, make_vae, params_of,
-                     set_trainable, tie_parameters)
+                     set_trainable, tie_parameters, trainable_names, views_to_360_layout)
 from .stages import StageInputs, prepare_inputs, stage_loss
 from .validate import sample_views, save_grid
 
@@ -147,12 +152,12 @@ class Trainer:
                 module.to(self.device, self.dtype).eval()
         self.denoiser = None
         if self.stage != "vae":
-            clip = cfg.num_targets if self.stage == "3" else 1
+            clip = cfg.num_targets if self.stage in ("3", "360") else 1
             self.denoiser = make_denoiser(self.components, clip_length=clip)
-            if self.stage != "3":
+            if self.stage not in ("3", "360") and self.components.get("view_modules") is not None:
                 detach_view_modules(self.denoiser)
         self.attention = use_sdpa(m for m in self.components.values() if isinstance(m, torch.nn.Module))
-        self.trainable = set_trainable(self.components, self.stage)
+        self.trainable = set_trainable(self.components, self.stage, cfg.train_networks)
         if self.stage == "0" and cfg.reference_prob > 0:
             tie_parameters(self.components["unet"], self.components["reference_unet"])
         if cfg.gradient_checkpointing:
@@ -194,8 +199,9 @@ class Trainer:
         cfg = self.cfg
         try:
             return MultiViewDataset(root, size=cfg.image_size, num_targets=cfg.num_targets,
-                                    need_conditions=self.stage in ("2", "3"), seed=cfg.seed,
-                                    cache_images=cfg.cache_images)
+                                    need_conditions=self.stage in ("2", "3", "back", "360"), seed=cfg.seed,
+                                    cache_images=cfg.cache_images,
+                                    mode={"back": "back", "360": "dual"}.get(self.stage, "any"))
         except DatasetError as exc:
             raise TrainingError(str(exc)) from None
 
@@ -211,11 +217,35 @@ class Trainer:
             vae = AutoencoderKL.from_pretrained(str(vae_dir))
             return fresh_components(cfg.model_params, cfg.image_size, vae, cfg.prompt_length, cfg.seed)
         folder = cfg.resolved_init_model()
+        if self.stage in STAGES_360:
+            return self._load_360_components(folder)
         try:
             # these stages train DiffPortrait3D's networks; a DiffPortrait360 folder is refused with a message
             return load_model_folder(folder, family=FAMILY_3D)
         except ModelFolderError as exc:
             raise TrainingError(f"stage {self.stage} starts from the model folder {folder}: {exc}") from None
+
+    def _load_360_components(self, folder: Path) -> dict[str, Any]:
+        """Stage back: a back-head folder, or a DiffPortrait3D one without its view modules. Stage 360: a
+        DiffPortrait360 view folder, or a DiffPortrait3D one with its view modules mapped into 360's layout."""
+        from dp3d_core.model_folder import model_family
+        try:
+            found = model_family(folder)
+            own = FAMILY_360_BACK_HEAD if self.stage == "back" else FAMILY_360_VIEWS
+            if found not in (own, FAMILY_3D):
+                raise ModelFolderError(f"it holds {found.describe()}; stage {self.stage} starts from "
+                                       f"{own.describe()} or a DiffPortrait3D model")
+            components = load_model_folder(folder, family=found)
+        except ModelFolderError as exc:
+            raise TrainingError(f"stage {self.stage} starts from the model folder {folder}: {exc}") from None
+        if found == FAMILY_3D:
+            view_modules = components.pop("view_modules", None)
+            if self.stage == "360":
+                components["view_modules"], dropped = views_to_360_layout(view_modules)
+                if self.is_main:
+                    log.info("view modules of %s mapped into DiffPortrait360's layout; not kept (no place there): "
+                             "%s", folder, ", ".join(dropped))
+        return components
 
     def _check_engine(self) -> None:
         """Refuse what an engine cannot do here, before any work."""
@@ -405,16 +435,22 @@ class Trainer:
         finally:
             self.trainable.train()
         t = inputs.group
-        refs = batch["reference"].repeat_interleave(t, dim=0)
-        return save_grid([refs, batch["conditions"].flatten(0, 1), generated, batch["targets"].flatten(0, 1)], path)
+        refs = [batch["reference"].repeat_interleave(t, dim=0)]
+        if "back_reference" in batch:  # stage 360: the second reference column
+            refs.append(batch["back_reference"].repeat_interleave(t, dim=0))
+        return save_grid([*refs, batch["conditions"].flatten(0, 1), generated, batch["targets"].flatten(0, 1)],
+                         path)
 
     def export(self) -> Path:
         """Write the stage's result (EMA weights when enabled) as a model folder (stage vae: a vae folder)."""
         if self.ema is not None:
             self.ema.copy_to(p for p in self.trainable.parameters() if p.requires_grad)
         unwrapped = self.accelerator.unwrap_model(self.trainable)
-        self.components[{"vae": "vae", "0": "unet", "1": "reference_unet", "2": "view_controlnet",
-                         "3": "view_modules"}[self.stage]] = unwrapped
+        names = trainable_names(self.stage, self.cfg.train_networks)
+        if self.stage in STAGES_360:
+            self.components.update({name: unwrapped[name] for name in names})
+        else:
+            self.components[names[0]] = unwrapped
         if self.stage == "vae":
             return self._export_vae(unwrapped)
         components = {k: v for k, v in self.components.items()}
@@ -427,7 +463,10 @@ class Trainer:
         if self.cfg.save_fp16:
             components = {k: (v.half() if isinstance(v, torch.nn.Module) and k != "prompt_embedding" else v)
                           for k, v in components.items()}
-        return save_model_folder(components, self.dir / "model", overwrite=True)
+        family = {"back": FAMILY_360_BACK_HEAD, "360": FAMILY_360_VIEWS}.get(self.stage, FAMILY_3D)
+        if self.stage == "back":
+            components.pop("view_modules", None)
+        return save_model_folder(components, self.dir / "model", overwrite=True, family=family)
 
     @staticmethod
     def _clean_unet(unet: torch.nn.Module) -> torch.nn.Module:
@@ -533,7 +572,7 @@ class Trainer:
 
 def main(argv: Iterable[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n")[0])
-    parser.add_argument("--stage", required=True, choices=["vae", "0", "1", "2", "3"])
+    parser.add_argument("--stage", required=True, choices=["vae", "0", "1", "2", "3", "back", "360"])
     parser.add_argument("--config", required=True, help="training config JSON (see configs/)")
     parser.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
     parser.add_argument("--resume-from", help="a specific checkpoint folder")
