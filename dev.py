@@ -52,7 +52,10 @@ def ensure_environment() -> Path:
 
 def run_demo(args: argparse.Namespace) -> int:
     python = ensure_environment()
-    cmd = [str(python), str(ROOT / "scripts" / "demo.py"), "--out", str(Path(args.out).resolve())]
+    out = args.out or str(ROOT / "output" / ("demo360" if args.full_turn else "demo"))
+    cmd = [str(python), str(ROOT / "scripts" / "demo.py"), "--out", str(Path(out).resolve())]
+    if args.full_turn:
+        cmd.append("--360")
     return subprocess.run(cmd, cwd=ROOT).returncode
 
 
@@ -99,7 +102,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="set up, build the extension and run the demo job in Blender (bpy)")
-    demo.add_argument("--out", default=str(ROOT / "output" / "demo"), help="output folder (default: output/demo)")
+    demo.add_argument("--out", help="output folder (default: output/demo, with --360 output/demo360)")
+    demo.add_argument("--360", dest="full_turn", action="store_true",
+                      help="a DiffPortrait360 turntable all around the head (models/small360, with its back view)")
     demo.set_defaults(func=run_demo)
     test = sub.add_parser("test", help="set up and run every test suite (tests/ and blender_tests/)")
     test.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra arguments passed to pytest")

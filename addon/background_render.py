@@ -97,7 +97,9 @@ def child_main(spec: dict) -> None:
     proxy = spec["proxy"]
     if proxy:
         head = bpy.data.objects[proxy["head"]]
+        back = {} if not proxy.get("back_image") else {"back_image_path": proxy["back_image"],
+                                                        "back_label_or_camera": proxy["back_label"]}
         projection = cr.project_reference(head, proxy["reference"], proxy.get("label"),
-                                          anchor=bpy.data.objects[proxy["anchor"]])
+                                          anchor=bpy.data.objects[proxy["anchor"]], **back)
         render_all("proxy", cr.proxy_view_renderer(scene, camera, out, proxy_object=head, projection=projection,
                                                    size=size))

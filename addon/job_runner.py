@@ -20,7 +20,7 @@ from typing import Callable
 import bpy
 from bpy.app.handlers import persistent
 
-from . import frame_import, job_writer, preferences, reference_prep, rig
+from . import back_view, frame_import, job_writer, preferences, reference_prep, rig
 from .core import failures, job as jobspec, preflight
 from .poses import DATASET_FILE, FramePose, PoseError, scene_poses, write_dataset
 from .preview_display import PreviewDisplay, preview_files
@@ -66,6 +66,9 @@ def format_eta(seconds: float) -> str:
 
 def progress_text(status: WorkerStatus) -> str:
     """"3/48 frames | step 12/50 | ETA 1m 05s" ("" before the frame count is known)."""
+    if status.stage == "back":
+        eta = f" | ETA {format_eta(status.eta_seconds)}" if status.state == "running" else ""
+        return f"back view | step {status.step}/{status.total_steps}{eta}"
     if not status.frames_total:
         return ""
     text = f"{status.frames_done}/{status.frames_total} frames"
@@ -85,14 +88,24 @@ def status_line(status: WorkerStatus) -> str:
     return f"{status.message} ({counts})" if counts else status.message
 
 
+NextStage = Callable[[bpy.types.Context, str], job_writer.JobPreparation]
+
+
 class GenerationRun:
-    """A job being prepared in small steps (``preparation``), then its worker process (``worker``)."""
+    """A job being prepared in small steps (``preparation``), then its worker process (``worker``).
+
+    ``then``: a second stage. A DiffPortrait360 job whose 3D-aware proxies need a back view nobody made yet runs
+    the worker's back stage first (a back-only job); when it is done, ``then(context, back view PNG)`` gives the
+    preparation of the real job, which this run goes on with (same progress, same Cancel)."""
 
     def __init__(self, scene: bpy.types.Scene, python: str, *,
                  preparation: job_writer.JobPreparation | None = None,
-                 prepared: job_writer.PreparedJob | None = None) -> None:
+                 prepared: job_writer.PreparedJob | None = None, then: NextStage | None = None) -> None:
         self.preparation = preparation
         self.prepared = prepared
+        self._then = then
+        self.back_stage: WorkerProcess | None = None  # the finished back-only worker of a two-stage run
+        self._back_shown: tuple[str, WorkerProcess] | None = None
         self.python = python
         self.worker: WorkerProcess | None = None
         self.scene_name = scene.name
@@ -151,9 +164,13 @@ class GenerationRun:
             self._prepare_step(context)
         else:
             self.worker.poll()
+            self._show_back_view()
             self._show_preview(context)
             if self.worker.status.finished:
-                self._finish(context)
+                if self._then is not None and self.worker.status.state == "done":
+                    self._next_stage(context)
+                else:
+                    self._finish(context)
         self._write_progress(context)
         return self._closed
 
@@ -167,7 +184,7 @@ class GenerationRun:
                 s.message = prep.progress.text
                 return
             self.prepared = prep.result
-            self.worker = WorkerProcess(self.prepared.job_dir, self.python)
+            self.worker = WorkerProcess(self.prepared.job_dir, self.python, back_only=self.prepared.back_only)
         except (job_writer.JobSetupError, WorkerStartError) as exc:
             self._end_preparation("failed", str(exc))
         except OSError as exc:  # e.g. the disk filled up while the conditions were rendered
@@ -186,7 +203,38 @@ class GenerationRun:
         if _active is self:
             _active = None
 
+    def _next_stage(self, context: bpy.types.Context) -> None:
+        """The back stage is done: prepare the real job, projecting the back view it made."""
+        then, self._then = self._then, None
+        back = self.worker.status.back_view
+        self.back_stage = self.worker
+        self.worker = None
+        self._own_status = WorkerStatus(message="Preparing the job...")
+        if not back or not Path(back).is_file():
+            self._end_preparation("failed", "The worker's back stage ended without a back view.",
+                                  f"see the worker log in {self.prepared.job_dir}")
+            return
+        try:
+            self.preparation = then(context, back)
+        except job_writer.JobSetupError as exc:
+            self._end_preparation("failed", str(exc))
+
     # ------------------------------------------------------------ the worker
+
+    def _show_back_view(self) -> None:
+        """A ``back_view`` event arrived: show that back view in the panel (DiffPortrait360)."""
+        status = self.worker.status
+        if not status.back_view or self._back_shown == (status.back_view, self.worker):
+            return
+        self._back_shown = (status.back_view, self.worker)
+        scene = bpy.data.scenes.get(self.scene_name)
+        if scene is None:
+            return
+        try:
+            back_view.record_generated(scene.portrait3d, status.back_view, status.back_view_seed,
+                                       self.prepared.back_key)
+        except (RuntimeError, OSError, ReferenceError):  # showing it is a courtesy: never stop the run for it
+            _log_exception(self.prepared.job_dir)
 
     def _show_preview(self, context: bpy.types.Context) -> None:
         status = self.worker.status
@@ -209,6 +257,7 @@ class GenerationRun:
         p.preview_step = -1 if s.preview_step is None else s.preview_step
         p.frames_done, p.frames_total = s.frames_done, s.frames_total
         p.step, p.total_steps = s.step, s.total_steps
+        p.back_stage = s.stage == "back" and not self.preparing
         p.eta_seconds = s.eta_seconds
         if self.preparing:
             p.fraction = self.preparation.progress.fraction
@@ -227,7 +276,7 @@ class GenerationRun:
         self._closed = True
         if _active is self:
             _active = None
-        if self.worker.status.state != "done":
+        if self.worker.status.state != "done" or self.prepared.back_only:
             return
         scene = bpy.data.scenes.get(self.scene_name)
         if scene is None:
@@ -256,12 +305,15 @@ def worker_python_setting(context: bpy.types.Context, worker_python: str | os.Pa
 
 
 def begin_generation(context: bpy.types.Context | None = None, *, worker_python: str | os.PathLike | None = None,
-                     model: str | os.PathLike | None = None, preparation: dict | None = None) -> GenerationRun:
+                     model: str | os.PathLike | None = None, preparation: dict | None = None,
+                     back_only: bool = False) -> GenerationRun:
     """Check the job and return a run that prepares it step by step: each ``run.update()`` renders a small batch
     (UI timers), then starts the worker and polls it. JobRunError (plain words) for what the quick checks find.
 
     ``worker_python`` defaults to the add-on preference (or PORTRAIT3D_WORKER_PYTHON); ``preparation``: keyword
-    arguments of :class:`job_writer.JobPreparation` (the step sizes).
+    arguments of :class:`job_writer.JobPreparation` (the step sizes). ``back_only`` (DiffPortrait360, *Generate
+    Back View*): the worker makes only the back view, with the settings' Back View Seed. A DiffPortrait360 job
+    with 3D-aware noise and no back view yet runs the back stage first (see :class:`GenerationRun`).
     """
     global _active, _last
     context = context or bpy.context
@@ -276,7 +328,12 @@ def begin_generation(context: bpy.types.Context | None = None, *, worker_python:
         if (problem := not_ready_problem(python)) is not None:  # a setup was cancelled or failed halfway
             raise WorkerStartError(problem)
         probe_worker_python(python)  # before anything is rendered: seconds, once per interpreter
-        prep = job_writer.JobPreparation(context, model=model, worker_python=python, **(preparation or {}))
+        options = dict(model=model, worker_python=python, **(preparation or {}))
+        prep = job_writer.JobPreparation(context, back_only=back_only, **options)
+        then = None
+        if prep.needs_back_stage:
+            prep = job_writer.JobPreparation(context, back_only=True, **options)
+            then = _main_stage(context.scene.name, options)
     except (job_writer.JobSetupError, WorkerStartError) as exc:
         p.running, p.last_error, p.last_hint, p.last_log = False, str(exc), "", ""
         raise JobRunError(str(exc)) from None
@@ -284,21 +341,35 @@ def begin_generation(context: bpy.types.Context | None = None, *, worker_python:
         failure = failures.report(exc, [], name="generate.log")
         p.running, p.last_error, p.last_hint, p.last_log = False, failure.message, failure.hint_with_log, ""
         raise JobRunError(str(failure)) from None
-    run = GenerationRun(context.scene, python, preparation=prep)
+    run = GenerationRun(context.scene, python, preparation=prep, then=then)
     _active = _last = run
     p.last_error = p.last_hint = p.last_log = ""
     run._write_progress(context)
     return run
 
 
+def _main_stage(scene_name: str, options: dict) -> NextStage:
+    """The second stage of a two-stage run: the real job, projecting the back view the first stage made."""
+    def then(context: bpy.types.Context, back: str) -> job_writer.JobPreparation:
+        scene = bpy.data.scenes.get(scene_name)
+        if scene is None:
+            raise job_writer.JobSetupError(f"The scene '{scene_name}' was deleted or renamed; press Generate again.")
+        if context.scene == scene:
+            return job_writer.JobPreparation(context, back_source=back, **options)
+        with context.temp_override(scene=scene):
+            return job_writer.JobPreparation(bpy.context, back_source=back, **options)
+    return then
+
+
 def start_generation(context: bpy.types.Context | None = None, *, worker_python: str | os.PathLike | None = None,
-                     model: str | os.PathLike | None = None) -> GenerationRun:
+                     model: str | os.PathLike | None = None, back_only: bool = False) -> GenerationRun:
     """Check and write the job (blocking), start the worker; JobRunError (plain words) when that is impossible.
 
     The same steps as :func:`begin_generation`, run in a row: for background mode, the CLI and scripts.
     """
     context = context or bpy.context
-    run = begin_generation(context, worker_python=worker_python, model=model, preparation=job_writer.BLOCKING)
+    run = begin_generation(context, worker_python=worker_python, model=model, preparation=job_writer.BLOCKING,
+                           back_only=back_only)
     while run.preparing:
         run.update(context)
     if run.worker is None:
@@ -382,10 +453,12 @@ class JobResult:
     job_dir: Path | None = None
     status: WorkerStatus | None = None
     reference_prep: object | None = None  # dp3d_core.job.ReferencePrep of the generated job, if prepared
+    back_view: Path | None = None  # DiffPortrait360: the back view the job used (generated or the artist's photo)
+    closed_loop: bool = False      # the frames were generated as one closed loop (a full turn)
 
     def files(self) -> list[Path]:
         extra = [p for p in (self.gif, self.contact_sheet, self.movie) if p is not None]
-        return [self.dataset, *self.frames, *extra, self.blend]
+        return [self.dataset, *self.frames, *extra, *([self.back_view] if self.back_view else []), self.blend]
 
 
 def progress_printer(log: Callable[[str], None], run: GenerationRun | None = None,
@@ -393,17 +466,21 @@ def progress_printer(log: Callable[[str], None], run: GenerationRun | None = Non
     """Headless progress for :func:`wait`: each new status line, a line per ``resumed`` and ``preview`` event of
     ``run``'s worker (several can arrive between two polls), and with ``preview_sheet`` a contact sheet of the
     latest previews written there."""
-    seen = {"text": "", "events": 0}
+    seen = {"text": "", "events": 0, "worker": None}
 
     def on_update(status: WorkerStatus) -> None:
         events = []
         if run is not None and run.worker is not None:
+            if run.worker is not seen["worker"]:  # a two-stage run's second worker
+                seen["worker"], seen["events"] = run.worker, 0
             events = run.worker.events[seen["events"]:]
             seen["events"] = len(run.worker.events)
         previews = [ev for ev in events if ev.kind == "preview"]
         for ev in events:
             if ev.kind == "resumed":
                 log(f"resumed from step {ev['step']}/{ev['total_steps']} (a saved denoising state)")
+            elif ev.kind == "back_view":
+                log(f"back view (seed {ev['seed']}): {ev['path']}")
             elif ev.kind == "preview":
                 line = f"preview of step {ev['step']}/{ev['total_steps']} in {ev['folder']}"
                 if preview_sheet is not None and ev is previews[-1]:
@@ -439,10 +516,14 @@ def run_turntable_job(out_dir: str | os.PathLike, *, frames: int = 16, reference
                       from_photo_view: bool = False, generate: bool = True, previews: bool = True,
                       preview_sheet: str | os.PathLike | None = None,
                       import_as: tuple[str, ...] = ("CARD",), log: Callable[[str], None] | None = None,
-                      context: bpy.types.Context | None = None) -> JobResult:
+                      full_turn: bool | None = None, back_image: str | os.PathLike | None = None,
+                      back_seed: int | None = None, context: bpy.types.Context | None = None) -> JobResult:
     """Anchor (reused) + turntable + poses; with ``generate``: conditions, worker, import, GIF, sheet.
 
     ``size``: the frames' side in pixels; None: the resolution the model was trained at.
+    DiffPortrait360 models: ``full_turn`` (default on for them) makes the turntable one closed loop around the
+    head; ``back_image`` is the artist's own back photo (else the worker generates the back view with
+    ``back_seed``, default 0).
     Writes ``dataset.json`` and ``scene.blend`` into ``out_dir`` (with ``generate``, only once every pre-work
     check has passed: a job that fails them writes nothing there). Blocks until the worker ends.
     ``preview_sheet``: a PNG path refreshed with a contact sheet of the worker's latest previews.
@@ -474,6 +555,23 @@ def run_turntable_job(out_dir: str | os.PathLike, *, frames: int = 16, reference
         raise JobRunError(f"--pitch must be between -89 and 89 degrees, got {pitch_deg}.")
     if steps is not None and not 1 <= steps <= 1000:
         raise JobRunError(f"--steps must be between 1 and 1000, got {steps}.")
+    if back_seed is not None and not 0 <= back_seed < 2 ** 31:
+        raise JobRunError(f"--back-seed must be between 0 and {2 ** 31 - 1}, got {back_seed}.")
+    from .model_family import scene_family
+    family = scene_family(context, model)  # None: no usable model (--poses-only, or Generate says what is missing)
+    all_around = family is not None and family.is_360
+    if not all_around and (full_turn or back_image is not None or back_seed is not None):
+        flag = "--full-turn" if full_turn else ("--back-image" if back_image is not None else "--back-seed")
+        raise JobRunError(f"{flag} needs a DiffPortrait360 model (a model folder whose model_index.json says "
+                          "\"family\": \"DiffPortrait360\"); pass one with --model.")
+    full_turn = all_around if full_turn is None else full_turn
+    if back_image is not None:
+        try:
+            back_view.use_photo(settings, Path(back_image).expanduser().resolve())
+        except back_view.BackViewError as exc:
+            raise JobRunError(f"--back-image: {exc}") from None
+    if back_seed is not None:
+        settings.back_seed = back_seed
     if reference is not None:
         ref = Path(reference).expanduser().resolve()
         try:
@@ -539,9 +637,11 @@ def run_turntable_job(out_dir: str | os.PathLike, *, frames: int = 16, reference
         if from_photo_view and prep is not None:
             start_yaw = math.radians(prep.camera_yaw())
             pitch = max(-math.radians(89.0), min(math.radians(89.0), math.radians(prep.pitch)))
+        settings.turntable_full_turn = full_turn
         camera = rig.build_turntable(scene, anchor, frames=frames, yaw_range=settings.turntable_yaw_range,
-                                     pitch=pitch, size_px=size, start_yaw=start_yaw)
-        poses = scene_poses(scene, camera, anchor, range(scene.frame_start, scene.frame_end + 1))
+                                     pitch=pitch, size_px=size, start_yaw=start_yaw, full_turn=full_turn)
+        poses = scene_poses(scene, camera, anchor, range(scene.frame_start, scene.frame_end + 1),
+                            all_around=all_around)
         # with generate, prepare_job writes dataset.json once every check has passed
         dataset = out / DATASET_FILE if generate else write_dataset(out, poses)
     except (PoseError, preflight.PreflightError) as exc:
@@ -567,6 +667,12 @@ def run_turntable_job(out_dir: str | os.PathLike, *, frames: int = 16, reference
             raise JobRunError(run.import_error)
         result.warnings += status.warnings
         result.frames = run.prepared.frame_paths
+        back = run.prepared.job.back
+        if back is not None:
+            image = back.image or status.back_view or (run.back_stage.status.back_view if run.back_stage else "")
+            result.back_view = Path(image if Path(image).is_absolute() else run.prepared.job_dir / image) \
+                if image else None
+        result.closed_loop = bool(getattr(run.prepared.job.settings, "closed_loop", False))
         if previews:
             try:
                 result.gif, result.contact_sheet = make_previews(run.worker.python, result.frames, out)
@@ -617,6 +723,17 @@ def cli_parser() -> argparse.ArgumentParser:
                         help="while denoising, keep this PNG updated with a contact sheet of the latest previews")
     parser.add_argument("--poses-only", action="store_true",
                         help="only build the rig and write dataset.json + scene.blend (no worker)")
+    turn = parser.add_mutually_exclusive_group()
+    turn.add_argument("--full-turn", dest="full_turn", action="store_true", default=None,
+                      help="DiffPortrait360 models: one closed loop around the head, frame i at 360*i/frames degrees "
+                           "(the default for them; --yaw-range is not used)")
+    turn.add_argument("--no-full-turn", dest="full_turn", action="store_false",
+                      help="DiffPortrait360 models: sweep -yaw-range..+yaw-range instead of a full turn")
+    parser.add_argument("--back-image", metavar="PATH",
+                        help="DiffPortrait360 models: your own photo of the back of the head, used as the back "
+                             "view (default: the model's back-head network generates it)")
+    parser.add_argument("--back-seed", type=int,
+                        help="DiffPortrait360 models: seed of the generated back view (default 0)")
     return parser
 
 
@@ -635,6 +752,7 @@ def cli_main(argv: list[str]) -> int:
                                    memory=args.memory, compile=args.compile, proxy_views=args.proxy_views,
                                    prepare=args.prepare, from_photo_view=args.from_photo_view,
                                    generate=not args.poses_only, preview_sheet=args.preview_sheet,
+                                   full_turn=args.full_turn, back_image=args.back_image, back_seed=args.back_seed,
                                    log=lambda m: print(f"portrait3d: {m}", flush=True))
     except JobRunError as exc:
         print(f"portrait3d: error: {exc}")

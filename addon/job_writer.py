@@ -20,9 +20,10 @@ from pathlib import Path
 
 import bpy
 
-from . import background_render, model_manager, preferences, reference_prep
-from .core import CORE_PARENT, failures, job as jobspec, preflight
-from .poses import FramePose, PoseError, scene_poses, write_dataset
+from . import back_view, background_render, model_manager, preferences, reference_prep
+from .core import CORE_PARENT, cameras, failures, job as jobspec, preflight
+from .model_family import ModelFamily, family_of
+from .poses import FramePose, PoseError, head_anchor, is_full_turn, scene_poses, write_dataset
 from .poses import output_folder as poses_output_folder
 from .properties import active_camera, frame_range
 from .reference_check import ReferenceImageError, check_reference
@@ -52,6 +53,8 @@ class PreparedJob:
     poses: list[FramePose]
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    back_only: bool = False  # the worker runs only the back stage (--back-only)
+    back_key: str = ""       # what a back view generated for this job is made from (back_view.inputs_key)
 
     @property
     def frame_paths(self) -> list[Path]:
@@ -282,7 +285,8 @@ class JobPreparation:
     def __init__(self, context: bpy.types.Context, *, model: str | os.PathLike | None = None,
                  worker_python: str | os.PathLike | None = None,
                  frames_per_step: int | None = FRAMES_PER_STEP, step_budget_s: float | None = STEP_BUDGET_S,
-                 poses_per_step: int = POSES_PER_STEP, render_elsewhere: bool = True) -> None:
+                 poses_per_step: int = POSES_PER_STEP, render_elsewhere: bool = True,
+                 back_only: bool = False, back_source: str | os.PathLike | None = None) -> None:
         scene = context.scene
         s = scene.portrait3d
         start, end = frame_range(scene)
@@ -312,6 +316,26 @@ class JobPreparation:
             raise JobSetupError(str(exc)) from None
         self.out = output_folder(scene)
         self.model_dir = model_folder(context, model)
+        try:
+            self.family: ModelFamily = family_of(self.model_dir)
+        except preflight.PreflightError as exc:
+            raise JobSetupError(str(exc)) from None
+        # DiffPortrait360: the back view (contract 2 of issue 17). ``back_only``: a job whose worker makes only the
+        # back view; ``back_source``: the back view such a run made, projected onto the proxy head (3D-aware noise)
+        # while the job still lets the worker generate it (it reuses the file for the same seed).
+        self.back_only = back_only
+        self.back_source = None if back_source is None else Path(back_source)
+        self.back_key = back_view.inputs_key(s.reference_image, self.model_dir, size)
+        self.back: back_view.BackPlan | None = None
+        if back_only and not self.family.is_360:
+            raise JobSetupError(f"The model {self.model_dir.name} is a DiffPortrait3D model, which cannot make the "
+                                "back of the head: pick a DiffPortrait360 model folder.")
+        if self.family.is_360:
+            try:
+                self.back = back_view.plan(s, back_head=self.family.back_head, key=self.back_key,
+                                           generate_new=back_only)
+            except back_view.BackViewError as exc:
+                raise JobSetupError(str(exc)) from None
         if s.condition_source == 'MESH' and s.condition_mesh is None:
             raise JobSetupError("Condition Source is Custom Mesh but no mesh is picked: set Condition Mesh "
                                 "to your head model, or choose Procedural Head.")
@@ -327,7 +351,7 @@ class JobPreparation:
         self._mesh_name = s.condition_mesh.name if s.condition_mesh is not None else ""
         self._condition_folder = s.condition_folder
         self._proxy_seed = s.proxy_seed
-        self._proxy_views = s.use_proxy_views
+        self._proxy_views = s.use_proxy_views and not back_only  # 360: proxies project the back view too
         self._use_prep = s.use_reference_prep
         self._worker_python = None if worker_python is None else str(worker_python)
         self._settings = jobspec.GenerationSettings(steps=s.steps, guidance=s.guidance, eta=s.eta, seed=s.seed,
@@ -339,6 +363,7 @@ class JobPreparation:
         self.frames_rendered = 0  # condition + proxy renders so far (tests check the per-step bound)
         self.waiting = False  # True while the steps only wait for another process (the UI may poll less often)
         self._built_head = ""
+        self._back_label: list[float] | None = None
         self._steps = self._run()
 
     # ------------------------------------------------------------ driving
@@ -346,6 +371,13 @@ class JobPreparation:
     @property
     def finished(self) -> bool:
         return self.result is not None
+
+    @property
+    def needs_back_stage(self) -> bool:
+        """A DiffPortrait360 job whose 3D-aware proxies must project a back view nobody has made yet: the worker's
+        back stage (a ``back_only`` preparation) has to run first, then this job with ``back_source``."""
+        return (self.back is not None and self.back.image is None and self.back_source is None and
+                not self.back_only and self._proxy_views and self._source != 'IMAGE_FOLDER')
 
     def step(self) -> bool:
         """Do the next small piece of work; True once the job is written (``result`` is set)."""
@@ -428,8 +460,11 @@ class JobPreparation:
         scene, camera, anchor = self._objects()
         proxy = None
         if with_proxies:
+            back = self._back_projection()
             proxy = {"head": names[0], "reference": str(projected),
-                     "label": None if projected_from is None else list(projected_from), "anchor": anchor.name}
+                     "label": None if projected_from is None else list(projected_from), "anchor": anchor.name,
+                     "back_image": None if back is None else str(back[0]),
+                     "back_label": None if back is None else list(back[1])}
         try:
             process = background_render.RenderProcess(command, scene, staging, camera=camera.name, objects=names,
                                                       frames=self.frames, size=self.size, proxy=proxy)
@@ -488,7 +523,9 @@ class JobPreparation:
             return conditions, None
         try:
             _, _, anchor = self._objects()
-            projection = project_reference(objects()[0], projected, projected_from, anchor=anchor)
+            back = self._back_projection()
+            extra = {} if back is None else {"back_image_path": back[0], "back_label_or_camera": back[1]}
+            projection = project_reference(objects()[0], projected, projected_from, anchor=anchor, **extra)
             yield PrepProgress("Rendering 3D-aware proxy views", 0, len(self.frames))
 
             def proxies_renderer():
@@ -499,6 +536,52 @@ class JobPreparation:
         except ConditionRenderError as exc:
             raise JobSetupError(f"Rendering the 3D-aware proxy views failed: {exc}") from None
         return conditions, proxies
+
+    def _back_projection(self) -> tuple[Path, list[float]] | None:
+        """(image, EG3D label) of the back view the 3D-aware proxies project besides the photo (DiffPortrait360)."""
+        if self.back is None or self._back_label is None:
+            return None
+        image = self.back.image or self.back_source
+        return None if image is None else (image, self._back_label)
+
+    def _render_back_condition(self, staging: Path, names: list[str]) -> Path:
+        """Render the back view's condition image (the camera straight behind the head, ``_back_label``) here, with
+        the same renderer as every frame's condition, from a temporary camera that is removed again."""
+        from mathutils import Matrix
+
+        from .condition_render import ConditionRenderError, condition_renderer
+
+        scene, _, anchor = self._objects()
+        objects = [bpy.data.objects.get(name) for name in names]
+        if None in objects:
+            raise JobSetupError("The proxy head or condition mesh was deleted while the images were rendering; "
+                                "press Generate again.")
+        head = head_anchor(anchor)
+        try:
+            spec = cameras.label_to_blender(self._back_label, head, resolution_x=self.size, resolution_y=self.size)
+        except cameras.CameraError as exc:
+            raise JobSetupError(f"The back view's camera cannot be set up: {exc}") from None
+        data = bpy.data.cameras.new(".Portrait3D back camera")
+        camera = bpy.data.objects.new(".Portrait3D back camera", data)
+        try:
+            data.sensor_fit, data.sensor_width, data.sensor_height = spec.sensor_fit, spec.sensor_width, \
+                spec.sensor_height
+            data.lens, data.shift_x, data.shift_y = spec.lens, spec.shift_x, spec.shift_y
+            data.clip_start, data.clip_end = 0.05 * head.size, 100.0 * head.size
+            camera.matrix_world = Matrix(spec.matrix_world.tolist())
+            scene.collection.objects.link(camera)
+            try:
+                with condition_renderer(scene, camera, staging, size=self.size, objects=objects) as render:
+                    rendered = render(scene.frame_current)
+            except ConditionRenderError as exc:
+                raise JobSetupError(f"Rendering the back view's condition image failed: {exc}") from None
+            path = staging / back_view.CONDITION_FILE
+            os.replace(rendered, path)
+            strip_png_metadata(path)
+            return path
+        finally:
+            bpy.data.objects.remove(camera, do_unlink=True)
+            bpy.data.cameras.remove(data)
 
     def _prepared_reference(self):
         """The reference preparation's result (issue 13; None when it is off): the stored one, else made now. In the
@@ -526,14 +609,19 @@ class JobPreparation:
         for batch in _chunks(self.frames, self.poses_per_step):
             scene, camera, anchor = self._objects()
             try:
-                poses += scene_poses(scene, camera, anchor, batch)
+                poses += scene_poses(scene, camera, anchor, batch, all_around=self.family.is_360)
             except PoseError as exc:
                 raise JobSetupError(str(exc)) from None
             yield PrepProgress("Reading camera poses", len(poses), n)
         notes = list(self.reference.notes) + check_camera_motion(poses, self._camera_name)
+        self._back_label = None
+        if self.back is not None:
+            from .rig import back_label
+            self._back_label = [float(x) for x in back_label(poses[0].label)]
         warnings = list(self.reference.warnings) + [f"frame {p.frame}: {w}" for p in poses for w in p.warnings]
         scene, _, _ = self._objects()
-        warnings += _preflight(scene.portrait3d, self.out, self.model_dir, self.frames, self.size, self.reference.path)
+        warnings += _preflight(scene.portrait3d, self.out, self.model_dir, self.frames, self.size,
+                               self.reference.path, self.back)
         yield PrepProgress("Checking the job")
         prep = yield from self._prepared_reference()
         if prep is not None:
@@ -580,15 +668,33 @@ class JobPreparation:
                 conditions = _move_into(conditions, cond_dir)
                 if proxies is not None:
                     proxies = _move_into(proxies, cond_dir)
+            back = None
+            if self.back is not None:
+                scene, _, anchor = self._objects()
+                names = [o.name for o in self._condition_objects(scene, anchor)]
+                if self._source == 'IMAGE_FOLDER':
+                    notes.append("The back view's condition image was rendered from the procedural proxy head (the "
+                                 "condition folder has no image of the back of the head).")
+                yield PrepProgress("Rendering the back view's condition")
+                back_condition = _move_into([self._render_back_condition(staging, names)], cond_dir)[0]
+                image = self.back.image
+                back = jobspec.BackView(condition=_rel(back_condition, self.job_dir), label=self._back_label,
+                                        image=None if image is None else _rel(image, self.job_dir),
+                                        origin=self.back.origin, seed=self.back.seed)
 
             specs = [jobspec.FrameSpec(index=i, scene_frame=p.frame, label=list(p.label),
                                        condition=_rel(conditions[i], self.job_dir),
                                        proxy=None if proxies is None else _rel(proxies[i], self.job_dir))
                      for i, p in enumerate(poses)]
+            if self.family.is_360 and is_full_turn(poses):
+                self._settings.closed_loop = True
+                notes.append(f"The {n} frames are one full turn: generated as a closed loop (the last frame's "
+                             "neighbour is the first).")
             job = jobspec.Job(references=[str(self.reference.path.resolve())], frames=specs,
                               model=str(self.model_dir.resolve()), output=str(self.out.resolve()),
                               settings=self._settings, device=self._device, memory=self._memory,
-                              compile=self._compile, reference_prep=None if prep is None else prep.job_prep())
+                              compile=self._compile, reference_prep=None if prep is None else prep.job_prep(),
+                              back=back)
             try:
                 jobspec.write_job(job, self.job_dir)
                 write_dataset(self.out, poses)
@@ -597,7 +703,8 @@ class JobPreparation:
             except OSError as exc:
                 raise JobSetupError(str(failures.translate(exc))) from None
             committed = True
-            return PreparedJob(self.job_dir, self.out, job, poses, warnings, notes)
+            return PreparedJob(self.job_dir, self.out, job, poses, warnings, notes, back_only=self.back_only,
+                               back_key=self.back_key)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
             if not committed and self._built_head:
@@ -605,13 +712,14 @@ class JobPreparation:
                 remove_proxy_head(self._built_head)
 
 
-def _preflight(s, out: Path, model_dir: Path, frames: list[int], size: int, reference: Path) -> list[str]:
+def _preflight(s, out: Path, model_dir: Path, frames: list[int], size: int, reference: Path,
+               back: back_view.BackPlan | None) -> list[str]:
     """The shared pre-work checks (addon.preflight_checks) before anything is rendered or written."""
     from .preflight_checks import check_before_render
 
     try:
         images = folder_conditions(s.condition_folder, len(frames))[0] if s.condition_source == 'IMAGE_FOLDER' \
             else None
-        return check_before_render(s, out, model_dir, frames, size, reference, images)
+        return check_before_render(s, out, model_dir, frames, size, reference, images, back)
     except preflight.PreflightError as exc:
         raise JobSetupError(str(exc)) from None

@@ -7,7 +7,8 @@ from pathlib import Path
 import bpy
 from bpy.props import FloatProperty, StringProperty
 
-from . import frame_import, job_runner, job_writer, preferences, reference_prep, rig, worker_env
+from . import back_view, frame_import, job_runner, job_writer, preferences, reference_prep, rig, worker_env
+from .model_family import scene_family
 from .worker_process import (CHECK_TIMEOUT, BackgroundCommand, WorkerCheck, WorkerStartError, check_worker_python,
                              finish_worker_check, start_worker_check)
 from .poses import FramePose, PoseError, output_folder, scene_poses, write_dataset
@@ -45,8 +46,18 @@ def _pose_export_inputs(scene: bpy.types.Scene) -> tuple[Path, bpy.types.Object,
 def export_poses(scene: bpy.types.Scene) -> tuple[Path, list[FramePose]]:
     """Write dataset.json for the settings' frame range; raise PoseError with the fix when impossible."""
     folder, camera, anchor, frames = _pose_export_inputs(scene)
-    poses = scene_poses(scene, camera, anchor, frames)
+    poses = scene_poses(scene, camera, anchor, frames, all_around=_all_around(bpy.context, scene))
     return write_dataset(folder, poses), poses
+
+
+def _all_around(context, scene) -> bool:
+    """The scene's model sees heads from every side (DiffPortrait360): no beyond-+-90-degree pose warnings."""
+    if context.scene != scene:
+        with context.temp_override(scene=scene):
+            family = scene_family(bpy.context)
+    else:
+        family = scene_family(context)
+    return family is not None and family.is_360
 
 
 class PORTRAIT3D_OT_add_head_anchor(bpy.types.Operator):
@@ -92,11 +103,14 @@ class PORTRAIT3D_OT_add_turntable(bpy.types.Operator):
         scene = context.scene
         s = scene.portrait3d
         pitch, start_yaw = s.turntable_pitch, None
+        family = scene_family(context)
+        full_turn = family is not None and family.is_360 and s.turntable_full_turn
         try:
             if s.turntable_from_photo:
                 start_yaw, pitch = rig.photo_view(context)
             rig.build_turntable(scene, s.head_anchor, frames=s.turntable_frames, yaw_range=s.turntable_yaw_range,
-                                pitch=pitch, size_px=job_writer.output_size(context), start_yaw=start_yaw)
+                                pitch=pitch, size_px=job_writer.output_size(context), start_yaw=start_yaw,
+                                full_turn=full_turn)
         except (PoseError, reference_prep.ReferencePrepError) as exc:
             self.report({'ERROR'}, str(exc))
             return {'CANCELLED'}
@@ -176,7 +190,7 @@ class PORTRAIT3D_OT_export_poses(bpy.types.Operator):
                 raise PoseError("The scene, camera or head anchor was deleted or renamed during the export; "
                                 "export again.")
             batch, self._todo = self._todo[:job_writer.POSES_PER_STEP], self._todo[job_writer.POSES_PER_STEP:]
-            self._poses += scene_poses(scene, camera, anchor, batch)
+            self._poses += scene_poses(scene, camera, anchor, batch, all_around=_all_around(context, scene))
             if self._todo:
                 if context.workspace is not None:
                     context.workspace.status_text_set(
@@ -235,7 +249,10 @@ def _report_end(op, run: job_runner.GenerationRun) -> set[str]:
     if s.state == "done":
         if run.import_error:
             op.report({'WARNING'}, run.import_error)
-        op.report({'INFO'}, f"{s.message}; frames in {run.prepared.out_dir}")
+        if run.prepared.back_only:
+            op.report({'INFO'}, f"{s.message}: {s.back_view}")
+        else:
+            op.report({'INFO'}, f"{s.message}; frames in {run.prepared.out_dir}")
         return {'FINISHED'}
     if s.state == "cancelled":
         op.report({'WARNING'}, s.message)
@@ -255,12 +272,11 @@ def _poll_run_timer(run: job_runner.GenerationRun) -> float | None:
     return None if finished else run.poll_interval
 
 
-class PORTRAIT3D_OT_generate(bpy.types.Operator):
-    """Make the camera poses and condition images (rendered in a background Blender, so this one stays responsive), start the generator and import the frames when it is done"""
+class _Generates:
+    """Generate and the back view's Generate / Regenerate: check, prepare step by step, run the worker."""
 
-    bl_idname = "portrait3d.generate"
-    bl_label = "Generate"
     bl_options = {'REGISTER'}
+    _back_only = False  # Generate Back View: the worker's back stage only
 
     @classmethod
     def poll(cls, context):
@@ -274,7 +290,7 @@ class PORTRAIT3D_OT_generate(bpy.types.Operator):
 
     def _start(self, context, begin) -> job_runner.GenerationRun | None:
         try:
-            run = begin(context)
+            run = begin(context, back_only=self._back_only)
         except job_runner.JobRunError as exc:
             self.report({'ERROR'}, str(exc))
             return None
@@ -329,6 +345,86 @@ class PORTRAIT3D_OT_generate(bpy.types.Operator):
             return {'PASS_THROUGH'}
         context.window_manager.event_timer_remove(self._timer)
         return _report_end(self, self._run)
+
+
+class PORTRAIT3D_OT_generate(_Generates, bpy.types.Operator):
+    """Make the camera poses and condition images (rendered in a background Blender, so this one stays responsive), start the generator and import the frames when it is done. DiffPortrait360: without an accepted back view the back view is generated first"""
+
+    bl_idname = "portrait3d.generate"
+    bl_label = "Generate"
+
+
+class PORTRAIT3D_OT_generate_back_view(_Generates, bpy.types.Operator):
+    """DiffPortrait360: make the back of the head with the model's back-head network (Back View Seed) and show it here; the condition images are rendered as for Generate. Accept it, regenerate it or use your own photo"""
+
+    bl_idname = "portrait3d.generate_back_view"
+    bl_label = "Generate Back View"
+    _back_only = True
+
+
+class PORTRAIT3D_OT_regenerate_back_view(_Generates, bpy.types.Operator):
+    """DiffPortrait360: generate the back view again with the next seed"""
+
+    bl_idname = "portrait3d.regenerate_back_view"
+    bl_label = "Regenerate"
+    _back_only = True
+
+    def _start(self, context, begin):
+        s = context.scene.portrait3d
+        old = s.back_seed
+        s.back_seed = (s.back_view_seed if s.back_origin == 'GENERATED' else s.back_seed) + 1
+        run = super()._start(context, begin)
+        if run is None:
+            s.back_seed = old
+        return run
+
+
+class PORTRAIT3D_OT_accept_back_view(bpy.types.Operator):
+    """DiffPortrait360: Generate uses the shown back view as it is (recorded in job.json)"""
+
+    bl_idname = "portrait3d.accept_back_view"
+    bl_label = "Accept"
+    bl_options = {'REGISTER', 'UNDO'}
+
+    def execute(self, context):
+        s = context.scene.portrait3d
+        try:
+            key = back_view.inputs_key(s.reference_image, job_writer.model_folder(context),
+                                       job_writer.output_size(context))
+            path = back_view.accept(s, key)
+        except (back_view.BackViewError, job_writer.JobSetupError) as exc:
+            self.report({'ERROR'}, str(exc))
+            return {'CANCELLED'}
+        self.report({'INFO'}, f"Back view accepted: {path.name}")
+        return {'FINISHED'}
+
+
+class PORTRAIT3D_OT_use_back_photo(bpy.types.Operator):
+    """DiffPortrait360: use your own photo of the back of the head as the back view (a second reference, used as it is: its centre square)"""
+
+    bl_idname = "portrait3d.use_back_photo"
+    bl_label = "Use Photo..."
+    bl_options = {'REGISTER', 'UNDO'}
+
+    filepath: StringProperty(subtype='FILE_PATH', options={'SKIP_SAVE'})
+    filter_image: bpy.props.BoolProperty(default=True, options={'HIDDEN', 'SKIP_SAVE'})
+    filter_folder: bpy.props.BoolProperty(default=True, options={'HIDDEN', 'SKIP_SAVE'})
+
+    def invoke(self, context, event):
+        context.window_manager.fileselect_add(self)
+        return {'RUNNING_MODAL'}
+
+    def execute(self, context):
+        if not self.filepath:
+            self.report({'ERROR'}, "No file chosen: pick a photo of the back of the head.")
+            return {'CANCELLED'}
+        try:
+            path = back_view.use_photo(context.scene.portrait3d, self.filepath)
+        except back_view.BackViewError as exc:
+            self.report({'ERROR'}, str(exc))
+            return {'CANCELLED'}
+        self.report({'INFO'}, f"Back view: your photo {path.name}")
+        return {'FINISHED'}
 
 
 class PORTRAIT3D_OT_cancel(bpy.types.Operator):
@@ -486,6 +582,10 @@ classes = (
     PORTRAIT3D_OT_add_turntable,
     PORTRAIT3D_OT_export_poses,
     PORTRAIT3D_OT_generate,
+    PORTRAIT3D_OT_generate_back_view,
+    PORTRAIT3D_OT_regenerate_back_view,
+    PORTRAIT3D_OT_accept_back_view,
+    PORTRAIT3D_OT_use_back_photo,
     PORTRAIT3D_OT_cancel,
     PORTRAIT3D_OT_import_frames,
     PORTRAIT3D_OT_check_worker,

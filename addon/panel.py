@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import bpy
 
-from . import job_runner, job_writer, reference_prep
+from . import back_view, job_runner, job_writer, reference_prep
 from .job_runner import format_eta
+from .model_family import scene_family
 from .operators import export_blocker
 
 CATEGORY = "Portrait 3D"
@@ -76,7 +77,14 @@ class PORTRAIT3D_PT_turntable(_Portrait3DPanel, bpy.types.Panel):
         layout.use_property_decorate = False
         s = context.scene.portrait3d
         layout.prop(s, "turntable_frames")
-        layout.prop(s, "turntable_yaw_range")
+        family = scene_family(context)
+        full_turn = family is not None and family.is_360
+        if full_turn:
+            layout.prop(s, "turntable_full_turn")
+            full_turn = s.turntable_full_turn
+        row = layout.row()
+        row.active = not full_turn
+        row.prop(s, "turntable_yaw_range")
         layout.prop(s, "turntable_from_photo")
         row = layout.row()
         row.active = not s.turntable_from_photo
@@ -146,6 +154,59 @@ class PORTRAIT3D_PT_output(_Portrait3DPanel, bpy.types.Panel):
             layout.label(text=blocker, icon='INFO')
 
 
+class PORTRAIT3D_PT_back_view(_Portrait3DPanel, bpy.types.Panel):
+    """The back of the head (DiffPortrait360 models only)."""
+
+    bl_label = "Back View"
+    bl_parent_id = "PORTRAIT3D_PT_main"
+
+    @classmethod
+    def poll(cls, context):
+        family = scene_family(context)
+        return family is not None and family.is_360
+
+    def draw(self, context):
+        layout = self.layout
+        layout.use_property_split = True
+        layout.use_property_decorate = False
+        s = context.scene.portrait3d
+        family = scene_family(context)
+        running = job_runner.is_running()
+        layout.prop(s, "back_seed")
+        col = layout.column(align=True)
+        col.enabled = not running
+        row = col.row(align=True)
+        sub = row.row(align=True)
+        sub.enabled = family is not None and family.back_head
+        sub.operator("portrait3d.generate_back_view", icon='RENDER_STILL')
+        sub.operator("portrait3d.regenerate_back_view", icon='FILE_REFRESH')
+        row = col.row(align=True)
+        row.operator("portrait3d.use_back_photo", icon='FILEBROWSER')
+        sub = row.row(align=True)
+        sub.enabled = s.back_origin == 'GENERATED' and not s.back_accepted
+        sub.operator("portrait3d.accept_back_view", icon='CHECKMARK')
+        if family is not None and not family.back_head:
+            layout.label(text="This model has no back-head network: use a photo", icon='INFO')
+        image = back_view.shown_image()
+        if image is not None and image.preview is not None:
+            layout.template_icon(icon_value=image.preview.icon_id, scale=6.0)
+        if s.back_origin == 'PHOTO':
+            layout.label(text=f"Your photo: {bpy.path.basename(s.back_view)}", icon='IMAGE_DATA')
+        elif s.back_origin == 'GENERATED':
+            state = "accepted" if s.back_accepted else f"not accepted: Generate uses seed {s.back_seed}"
+            layout.label(text=f"Generated, seed {s.back_view_seed}: {state}",
+                         icon='CHECKMARK' if s.back_accepted else 'INFO')
+            try:
+                key = back_view.inputs_key(s.reference_image, job_writer.model_folder(context),
+                                           job_writer.output_size(context))
+            except job_writer.JobSetupError:
+                key = None
+            if back_view.stale(s, key):
+                layout.label(text="Made for another photo, model or size: generate it again", icon='ERROR')
+        else:
+            layout.label(text="None yet: Generate makes it first, or generate it here", icon='INFO')
+
+
 def _draw_reference_thumbnail(layout, path: str) -> None:
     """A small preview of the reference portrait (Blender's own file preview, loaded lazily)."""
     if not path:
@@ -161,6 +222,8 @@ def draw_progress(layout, progress) -> None:
     if progress.running:
         if progress.preparing:
             text = progress.status  # "Rendering conditions 12/48"
+        elif progress.back_stage:
+            text = f"Back view  step {progress.step}/{progress.total_steps}  ETA {format_eta(progress.eta_seconds)}"
         else:
             text = f"{progress.frames_done}/{progress.frames_total} frames"
             if progress.total_steps:
@@ -213,6 +276,7 @@ classes = (
     PORTRAIT3D_PT_main,
     PORTRAIT3D_PT_reference,
     PORTRAIT3D_PT_turntable,
+    PORTRAIT3D_PT_back_view,
     PORTRAIT3D_PT_generation,
     PORTRAIT3D_PT_output,
     PORTRAIT3D_PT_generate,

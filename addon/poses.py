@@ -67,8 +67,9 @@ def blender_camera(obj: bpy.types.Object, scene: bpy.types.Scene) -> cameras.Ble
         raise PoseError(f"Camera '{obj.name}': {exc}") from exc
 
 
-def pose_warnings(label) -> list[str]:
-    """Plain-words reasons why a label is a poor DiffPortrait3D view (empty when fine)."""
+def pose_warnings(label, all_around: bool = False) -> list[str]:
+    """Plain-words reasons why a label is a poor view for the model (empty when fine). ``all_around``: the model
+    sees heads from every side (DiffPortrait360), so a yaw beyond +-90 degrees is no reason."""
     cam2world, k = cameras.from_label(label)
     out = []
     # The head centre is the EG3D origin; project it into the image.
@@ -81,7 +82,7 @@ def pose_warnings(label) -> list[str]:
         if not (0.0 <= u <= 1.0 and 0.0 <= v <= 1.0):
             out.append("the head centre is outside the image")
     yaw, pitch = cameras.yaw_pitch_from_cam2world(cam2world)
-    if abs(yaw) > MAX_ABS_YAW:
+    if abs(yaw) > MAX_ABS_YAW and not all_around:
         out.append(f"yaw {yaw:.1f} deg is beyond +-{MAX_ABS_YAW:.0f} (the model only saw the front of heads)")
     if abs(pitch) > MAX_ABS_PITCH:
         out.append(f"pitch {pitch:.1f} deg is beyond +-{MAX_ABS_PITCH:.0f}")
@@ -89,10 +90,12 @@ def pose_warnings(label) -> list[str]:
 
 
 def scene_poses(scene: bpy.types.Scene, camera: bpy.types.Object | None, anchor: bpy.types.Object | None,
-                frames: Iterable[int], depsgraph: bpy.types.Depsgraph | None = None) -> list[FramePose]:
+                frames: Iterable[int], depsgraph: bpy.types.Depsgraph | None = None,
+                all_around: bool = False) -> list[FramePose]:
     """Labels for each frame, read from the evaluated camera and anchor (constraints, parents, drivers).
 
     The scene's current frame is restored afterwards. ``depsgraph`` defaults to the context's.
+    ``all_around``: see :func:`pose_warnings`.
     """
     if anchor is None:
         raise PoseError("No head anchor: add one with 'Add Head Anchor' or pick an Empty as Head Anchor.")
@@ -116,10 +119,26 @@ def scene_poses(scene: bpy.types.Scene, camera: bpy.types.Object | None, anchor:
             except cameras.CameraError as exc:
                 raise PoseError(f"Frame {frame}: {exc}") from exc
             yaw, pitch = cameras.yaw_pitch_from_cam2world(label[:16].reshape(4, 4))
-            out.append(FramePose(frame, [float(x) for x in label], yaw, pitch, pose_warnings(label)))
+            out.append(FramePose(frame, [float(x) for x in label], yaw, pitch, pose_warnings(label, all_around)))
     finally:
         scene.frame_set(old_frame, subframe=old_sub)
     return out
+
+
+FULL_TURN_TOLERANCE_DEG = 0.5
+
+
+def is_full_turn(poses: list[FramePose]) -> bool:
+    """True when the frames go once around the head in equal steps at one pitch, the last frame one step before
+    the first (a closed loop: no frame repeats another)."""
+    if len(poses) < 3:
+        return False
+    steps = [(poses[(i + 1) % len(poses)].yaw - p.yaw + 180.0) % 360.0 - 180.0 for i, p in enumerate(poses)]
+    want = 360.0 / len(poses)
+    if not (all(abs(s - want) < FULL_TURN_TOLERANCE_DEG for s in steps)
+            or all(abs(s + want) < FULL_TURN_TOLERANCE_DEG for s in steps)):
+        return False
+    return max(p.pitch for p in poses) - min(p.pitch for p in poses) < FULL_TURN_TOLERANCE_DEG
 
 
 def dataset_dict(poses: Iterable[FramePose]) -> dict:

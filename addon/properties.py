@@ -47,6 +47,11 @@ IMPORT_MODES = (
     ("SEQUENCER", "Sequencer Strip", "An image strip in the Video Sequencer"),
 )
 
+BACK_ORIGINS = (
+    ("NONE", "None", "No back view yet"),
+    ("GENERATED", "Generated", "Made by the model's back-head network"),
+    ("PHOTO", "Photo", "The artist's own photo of the back of the head"),
+)
 
 # Blender 4.5+ warns about "//" paths unless the property says it supports them.
 _PATH_OPTIONS = {'PATH_SUPPORTS_BLEND_RELATIVE'} if bpy.app.version >= (4, 5, 0) else set()
@@ -162,6 +167,12 @@ class PORTRAIT3D_PG_settings(bpy.types.PropertyGroup):
         description="The first frame looks at the head from where the photo was taken (its prepared yaw and "
                     "pitch) and the sweep of twice the Yaw Range turns toward the other side; the Pitch setting "
                     "is replaced by the photo's")
+    turntable_full_turn: BoolProperty(
+        name="Full Turn", default=True,
+        description="With a DiffPortrait360 model: the camera goes once around the head in equal steps from the "
+                    "front (or the photo's view), the last frame one step before the first, and the frames are "
+                    "generated as a closed loop (Yaw Range is not used). DiffPortrait3D models, which only saw "
+                    "the front of heads, always use Yaw Range")
     turntable_frames: IntProperty(name="Frames", default=16, min=1, max=1000,
                                   description="Number of frames of the turntable")
     turntable_yaw_range: FloatProperty(
@@ -171,6 +182,20 @@ class PORTRAIT3D_PG_settings(bpy.types.PropertyGroup):
     turntable_pitch: FloatProperty(
         name="Pitch", subtype='ANGLE', default=0.0, min=-math.radians(89.0), max=math.radians(89.0),
         description="Camera elevation; positive looks down on the head from above")
+
+
+    # The back of the head (DiffPortrait360 models; see back_view.py).
+    back_seed: IntProperty(name="Back View Seed", default=0, min=0,
+                           description="Seed of the next back view the back-head model generates")
+    back_view: StringProperty(name="Back View", default="", subtype='FILE_PATH', options={'HIDDEN'},
+                              description="The back view shown in the panel: a generated one or your photo")
+    back_origin: EnumProperty(name="Back View Origin", items=BACK_ORIGINS, default='NONE', options={'HIDDEN'})
+    back_view_seed: IntProperty(name="Shown Back View Seed", default=0, min=0, options={'HIDDEN'},
+                                description="The seed the shown back view was generated with")
+    back_accepted: BoolProperty(name="Back View Accepted", default=False, options={'HIDDEN'},
+                                description="Generate uses the shown back view as it is")
+    back_key: StringProperty(name="Back View Inputs", default="", options={'HIDDEN'},
+                             description="What the shown generated back view was made from")
 
 
 class PORTRAIT3D_PG_progress(bpy.types.PropertyGroup):
@@ -184,6 +209,8 @@ class PORTRAIT3D_PG_progress(bpy.types.PropertyGroup):
     preview_step: IntProperty(name="Preview Step", default=-1,
                               description="The denoising step of the latest preview (-1: none yet)")
     status: StringProperty(name="Status", default="")
+    back_stage: BoolProperty(name="Back Stage", default=False,
+                             description="The worker is denoising the back view (DiffPortrait360)")
     fraction: FloatProperty(name="Progress", default=0.0, min=0.0, max=1.0, subtype='FACTOR')
     frames_done: IntProperty(name="Frames Done", default=0)
     frames_total: IntProperty(name="Frames Total", default=0)

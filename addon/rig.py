@@ -31,15 +31,21 @@ TARGET_NAME = "Turntable Look-at"
 CAMERA_NAME = "Turntable Camera"
 
 
-def turntable_yaws(frames: int, yaw_range: float, start: float | None = None) -> list[float]:
+def turntable_yaws(frames: int, yaw_range: float, start: float | None = None,
+                   full_turn: bool = False) -> list[float]:
     """Yaw (radians) per frame, sweeping -yaw_range..+yaw_range.
 
     A partial sweep includes both ends; a full turn (range >= 180 deg) stops one step short, so the
     last frame never repeats the first. With ``start`` (the photo's view) the sweep begins there and covers
     the same span (twice ``yaw_range``) toward the other side of the face (toward +yaw for a frontal start).
+    ``full_turn`` (the DiffPortrait360 turntable): frame i at ``start`` (default 0, the front) + 360 deg * i / N,
+    a closed loop; ``yaw_range`` is not used.
     """
     if frames < 1:
         raise PoseError(f"A turntable needs at least 1 frame, got {frames}.")
+    if full_turn:
+        first = 0.0 if start is None else start
+        return [first + 2.0 * math.pi * i / frames for i in range(frames)]
     if frames == 1:
         return [0.0 if start is None else start]
     span = 2.0 * yaw_range
@@ -102,15 +108,15 @@ def _new_rig_object(scene: bpy.types.Scene, name: str, data, role: str, parent: 
 
 def build_turntable(scene: bpy.types.Scene, anchor: bpy.types.Object, *, frames: int, yaw_range: float,
                     pitch: float, size_px: int, frame_start: int | None = None,
-                    start_yaw: float | None = None) -> bpy.types.Object:
+                    start_yaw: float | None = None, full_turn: bool = False) -> bpy.types.Object:
     """(Re)build the orbiting camera around ``anchor``; set scene camera, frame range and resolution.
 
-    Angles in radians. ``start_yaw``: begin the sweep there (see :func:`turntable_yaws`). Returns the camera
+    Angles in radians. ``start_yaw``, ``full_turn``: see :func:`turntable_yaws`. Returns the camera
     object. Any previous rig in the scene is replaced.
     """
     if anchor is None:
         raise PoseError("No head anchor: add one with 'Add Head Anchor' or pick an Empty as Head Anchor.")
-    yaws = turntable_yaws(frames, yaw_range, start_yaw)
+    yaws = turntable_yaws(frames, yaw_range, start_yaw, full_turn)
     settings = scene.portrait3d
     remove_turntable(scene)
 
@@ -172,12 +178,26 @@ def build_turntable(scene: bpy.types.Scene, anchor: bpy.types.Object, *, frames:
 
 
 def expected_labels(frames: int, yaw_range: float, pitch: float,
-                    start_yaw: float | None = None) -> list[np.ndarray]:
+                    start_yaw: float | None = None, full_turn: bool = False) -> list[np.ndarray]:
     """The EG3D labels the rig reproduces, from ``cameras.sample_lookat`` (for checks and tests)."""
+    return [orbit_label(yaw, pitch) for yaw in turntable_yaws(frames, yaw_range, start_yaw, full_turn)]
+
+
+def orbit_label(yaw: float, pitch: float, radius: float = cameras.EG3D_RADIUS,
+                k: np.ndarray | None = None) -> np.ndarray:
+    """The EG3D label of a turntable camera at ``yaw``/``pitch`` (radians; yaw 0 = in front of the face, pi =
+    straight behind the head), ``radius`` from the head centre, looking at EG3D's pivot."""
     v = math.pi / 2 * (1.0 - math.sin(pitch))  # inverse of pitch = asin(1 - 2 v / pi)
-    k = cameras.intrinsics_from_focal(cameras.EG3D_FOCAL)
-    return [cameras.to_label(cameras.sample_lookat(math.pi / 2 + yaw, v), k)
-            for yaw in turntable_yaws(frames, yaw_range, start_yaw)]
+    k = cameras.intrinsics_from_focal(cameras.EG3D_FOCAL) if k is None else k
+    return cameras.to_label(cameras.sample_lookat(math.pi / 2 + yaw, v, cameras.EG3D_PIVOT, radius), k)
+
+
+def back_label(front_label) -> np.ndarray:
+    """The back view's camera: straight behind the head (yaw 180 deg), at the pitch, distance and intrinsics of
+    ``front_label`` (the turntable's first frame)."""
+    c2w, k = cameras.from_label(front_label)
+    _, pitch = cameras.yaw_pitch_from_cam2world(c2w)
+    return orbit_label(math.pi, math.radians(pitch), float(np.linalg.norm(c2w[:3, 3])), k)
 
 
 def photo_view(context: bpy.types.Context, python: str | None = None) -> tuple[float, float]:

@@ -165,6 +165,9 @@ class WorkerStatus:
     preview_step: int | None = None   # the step of the latest previews (``preview`` event)
     preview_folder: str = ""
     previews: int = 0                 # preview events so far
+    stage: str = ""                   # DiffPortrait360: "back" while the back view is denoised, then "views"
+    back_view: str = ""               # the back view the worker made (``back_view`` event; DiffPortrait360)
+    back_view_seed: int = 0
 
     @property
     def finished(self) -> bool:
@@ -221,8 +224,10 @@ class WorkerProcess:
     """One run of ``<python> -m dp3d_core.worker <job dir>``."""
 
     def __init__(self, job_dir: str | os.PathLike, worker_python: str | os.PathLike, *,
-                 core_parent: str | os.PathLike = CORE_PARENT, cancel_grace: float = CANCEL_GRACE_S) -> None:
+                 core_parent: str | os.PathLike = CORE_PARENT, cancel_grace: float = CANCEL_GRACE_S,
+                 back_only: bool = False) -> None:
         self.job_dir = Path(job_dir)
+        self.back_only = back_only  # DiffPortrait360: only the back view (``--back-only``)
         self.python = resolve_worker_python(worker_python)
         self.core_parent = Path(core_parent)
         self.cancel_grace = cancel_grace
@@ -236,6 +241,8 @@ class WorkerProcess:
         self.started_at = time.monotonic()
         protocol.clear_cancel(self.job_dir)
         cmd = [str(self.python), "-m", "dp3d_core.worker", str(self.job_dir.resolve())]
+        if back_only:
+            cmd.append("--back-only")
         try:
             self.proc = subprocess.Popen(cmd, cwd=str(self.core_parent), env=worker_env(self.core_parent),
                                          **popen_kwargs())
@@ -278,13 +285,17 @@ class WorkerProcess:
             s.frames_done, s.frames_total = int(ev["frames_done"]), int(ev["frames_total"])
             units_done = (s.step - 1) * s.windows + s.window
             now = time.monotonic()
+            stage = str(ev.get("stage") or "")
+            if stage != s.stage:  # DiffPortrait360: the views after the back view; the ETA starts over
+                s.stage, s.eta_seconds, self._first_progress = stage, -1.0, None
             if self._first_progress is None:
                 self._first_progress = (now, units_done)
             t0, u0 = self._first_progress
             if units_done > u0:
                 rate = (now - t0) / (units_done - u0)
                 s.eta_seconds = rate * (s.total_steps * s.windows - units_done)
-            s.message = f"Denoising step {s.step}/{s.total_steps}"
+            s.message = (f"Back view: denoising step {s.step}/{s.total_steps}" if s.stage == "back" else
+                         f"Denoising step {s.step}/{s.total_steps}")
         elif ev.kind == "resumed":
             s.resumed_step, s.total_steps = int(ev["step"]), int(ev["total_steps"])
             s.step = s.resumed_step
@@ -292,6 +303,9 @@ class WorkerProcess:
         elif ev.kind == "preview":
             s.preview_step, s.preview_folder = int(ev["step"]), str(ev["folder"])
             s.previews += 1
+        elif ev.kind == "back_view":
+            s.back_view, s.back_view_seed = str(ev["path"]), int(ev["seed"])
+            s.message = f"Back view ready (seed {s.back_view_seed})"
         elif ev.kind == "frame":
             s.frames_written.append(str(ev["path"]))
             s.frames_done = min(s.frames_total or 10**9, s.frames_done + 1)
@@ -304,6 +318,9 @@ class WorkerProcess:
         elif ev.kind == "done":
             if ev["cancelled"]:
                 s.message = "Cancelled"
+            elif self.back_only:
+                s.eta_seconds = 0.0
+                s.message = f"Back view ready (seed {s.back_view_seed}) in {ev['seconds']:.0f} s"
             else:
                 s.eta_seconds = 0.0
                 s.message = f"Done: {s.frames_done} frames ({ev['frames_written']} new) in {ev['seconds']:.0f} s"

@@ -72,6 +72,7 @@ class GenerationSettings:
     window: int = 8
     overlap: int = 4
     share_noise: bool = False
+    closed_loop: bool = False  # the frames are one full turn: windows wrap from the last frame to the first
 
 
 @dataclass
@@ -86,6 +87,27 @@ class ReferencePrep:
     pitch: float
     roll: float
     label: list[float]
+
+
+ORIGINS = ("generated", "photo")
+
+
+@dataclass
+class BackView:
+    """The back of the head, DiffPortrait360's second reference (DiffPortrait3D jobs have none).
+
+    ``condition``: the condition image of the camera straight behind the head (yaw 180 degrees from the photo's
+    front), ``label`` that camera's EG3D label. ``image``: the back view to use, or None: the worker generates it
+    with the model's back-head model and ``seed`` (``<job dir>/back/back_seed<seed>.png``). ``origin``:
+    ``"generated"`` (by the back-head model, accepted by the artist or still to be made) or ``"photo"`` (the
+    artist's own photo of the back of the head, used as it is: centre square, like an unprepared reference).
+    """
+
+    condition: str
+    label: list[float]
+    image: str | None = None
+    origin: str = "generated"
+    seed: int = 0
 
 
 @dataclass
@@ -104,6 +126,7 @@ class Job:
     frame_pattern: str = DEFAULT_FRAME_PATTERN
     version: int = JOB_VERSION
     reference_prep: ReferencePrep | None = None  # None: the reference's centre square is used as it is
+    back: BackView | None = None  # DiffPortrait360 only: the back view (None for DiffPortrait3D jobs)
 
     def resolve(self, job_dir: str | os.PathLike) -> "Job":
         """A copy with every path made absolute (relative paths are taken from ``job_dir``)."""
@@ -115,9 +138,12 @@ class Job:
 
         frames = [replace(f, condition=absolute(f.condition),
                           proxy=None if f.proxy is None else absolute(f.proxy)) for f in self.frames]
+        back = None if self.back is None else replace(
+            self.back, condition=absolute(self.back.condition),
+            image=None if self.back.image is None else absolute(self.back.image))
         return replace(self, references=[absolute(r) for r in self.references], frames=frames,
                        model=absolute(self.model), output=absolute(self.output),
-                       settings=replace(self.settings))
+                       settings=replace(self.settings), back=back)
 
     def frame_name(self, frame: FrameSpec) -> str:
         """The output file name of ``frame`` (a bare name inside the output folder)."""
@@ -258,6 +284,7 @@ def _parse_settings(d: Any) -> GenerationSettings:
         window=_int(d, "window", "settings.window", default.window, 1, 64),
         overlap=_int(d, "overlap", "settings.overlap", default.overlap, 0),
         share_noise=_bool(d, "share_noise", "settings.share_noise", default.share_noise),
+        closed_loop=_bool(d, "closed_loop", "settings.closed_loop", default.closed_loop),
     )
     if s.size % 64:
         raise _fail("settings.size", f"must be a multiple of 64 (the latent is 1/8 of it and the UNet halves "
@@ -315,6 +342,30 @@ def _parse_reference_prep(d: Any) -> ReferencePrep | None:
     return prep
 
 
+def _parse_back(d: Any) -> BackView | None:
+    if d is None:
+        return None
+    if not isinstance(d, dict):
+        raise _fail("back", f"must be an object or null, got {type(d).__name__}")
+    image = d.get("image")
+    if image is not None and (not isinstance(image, str) or not image):
+        raise _fail("back.image", f"must be an image path or null, got {image!r:.80}")
+    back = BackView(
+        condition=_str(d, "condition", "back.condition"),
+        label=_parse_label(d.get("label"), "back.label"),
+        image=image,
+        origin=_str(d, "origin", "back.origin", "generated", ORIGINS),
+        seed=_int(d, "seed", "back.seed", 0, 0, 2**63 - 1),
+    )
+    if back.origin == "photo" and back.image is None:
+        raise _fail("back.image", "is null, but back.origin is 'photo': name the photo of the back of the head, "
+                    "or set back.origin to 'generated' to have the back view generated")
+    unknown = set(d) - set(asdict(back))
+    if unknown:
+        raise _fail("back", f"unknown key(s) {', '.join(sorted(unknown))}")
+    return back
+
+
 def job_from_dict(d: Any) -> Job:
     """Validate a parsed ``job.json`` and build a :class:`Job` (raises :class:`JobError`)."""
     if not isinstance(d, dict):
@@ -347,6 +398,7 @@ def job_from_dict(d: Any) -> Job:
         compile=_bool(d, "compile", "compile", False),
         frame_pattern=pattern, version=version,
         reference_prep=_parse_reference_prep(d.get("reference_prep")),
+        back=_parse_back(d.get("back")),
     )
     if job.reference_prep is not None and len(job.references) != 1:
         raise _fail("reference_prep", f"describes one prepared reference, but the job has {len(job.references)}")
@@ -444,16 +496,20 @@ def job_hash(job: Job, job_dir: str | os.PathLike | None = None) -> str:
     """Stable hash of everything that changes the pixels (not the output folder or file names).
 
     Covers the settings, device, dtype, the model folder identity, and the contents of every
-    reference, condition and proxy image, plus each frame's index, scene frame and label, and the reference
-    preparation (crop and pose) when there is one. Not ``memory`` or
+    reference, condition and proxy image, plus each frame's index, scene frame and label, the reference
+    preparation (crop and pose) when there is one, and the back view when there is one (its condition image and
+    label, origin, and the back image's contents or, when the worker generates it, its seed). Not ``memory`` or
     ``compile``: they change speed and memory, not the picture (beyond floating-point rounding), so switching them
     keeps the frames already written.
     Relative paths are resolved against ``job_dir`` (default: the current folder).
     """
     j = job.resolve(job_dir if job_dir is not None else os.getcwd())
+    settings = asdict(j.settings)
+    if not j.settings.closed_loop:  # only when set, so open sequences keep the hashes they always had
+        del settings["closed_loop"]
     payload = {
         "version": j.version,
-        "settings": asdict(j.settings),
+        "settings": settings,
         "device": j.device,
         "dtype": j.dtype,
         "model": model_identity(j.model),
@@ -464,4 +520,10 @@ def job_hash(job: Job, job_dir: str | os.PathLike | None = None) -> str:
     }
     if j.reference_prep is not None:  # only when set, so jobs without one keep the hashes they always had
         payload["reference_prep"] = asdict(j.reference_prep)
+    if j.back is not None:  # likewise: DiffPortrait3D jobs have none
+        b = j.back
+        payload["back"] = {"condition": file_digest(b.condition), "label": b.label, "origin": b.origin,
+                           "image": None if b.image is None else file_digest(b.image),
+                           # the seed makes the back view only when the worker generates it
+                           "seed": b.seed if b.image is None else None}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

@@ -3,6 +3,9 @@
     unet/ (locked F)  reference_unet/ (F_ref)  view_controlnet/ (F_cam)  view_modules/  vae/  scheduler/
     prompt_embedding/ (the empty-prompt CLIP embedding; no text encoder is needed at run time)
 
+A DiffPortrait360 model folder is its view model's folder with the back-head model's folder inside it, at
+``back_head/`` (optional; docs/DESIGN.md, "Model folder"); each loads on its own with :func:`load_model_folder`.
+
 ``model_index.json`` follows diffusers' pipeline format (``[library, class]`` per component, our own classes under
 the library ``dp3d_core.models``), so ``DiffusionPipeline``-style loaders can read it too.
 """

@@ -12,6 +12,9 @@ Checked, cheapest first:
   and path limits;
 - the model folder holds weights in safetensors only (never a pickle), and the job's window equals the model's
   clip length (read from the configs, not the weights); a size beyond what the model was trained for is a warning;
+- the job fits the model's family: a DiffPortrait360 model needs one reference and a back view (a given image,
+  or a back-head model in ``<model>/back_head/`` to generate it); a DiffPortrait3D model ignores a back view
+  (a warning);
 - the images named up front (reference, condition folder) can be decoded;
 - enough free disk for the frames (and the job's own condition images);
 - a memory estimate for the size on the chosen device, a warning when it will not fit.
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .failures import Failure, clip, translate
+from .families import BACK_HEAD, DIFFPORTRAIT3D, DIFFPORTRAIT360, FamilyError, family_from_index
 
 PROBE_NAME = ".portrait3d_write_probe"
 # The worker writes each frame as ".<name>.<12 hex>.tmp" first (dp3d_core.protocol.write_atomic).
@@ -37,6 +41,10 @@ DEFAULT_PATH_MAX = 4096 if os.name != "nt" else 260
 CLIP_LENGTH = 8  # dp3d_core.models.config.CLIP_LENGTH (kept here: that module imports torch)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 NETWORK_FOLDERS = ("unet", "reference_unet", "view_controlnet", "view_modules", "vae", "prompt_embedding")
+BACK_HEAD_FOLDER = "back_head"  # a DiffPortrait360 model folder holds its back-head model here
+# Plan.back: how a job gets its back view (None: it has none)
+BACK_GENERATE = "generate"  # the worker makes it with the back-head model
+BACK_IMAGE = "image"        # the job names the image
 DISK_MARGIN = 16 << 20  # bytes kept free beyond the estimate
 # Activation elements per view-pixel for an SD-1.5-width network (320 base channels), fitted to the measured
 # peak of one 8-view window at 512 px in fp16 (docs/PERFORMANCE.md: 9.97 GiB normal, 7.53 GiB low).
@@ -169,6 +177,10 @@ class ModelInfo:
     """What the configs of a model folder say (no weights read)."""
 
     path: Path
+    family: str = DIFFPORTRAIT3D        # "DiffPortrait3D" or "DiffPortrait360" (model_index.json)
+    variant: str | None = None          # DiffPortrait360: "views" or "back_head"
+    back_head: bool = False             # a DiffPortrait360 view model with a usable back_head/ model folder inside
+    back_head_problem: str | None = None  # why back_head/ cannot be used, when it exists but is not a back-head model
     clip_length: int = CLIP_LENGTH
     trained_size: int | None = None     # pixels: unet sample_size x the VAE's scale factor
     base_channels: int = 320
@@ -202,8 +214,15 @@ def read_model_info(folder: str | os.PathLike) -> ModelInfo:
         raise PreflightError(f"{clip(path)} is not a DiffPortrait3D model folder (it has no model_index.json).",
                              "Choose the folder that holds model_index.json, or convert the official checkpoint "
                              "into a fresh folder.")
-    _read_json(path / "model_index.json")
-    info = ModelInfo(path)
+    try:
+        family = family_from_index(_read_json(path / "model_index.json"))
+    except FamilyError as exc:
+        raise PreflightError(f"The model folder {clip(path)} cannot be used: {exc}.",
+                             "Update the add-on and the worker, or choose another model folder.") from None
+    info = ModelInfo(path, family=family.name, variant=family.variant)
+    if family.name == DIFFPORTRAIT360 and family.variant != BACK_HEAD:
+        info.back_head_problem = _back_head_problem(path / BACK_HEAD_FOLDER)
+        info.back_head = (path / BACK_HEAD_FOLDER).is_dir() and info.back_head_problem is None
     for name in NETWORK_FOLDERS:
         sub = path / name
         if not sub.is_dir():
@@ -230,6 +249,22 @@ def read_model_info(folder: str | os.PathLike) -> ModelInfo:
         info.base_channels = channels[0]
     info.trained_size = _trained_size(unet, vae)
     return info
+
+
+def _back_head_problem(folder: Path) -> str | None:
+    """Why ``folder`` is not a DiffPortrait360 back-head model folder (None: it is one, or it does not exist)."""
+    if not folder.is_dir():
+        return None if not os.path.lexists(folder) else f"{clip(folder)} is not a folder"
+    index = folder / "model_index.json"
+    if not index.is_file():
+        return f"{clip(folder)} has no model_index.json"
+    try:
+        family = family_from_index(_read_json(index))
+    except (FamilyError, PreflightError) as exc:
+        return f"{clip(index)} cannot be read ({exc})"
+    if family.name != DIFFPORTRAIT360 or family.variant != BACK_HEAD:
+        return f"{clip(folder)} holds {family.describe()}, not the DiffPortrait360 back-head model"
+    return None
 
 
 def _trained_size(unet: dict, vae: dict) -> int | None:
@@ -260,6 +295,38 @@ def check_model(info: ModelInfo, window: int | None, size: int) -> list[str]:
         return [f"The output size {size} px is larger than this model was trained for ({info.trained_size} px): "
                 "expect repeated or smeared features; use "
                 f"{info.trained_size} px for its best result."]
+    return []
+
+
+def check_family(info: ModelInfo, back: str | None, references: int = 1) -> list[str]:
+    """The job against the model's family (``back``: None, BACK_GENERATE or BACK_IMAGE); returns warnings."""
+    if info.variant == BACK_HEAD:
+        raise PreflightError(f"The model folder {clip(info.path)} holds DiffPortrait360's back-head model, which "
+                             "makes only the back view.",
+                             "Choose the DiffPortrait360 view model folder; the back-head model belongs in its "
+                             "back_head/ subfolder.")
+    if info.family != DIFFPORTRAIT360:
+        if back is not None:
+            return ["The job has a back view, but this DiffPortrait3D model uses the front photo only; the back "
+                    "view is ignored (choose a DiffPortrait360 model folder to use it)."]
+        return []
+    if references != 1:
+        raise PreflightError(f"DiffPortrait360 takes one front photo, but the job names {references} references.",
+                             "Keep one front photo; a photo of the back of the head goes in as the back view.")
+    if back is None:
+        raise PreflightError("This DiffPortrait360 model needs a view of the back of the head, and the job has "
+                             "none.", "Generate the back view (or use your own photo of the back of the head) in "
+                             "the add-on's panel, then generate again.")
+    if back == BACK_GENERATE and not info.back_head:
+        why = (f" ({info.back_head_problem})" if info.back_head_problem else
+               f" (it has no {BACK_HEAD_FOLDER}/ folder)")
+        raise PreflightError(f"The back view is to be generated, but the model folder {clip(info.path)} holds no "
+                             f"back-head model{why}.",
+                             "Use your own photo of the back of the head instead, or convert DiffPortrait360's "
+                             "back_head-230000.th into the back_head/ folder inside the model folder "
+                             "(python -m dp3d_core.convert back_head-230000.th MODEL/back_head).")
+    if back == BACK_GENERATE:
+        read_model_info(info.path / BACK_HEAD_FOLDER)  # pickled or damaged weights are refused here too
     return []
 
 
@@ -427,6 +494,8 @@ class Plan:
     memory: str = "normal"
     proxies: bool = False
     job_images: int = 0           # images the add-on will render into the job folder (disk estimate)
+    back: str | None = None       # how the job gets its back view: None (none), BACK_GENERATE or BACK_IMAGE
+    references: int = 1           # reference photos (DiffPortrait360 takes exactly one)
 
 
 def check_plan(plan: Plan, *, decode: Callable[[Path, str], None] | None = None,
@@ -440,7 +509,8 @@ def check_plan(plan: Plan, *, decode: Callable[[Path, str], None] | None = None,
     out = probe_output_folder(plan.output)
     check_frame_names(out, plan.frame_names)
     info = read_model_info(plan.model)
-    warnings = check_model(info, plan.window, plan.size)
+    warnings = check_family(info, plan.back, plan.references)
+    warnings += check_model(info, plan.window, plan.size)
     for path, what in plan.images:
         (decode or check_image)(path, what)
     check_disk(out, len(plan.frame_names), plan.size, plan.job_images)

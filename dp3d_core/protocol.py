@@ -9,7 +9,11 @@ Event kinds and their fields:
 - ``started``: job_hash, frames_total, frames_done (already finished by an earlier run)
 - ``resumed``: step (denoising steps already done, from a saved checkpoint; the run continues with step
   ``step + 1`` of ``total_steps``), total_steps. Sent after ``started``, before the first ``progress``.
-- ``progress``: step, total_steps, window, frames_done, frames_total
+- ``progress``: step, total_steps, window, frames_done, frames_total; in a DiffPortrait360 job also ``stage``
+  (``"back"`` while the back view is generated, ``"views"`` while the frames are)
+- ``back_view``: path (absolute path of the back view PNG, ``<job dir>/back/back_seed<seed>.png``), seed,
+  origin (``"generated"``). DiffPortrait360 jobs only, once the back stage has made the back view or found it
+  already made for the same inputs; sent before the view stage starts
 - ``preview``: step (steps done), total_steps, folder (absolute path of the folder holding one preview PNG
   per view, named as that view's output frame; see dp3d_core.live_preview)
 - ``frame``: index, scene_frame, path
@@ -35,12 +39,13 @@ from .job import JOB_FILE
 PROTOCOL_VERSION = 1
 CANCEL_FILE = "cancel"
 MANIFEST_FILE = "frames.json"
-EVENT_KINDS = ("started", "resumed", "progress", "preview", "frame", "warning", "error", "done")
+EVENT_KINDS = ("started", "resumed", "progress", "preview", "back_view", "frame", "warning", "error", "done")
 REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     "started": ("job_hash", "frames_total", "frames_done"),
     "resumed": ("step", "total_steps"),
     "progress": ("step", "total_steps", "window", "frames_done", "frames_total"),
     "preview": ("step", "total_steps", "folder"),
+    "back_view": ("path", "seed", "origin"),
     "frame": ("index", "scene_frame", "path"),
     "warning": ("message",),
     "error": ("message", "hint"),

@@ -1,8 +1,9 @@
 """A tiny random-weight model folder for tests and demos: ``python -m dp3d_core.tiny <out>``.
 
 Same classes and topology as the real model (4 levels, 16 transformers, 27 view modules), 32 base channels,
-context width 32 and a small VAE; written in seconds on CPU. ``--family DiffPortrait360`` writes the two
-DiffPortrait360 models instead, ``<out>/views`` (20 view modules) and ``<out>/back_head`` (none).
+context width 32 and a small VAE; written in seconds on CPU. ``--family DiffPortrait360`` writes a DiffPortrait360
+model folder instead: the view model (20 view modules) in ``<out>`` with the back-head model (none) in
+``<out>/back_head``, the layout the worker and the add-on read.
 """
 from __future__ import annotations
 
@@ -87,14 +88,15 @@ def make_tiny_360_components(seed: int = 0, sample_size: int = 32) -> tuple[dict
 
 def make_tiny_360_model_folders(path: str | Path, seed: int = 0, sample_size: int = 32,
                                 overwrite: bool = False) -> tuple[Path, Path]:
-    """Write ``<path>/views`` and ``<path>/back_head`` (tiny random DiffPortrait360 models); returns both."""
+    """Write a tiny random DiffPortrait360 model folder: the view model in ``path``, the back-head model in
+    ``path/back_head``; returns both folders."""
     from .families import FAMILY_360_BACK_HEAD, FAMILY_360_VIEWS
     from .model_folder import save_model_folder
+    from .preflight import BACK_HEAD_FOLDER
 
     views, back = make_tiny_360_components(seed, sample_size)
-    path = Path(path)
-    return (save_model_folder(views, path / "views", overwrite=overwrite, family=FAMILY_360_VIEWS),
-            save_model_folder(back, path / "back_head", overwrite=overwrite, family=FAMILY_360_BACK_HEAD))
+    path = save_model_folder(views, path, overwrite=overwrite, family=FAMILY_360_VIEWS)
+    return path, save_model_folder(back, path / BACK_HEAD_FOLDER, family=FAMILY_360_BACK_HEAD)
 
 
 def main(argv: Iterable[str] | None = None) -> int:
@@ -106,7 +108,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--sample-size", type=int, default=32, help="latent size (images are 8x)")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--family", choices=("DiffPortrait3D", "DiffPortrait360"), default="DiffPortrait3D",
-                        help="DiffPortrait360: write <out>/views and <out>/back_head")
+                        help="DiffPortrait360: the view model in <out>, the back-head model in <out>/back_head")
     args = parser.parse_args(list(argv) if argv is not None else None)
     try:
         if args.family == "DiffPortrait360":

@@ -1,7 +1,16 @@
-"""The worker process: ``python -m dp3d_core.worker <job dir>``.
+"""The worker process: ``python -m dp3d_core.worker <job dir> [--back-only]``.
 
-Reads ``job.json``, renders the frames with :class:`~dp3d_core.pipeline.DiffPortrait3DPipeline`
-and reports on stdout with the line protocol of :mod:`dp3d_core.protocol`. stdout carries
+Reads ``job.json``, renders the frames with the pipeline of the model folder's family
+(:class:`~dp3d_core.pipeline.DiffPortrait3DPipeline`, or
+:class:`~dp3d_core.pipeline360.DiffPortrait360Pipeline`) and reports on stdout with the line
+protocol of :mod:`dp3d_core.protocol`. A DiffPortrait360 job runs in two stages: (a) the back
+stage, only when ``back.image`` is null: the back-head model (``<model>/back_head/``) makes the
+back view at seed ``back.seed`` and writes ``<job dir>/back/back_seed<seed>.png`` (``back_view``
+event); a PNG an earlier run made from the same inputs is reused (dp3d_core.back_view); (b) the
+view stage, with that PNG (or ``back.image``) read back as 8-bit like the official scripts, so a
+back view generated alone (``--back-only``: stage (a) only, then ``done`` with frames_written 0)
+and accepted gives the same frames as a run that generates it. The back stage has no checkpoint
+(one view: a cancel or kill redoes it); everything below applies to the view stage. stdout carries
 protocol lines only: the original stdout file descriptor is kept for them and everything
 else (Python prints, native library output) is redirected to stderr.
 
@@ -43,7 +52,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from . import denoise_state, failures, preflight, protocol
+from . import back_view, denoise_state, failures, preflight, protocol
 try:
     from .images import ImageError, encode_png, load_rgb
 except ModuleNotFoundError as _exc:  # no Pillow or numpy in this Python: main() says so in one error event
@@ -51,12 +60,14 @@ except ModuleNotFoundError as _exc:  # no Pillow or numpy in this Python: main()
     ImageError = ValueError  # never raised then; keeps run()'s except clauses valid
 else:
     _MISSING_PACKAGE = None
+from .families import DIFFPORTRAIT360
 from .job import Job, JobError, job_hash, read_job
 from .protocol import EXIT_CANCELLED, EXIT_ERROR, EXIT_OK, encode_event
 
 
 _IMPORTED_AT = time.time()  # as close to the process start as this module gets (see drop_stale_cancel)
 LOG_FILE = "worker.log"
+BACK_ONLY_FLAG = "--back-only"
 # A cancel file this much older than the worker's start still counts (coarse file-system clocks, and a cancel
 # pressed while the worker process was starting).
 CANCEL_CLOCK_SLACK_S = 2.0
@@ -126,20 +137,28 @@ def pick_dtype(name: str, device: Any, warn: Callable[[str], None]) -> Any:
     return table[name]
 
 
-def load_pipeline(folder: str, device: Any, dtype: Any) -> Any:
-    """The pipeline from a model folder, on ``device`` in ``dtype``."""
+def load_pipeline(folder: str | os.PathLike, device: Any, dtype: Any) -> Any:
+    """The pipeline of a model folder's family (DiffPortrait3D, or DiffPortrait360's view model or back-head
+    model), on ``device`` in ``dtype``. DiffPortrait360's view model is loaded without its back-head model: the
+    worker runs the back stage itself (:func:`back_stage`)."""
     from . import model_folder
+    from .families import BACK_HEAD, DIFFPORTRAIT360
 
     path = Path(folder)  # checked by preflight_job before the work
-    from .pipeline import DiffPortrait3DPipeline
-
     try:
-        pipe = DiffPortrait3DPipeline.from_pretrained(path, device=device, torch_dtype=dtype)
+        family = model_folder.model_family(path)
+        if family.name != DIFFPORTRAIT360:
+            from .pipeline import DiffPortrait3DPipeline as Pipeline
+        elif family.variant == BACK_HEAD:
+            from .pipeline360 import BackHeadPipeline as Pipeline
+        else:
+            from .pipeline360 import DiffPortrait360Pipeline as Pipeline
+        pipe = Pipeline.from_pretrained(path, device=device, torch_dtype=dtype)
     except model_folder.ModelFolderError as exc:
         raise WorkerError(f"the model folder {path} cannot be used: {exc}",
                           "re-convert or re-download the model; the folder needs model_index.json, unet/, "
-                          "reference_unet/, view_controlnet/, view_modules/, vae/, scheduler/ and "
-                          "prompt_embedding/") from None
+                          "reference_unet/, view_controlnet/, view_modules/ (not for a back-head model), vae/, "
+                          "scheduler/ and prompt_embedding/") from None
     return pipe
 
 
@@ -218,14 +237,24 @@ def drop_stale_cancel(job_dir: Path, started_wall: float, warn: Callable[[str], 
         warn("ignored a cancel request left over from an earlier run of this job (it is older than this run)")
 
 
-def preflight_job(job: Job, names: list[str], warn: Callable[[str], None]) -> None:
-    """The shared pre-work checks (dp3d_core.preflight) for a resolved job; PreflightError on failure."""
+def back_plan(job: Job) -> str | None:
+    """How ``job`` gets its back view, in dp3d_core.preflight's words (Plan.back)."""
+    if job.back is None:
+        return None
+    return preflight.BACK_GENERATE if job.back.image is None else preflight.BACK_IMAGE
+
+
+def preflight_job(job: Job, names: list[str], warn: Callable[[str], None]) -> preflight.ModelInfo:
+    """The shared pre-work checks (dp3d_core.preflight) for a resolved job; PreflightError on failure. Returns
+    what the model folder's configs say."""
     frames = job.frames
     plan = preflight.Plan(output=Path(job.output), frame_names=names, size=job.settings.size, model=Path(job.model),
                           window=job.settings.window, dtype=job.dtype, memory=job.memory,
-                          proxies=any(f.proxy for f in frames))
+                          proxies=any(f.proxy for f in frames), back=back_plan(job),
+                          references=len(job.references))
     for message in preflight.check_plan(plan):
         warn(message)
+    return preflight.read_model_info(job.model)
 
 
 def warn_memory(job: Job, device: Any, warn: Callable[[str], None]) -> None:
@@ -360,8 +389,48 @@ def decode_missing(pipe: Any, latents: Any, names: list[str], done: set[str]) ->
                 yield i, images[i - start]
 
 
-def run_job(job_dir: Path, emit: Emitter) -> int:
-    """Run the job in ``job_dir``; returns the exit code. Emits every event itself."""
+def _cancelled(emit: Emitter, started: float) -> int:
+    emit("done", frames_written=0, seconds=round(time.monotonic() - started, 3), cancelled=True)
+    return EXIT_CANCELLED
+
+
+def back_stage(job: Job, png: Path, key: str, reference: Any, condition: Any, device: Any, dtype: Any,
+               warn: Callable[[str], None], progress: Callable[..., dict | None]) -> None:
+    """DiffPortrait360's back view for a job whose ``back.image`` is null: the back-head model at seed
+    ``back.seed``, written to ``png`` (8-bit, atomically) with its record ``key`` (dp3d_core.back_view).
+    Raises :class:`~dp3d_core.pipeline.Cancelled` when ``progress`` asks for it."""
+    import gc
+
+    from . import back_view
+    from .pipeline360 import BackHeadPipeline
+
+    assert job.back is not None and job.back.image is None
+    s = job.settings
+    folder = Path(job.model) / preflight.BACK_HEAD_FOLDER
+    pipe = load_pipeline(folder, torch_device_for(job.memory, device), dtype)
+    if not isinstance(pipe, BackHeadPipeline):  # preflight checked it; the folder changed since
+        raise WorkerError(f"{folder} does not hold DiffPortrait360's back-head model",
+                          "convert back_head-230000.th into that folder again")
+    apply_speed_options(pipe, job.memory, False, device, warn)
+    result = pipe(reference, [condition], num_inference_steps=s.steps, guidance_scale=s.guidance, eta=s.eta,
+                  seed=job.back.seed, scheduler=s.scheduler, height=s.size, width=s.size, output_type="np",
+                  callback_on_window=progress)
+    back_view.write(png, encode_png(result.images[0]), key)
+    del pipe, result
+    gc.collect()  # the view model loads next: do not hold two models
+
+
+def torch_device_for(memory: str, device: Any) -> Any:
+    """Where the networks load: the CPU when the memory mode offloads them (the hooks move them), else ``device``."""
+    import torch
+
+    return torch.device("cpu") if offloads(memory, device) else device
+
+
+def run_job(job_dir: Path, emit: Emitter, back_only: bool = False) -> int:
+    """Run the job in ``job_dir``; returns the exit code. Emits every event itself.
+
+    ``back_only``: a DiffPortrait360 job's back stage only (``done`` with frames_written 0)."""
     started = time.monotonic()
     warn = lambda m: emit("warning", message=m)  # noqa: E731
     drop_stale_cancel(job_dir, _IMPORTED_AT, warn)
@@ -369,12 +438,18 @@ def run_job(job_dir: Path, emit: Emitter) -> int:
     frames = job.ordered_frames()
     out_dir = Path(job.output)
     names = [job.output_path(f).name for f in frames]  # also refuses paths outside the output folder
-    preflight_job(job, names, warn)
+    info = preflight_job(job, names, warn)
+    dp360 = info.family == DIFFPORTRAIT360
+    if back_only and not dp360:
+        raise WorkerError(f"--back-only makes DiffPortrait360's back view, but {job.model} is a {info.family} "
+                          "model, which uses the front photo only",
+                          "choose a DiffPortrait360 model folder, or run the job without --back-only")
+    assert not dp360 or job.back is not None  # preflight refused a DiffPortrait360 job without a back view
     digest = job_hash(job)
     _remove_stale_temp_files(out_dir, names)
     done = protocol.frames_done(out_dir, names, digest)
     emit("started", job_hash=digest, frames_total=len(frames), frames_done=len(done))
-    if len(done) == len(frames):
+    if len(done) == len(frames) and not back_only:
         denoise_state.Checkpoints(job_dir, digest).remove()
         emit("done", frames_written=0, seconds=round(time.monotonic() - started, 3), cancelled=False)
         return EXIT_OK
@@ -382,8 +457,27 @@ def run_job(job_dir: Path, emit: Emitter) -> int:
     size = job.settings.size
     crop = job.reference_prep.crop if job.reference_prep is not None else None  # the prepared square
     references = [load_rgb(p, size, crop=crop) for p in job.references]
-    conditions = [load_rgb(f.condition, size) for f in frames]
-    proxies = [None if f.proxy is None else load_rgb(f.proxy, size) for f in frames]
+    if not back_only:
+        conditions = [load_rgb(f.condition, size) for f in frames]
+        proxies = [None if f.proxy is None else load_rgb(f.proxy, size) for f in frames]
+    # DiffPortrait360: the back view is given (back.image), made by an earlier run from the same inputs (reused),
+    # or generated below (back_condition set)
+    back_path = back_key = back_condition = None
+    if dp360 and job.back.image is None:
+        back_path = back_view.png_path(job_dir, job.back.seed)
+        back_key = back_view.stage_key(job)
+        if back_view.is_valid(back_path, back_key):
+            emit("back_view", path=str(back_path.resolve()), seed=job.back.seed, origin=job.back.origin)
+        else:
+            back_condition = load_rgb(job.back.condition, size)
+    elif dp360:
+        back_path = Path(job.back.image)
+        load_rgb(back_path, size)  # a broken back photo is reported before the model loads
+        if back_only:
+            warn("the job already names its back view (back.image), so there is nothing to generate")
+    if back_only and back_condition is None:
+        emit("done", frames_written=0, seconds=round(time.monotonic() - started, 3), cancelled=False)
+        return EXIT_OK
 
     import torch  # late: job errors above are reported without paying the import
     from .pipeline import Cancelled
@@ -394,29 +488,54 @@ def run_job(job_dir: Path, emit: Emitter) -> int:
     dtype = pick_dtype(job.dtype, device, lambda m: emit("warning", message=m))
     warn_memory(job, device, warn)
     if protocol.cancel_requested(job_dir):  # pressed while the job was being checked: skip loading the model
-        emit("done", frames_written=0, seconds=round(time.monotonic() - started, 3), cancelled=True)
-        return EXIT_CANCELLED
-    # offloaded networks are moved to the device by the offload hooks, one at a time
-    pipe = load_pipeline(job.model, torch.device("cpu") if offloads(job.memory, device) else device, dtype)
-    apply_speed_options(pipe, job.memory, job.compile, device, lambda m: emit("warning", message=m))
+        return _cancelled(emit, started)
     s = job.settings
-    keeper = StateKeeper(job_dir, digest, pipe, job, names, emit)
+    stage = {"stage": "back"} if dp360 else {}
+    said: set[str] = set()
+
+    def warn_once(message: str) -> None:  # the memory-mode warnings apply to both models of a DiffPortrait360 job
+        if message not in said:
+            said.add(message)
+            warn(message)
 
     def on_window(step: int, num_steps: int, window: int, num_windows: int) -> dict | None:
         emit("progress", step=step + 1, total_steps=num_steps, window=window + 1, windows=num_windows,
-             frames_done=len(done), frames_total=len(frames))
+             frames_done=len(done), frames_total=len(frames), **stage)
         return {"cancel": True} if protocol.cancel_requested(job_dir) else None
 
+    back_image = None
+    if dp360:
+        if back_condition is not None:
+            try:
+                back_stage(job, back_path, back_key, references[0], back_condition, device, dtype, warn_once,
+                           on_window)
+            except Cancelled:
+                return _cancelled(emit, started)
+            emit("back_view", path=str(back_path.resolve()), seed=job.back.seed, origin=job.back.origin)
+        if back_only:
+            emit("done", frames_written=0, seconds=round(time.monotonic() - started, 3), cancelled=False)
+            return EXIT_OK
+        # read back from the file (8-bit, as the official scripts do): an accepted back view gives the same frames
+        back_image = load_rgb(back_path, size)
+        stage["stage"] = "views"
+        if protocol.cancel_requested(job_dir):
+            return _cancelled(emit, started)
+
+    pipe = load_pipeline(job.model, torch_device_for(job.memory, device), dtype)
+    apply_speed_options(pipe, job.memory, job.compile, device, warn_once)
+    keeper = StateKeeper(job_dir, digest, pipe, job, names, emit)
+    # DiffPortrait360 takes one portrait and the back view, DiffPortrait3D a list of references
+    reference, extra = (references[0], {"back_image": back_image}) if dp360 else (references, {})
     try:
-        result = pipe(references, conditions, proxy_images=proxies if any(p is not None for p in proxies) else None,
+        result = pipe(reference, conditions,
+                      proxy_images=proxies if any(p is not None for p in proxies) else None,
                       num_inference_steps=s.steps, guidance_scale=s.guidance, eta=s.eta, seed=s.seed,
                       scheduler=s.scheduler, window=s.window, overlap=s.overlap, share_noise=s.share_noise,
-                      state=keeper.resume, callback_on_window=on_window, callback_on_step_end=keeper.on_step,
-                      output_type="latent")
+                      closed_loop=s.closed_loop, state=keeper.resume, callback_on_window=on_window,
+                      callback_on_step_end=keeper.on_step, output_type="latent", **extra)
     except Cancelled as exc:
         keeper.keep(exc.state)
-        emit("done", frames_written=0, seconds=round(time.monotonic() - started, 3), cancelled=True)
-        return EXIT_CANCELLED
+        return _cancelled(emit, started)
 
     written = 0
     for i, image in decode_missing(pipe, result.images, names, done):
@@ -432,10 +551,10 @@ def run_job(job_dir: Path, emit: Emitter) -> int:
     return EXIT_OK
 
 
-def run(job_dir: Path, emit: Emitter) -> int:
+def run(job_dir: Path, emit: Emitter, back_only: bool = False) -> int:
     """:func:`run_job` with every failure turned into one plain ``error`` event; returns the exit code."""
     try:
-        code = run_job(job_dir, emit)
+        code = run_job(job_dir, emit, back_only)
         if code == EXIT_CANCELLED:
             protocol.clear_cancel(job_dir)  # honoured: a later run of this job must not see it
         return code
@@ -459,17 +578,21 @@ def run(job_dir: Path, emit: Emitter) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     configure_cpu_threads()
-    argv = sys.argv[1:] if argv is None else argv
+    argv = list(sys.argv[1:] if argv is None else argv)
     emit = Emitter(protocol_stream())
-    if len(argv) != 1 or argv[0] in ("-h", "--help"):
-        emit("error", message="usage: python -m dp3d_core.worker <job dir>",
-             hint="the add-on starts the worker with the job folder as the only argument")
+    back_only = BACK_ONLY_FLAG in argv
+    if back_only:
+        argv.remove(BACK_ONLY_FLAG)
+    if len(argv) != 1 or argv[0].startswith("-"):
+        emit("error", message=f"usage: python -m dp3d_core.worker <job dir> [{BACK_ONLY_FLAG}]",
+             hint=f"the add-on starts the worker with the job folder ({BACK_ONLY_FLAG}: only a DiffPortrait360 "
+                  "job's back view)")
         return EXIT_ERROR
     if _MISSING_PACKAGE is not None:
         failure = failures.translate(_MISSING_PACKAGE)
         emit("error", message=failure.message, hint=failure.hint)
         return EXIT_ERROR
-    return run(Path(argv[0]), emit)
+    return run(Path(argv[0]), emit, back_only)
 
 
 if __name__ == "__main__":

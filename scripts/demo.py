@@ -12,6 +12,11 @@ imported as a card -> preview.gif + preview.mp4 + contact_sheet.png -> scene.ble
 Model: ``models/small/`` when the repository has one; otherwise a tiny RANDOM-WEIGHT model folder
 (made once with ``python -m dp3d_core.tiny`` and cached in ``build/demo_tiny_model/``): its frames
 are noise-like. It proves the whole path runs; it is not a portrait model.
+
+``--360``: the DiffPortrait360 turntable, one closed loop all around the head: the back-head network makes the
+back view first (``<out>/.job/back/``), the 3D-aware proxies project the photo and the back view, then the views.
+Model: ``models/small360/``, else a tiny random-weight DiffPortrait360 model (``build/demo_tiny360_model/``,
+made with ``python -m dp3d_core.tiny OUT --family DiffPortrait360``).
 """
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ PORTRAIT = ROOT / "examples" / "portrait_0000028.png"
 USER_RESOURCES = ROOT / "build" / "demo_blender_user"
 TINY_MODEL = ROOT / "build" / "demo_tiny_model"
 TRAINED_MODEL = ROOT / "models" / "small"
+TINY_MODEL_360 = ROOT / "build" / "demo_tiny360_model"
+TRAINED_MODEL_360 = ROOT / "models" / "small360"
 REPO_NAME = "portrait3d_demo"
 
 
@@ -36,18 +43,23 @@ class DemoError(RuntimeError):
     """The demo cannot run; the message says why and what to do."""
 
 
-def demo_model(python: str) -> tuple[Path, bool]:
-    """(model folder, is_random): the trained small model if present, else the cached tiny one."""
-    if (TRAINED_MODEL / "model_index.json").is_file():
-        return TRAINED_MODEL, False
-    if not (TINY_MODEL / "model_index.json").is_file():
-        print(f"demo: making a tiny random-weight model in {TINY_MODEL} (once)", flush=True)
-        shutil.rmtree(TINY_MODEL, ignore_errors=True)
-        result = subprocess.run([python, "-m", "dp3d_core.tiny", str(TINY_MODEL)], cwd=ROOT,
+def demo_model(python: str, full_turn: bool = False) -> tuple[Path, bool]:
+    """(model folder, is_random): the trained small model if present, else the cached tiny one (DiffPortrait360
+    ones with ``full_turn``)."""
+    trained, tiny = (TRAINED_MODEL_360, TINY_MODEL_360) if full_turn else (TRAINED_MODEL, TINY_MODEL)
+    if (trained / "model_index.json").is_file():
+        return trained, False
+    ready = tiny / ("back_head/model_index.json" if full_turn else "model_index.json")
+    if not ready.is_file():
+        print(f"demo: {trained.relative_to(ROOT)} is not there: making a tiny random-weight model in {tiny} (once)",
+              flush=True)
+        shutil.rmtree(tiny, ignore_errors=True)
+        family = ["--family", "DiffPortrait360"] if full_turn else []
+        result = subprocess.run([python, "-m", "dp3d_core.tiny", str(tiny), *family], cwd=ROOT,
                                 capture_output=True, text=True)
         if result.returncode != 0:
             raise DemoError(f"making the tiny model failed:\n{result.stderr[-2000:]}")
-    return TINY_MODEL, True
+    return tiny, True
 
 
 def install_extension(bpy, zip_path: Path):
@@ -75,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=16, help="turntable frames (default 16)")
     parser.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
     parser.add_argument("--size", type=int, default=64, help="frame size in px, a multiple of 64 (default 64)")
+    parser.add_argument("--360", dest="full_turn", action="store_true",
+                        help="a DiffPortrait360 turntable all around the head (models/small360)")
     args = parser.parse_args(argv)
     out = Path(args.out).expanduser().resolve()
 
@@ -91,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         zip_path = build.build()
         print(f"demo: built {zip_path}", flush=True)
-        model, random_weights = demo_model(sys.executable)
+        model, random_weights = demo_model(sys.executable, args.full_turn)
     except (build.BuildError, DemoError) as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 1
@@ -110,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         result = addon.job_runner.run_turntable_job(
             out, frames=args.frames, reference=str(PORTRAIT), size=args.size, steps=args.steps, model=str(model),
             worker_python=sys.executable, device="cpu", proxy_views=True, import_as=("CARD", "BACKGROUND", "SEQUENCER"),
-            log=lambda m: print(f"demo: {m}", flush=True))
+            full_turn=True if args.full_turn else None, log=lambda m: print(f"demo: {m}", flush=True))
     except (DemoError, RuntimeError) as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 1
@@ -124,11 +138,17 @@ def main(argv: list[str] | None = None) -> int:
     for path in (result.dataset, result.gif, result.movie, result.contact_sheet, result.blend):
         if path is not None:
             print(f"  {path.name}  ({path.stat().st_size} bytes)")
+    if result.back_view is not None:
+        print(f"  {result.back_view.relative_to(out) if result.back_view.is_relative_to(out) else result.back_view}"
+              "  the back view (generated first)")
+    if result.closed_loop:
+        print("  the frames are one closed loop around the head (the last frame leads back to the first)")
     print(f"  {result.job_dir.name}/  the job the worker ran (job.json, condition images)")
     if random_weights:
         print("\nNOTE: the model has RANDOM weights (a tiny test model), so the frames look like noise. "
               "The demo shows the whole path working; real portraits need the converted official model "
-              "(Preferences > Add-ons > Portrait 3D > Convert Official Checkpoint) or a trained models/small/.")
+              "(Preferences > Add-ons > Portrait 3D > Convert Official Checkpoint) or a trained "
+              f"{'models/small360/' if args.full_turn else 'models/small/'}.")
     return 0
 
 
