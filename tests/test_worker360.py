@@ -183,10 +183,11 @@ def edit_job(job_dir: Path, **changes: object) -> None:
 def run_worker(job_dir: Path, *args: str, cancel_at: tuple[str, int] | None = None
                ) -> tuple[int, list[Event], str]:
     """The worker subprocess; ``cancel_at`` (stage, step): write the cancel file at that stage's progress step
-    (the worker then pauses 0.5 s in its next preview write, so the cancel is seen at the following step)."""
+    (the worker then pauses 5 s in its next preview write, so even a busy machine sees the cancel at the following
+    step)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), DP3D_PREVIEW_EVERY_SECONDS="0")  # a preview at every step
     if cancel_at:
-        env[protocol.TEST_PAUSE_ENV] = "preview/frame_0001.png:0.5"
+        env[protocol.TEST_PAUSE_ENV] = "preview/frame_0001.png:5"
     proc = subprocess.Popen([sys.executable, "-m", "dp3d_core.worker", str(job_dir), *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     events = []
@@ -226,8 +227,11 @@ def test_back_stage_back_only_accept_cancel_resume(tmp_path: Path, model360: Pat
     assert stages == ["back"] * 2 + ["views"] * 2  # 2 steps each; the 6 views fit one window
     assert all(e["stage"] == "back" for e in only(events[:back_at], "progress"))
     assert min(i for i, x in enumerate(k) if x == "frame") > back_at
-    previews = only(events, "preview")  # live previews of the view stage, one per step, named as the frames
-    assert [e["step"] for e in previews] == [1, 2] and min(i for i, x in enumerate(k) if x == "preview") > back_at
+    # live previews of the view stage, named as the frames: the first step always has one (later ones only while
+    # they cost little next to the steps, so a busy machine may skip step 2's)
+    previews = only(events, "preview")
+    assert [e["step"] for e in previews] in ([1], [1, 2])
+    assert min(i for i, x in enumerate(k) if x == "preview") > back_at
     assert sorted(p.name for p in Path(previews[0]["folder"]).glob("*.png")) == \
         [f"frame_{i + 1:04d}.png" for i in range(FRAMES)]
     back = events[back_at]
