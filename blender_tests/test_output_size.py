@@ -105,16 +105,8 @@ def test_panel_shows_where_the_size_comes_from(scene):
     from addon.panel import PORTRAIT3D_PT_turntable
     from blender_tests.test_rig_and_poses import _FakeLayout
 
-    class Recorder(_FakeLayout):
-        def __init__(self):
-            super().__init__()
-            self.labels: list[str] = []
-
-        def label(self, text="", **_kw):
-            self.labels.append(text)
-
-    def draw() -> Recorder:
-        layout = Recorder()
+    def draw() -> _FakeLayout:
+        layout = _FakeLayout()
         PORTRAIT3D_PT_turntable.draw(type("P", (), {"layout": layout})(), bpy.context)
         return layout
 

@@ -326,6 +326,10 @@ class _FakeLayout:
     def __init__(self):
         self.props: list[tuple[object, str]] = []
         self.operators: list[str] = []
+        self.labels: list[str] = []
+
+    def label(self, text="", **_kw):
+        self.labels.append(text)
 
     def prop(self, data, name, **_kw):
         self.props.append((data, name))

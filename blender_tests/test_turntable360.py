@@ -142,15 +142,7 @@ def _draw_back_panel():
     from addon.panel import PORTRAIT3D_PT_back_view
     from blender_tests.test_rig_and_poses import _FakeLayout
 
-    class Recorder(_FakeLayout):
-        def __init__(self):
-            super().__init__()
-            self.labels: list[str] = []
-
-        def label(self, text="", **_kw):
-            self.labels.append(text)
-
-    layout = Recorder()
+    layout = _FakeLayout()
     PORTRAIT3D_PT_back_view.draw(type("P", (), {"layout": layout})(), bpy.context)
     return layout
 
