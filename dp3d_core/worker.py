@@ -389,6 +389,11 @@ def decode_missing(pipe: Any, latents: Any, names: list[str], done: set[str]) ->
                 yield i, images[i - start]
 
 
+def _done(emit: Emitter, started: float, frames_written: int = 0) -> int:
+    emit("done", frames_written=frames_written, seconds=round(time.monotonic() - started, 3), cancelled=False)
+    return EXIT_OK
+
+
 def _cancelled(emit: Emitter, started: float) -> int:
     emit("done", frames_written=0, seconds=round(time.monotonic() - started, 3), cancelled=True)
     return EXIT_CANCELLED
@@ -451,8 +456,7 @@ def run_job(job_dir: Path, emit: Emitter, back_only: bool = False) -> int:
     emit("started", job_hash=digest, frames_total=len(frames), frames_done=len(done))
     if len(done) == len(frames) and not back_only:
         denoise_state.Checkpoints(job_dir, digest).remove()
-        emit("done", frames_written=0, seconds=round(time.monotonic() - started, 3), cancelled=False)
-        return EXIT_OK
+        return _done(emit, started)
 
     size = job.settings.size
     crop = job.reference_prep.crop if job.reference_prep is not None else None  # the prepared square
@@ -476,8 +480,7 @@ def run_job(job_dir: Path, emit: Emitter, back_only: bool = False) -> int:
         if back_only:
             warn("the job already names its back view (back.image), so there is nothing to generate")
     if back_only and back_condition is None:
-        emit("done", frames_written=0, seconds=round(time.monotonic() - started, 3), cancelled=False)
-        return EXIT_OK
+        return _done(emit, started)
 
     import torch  # late: job errors above are reported without paying the import
     from .pipeline import Cancelled
@@ -513,8 +516,7 @@ def run_job(job_dir: Path, emit: Emitter, back_only: bool = False) -> int:
                 return _cancelled(emit, started)
             emit("back_view", path=str(back_path.resolve()), seed=job.back.seed, origin=job.back.origin)
         if back_only:
-            emit("done", frames_written=0, seconds=round(time.monotonic() - started, 3), cancelled=False)
-            return EXIT_OK
+            return _done(emit, started)
         # read back from the file (8-bit, as the official scripts do): an accepted back view gives the same frames
         back_image = load_rgb(back_path, size)
         stage["stage"] = "views"
@@ -547,8 +549,7 @@ def run_job(job_dir: Path, emit: Emitter, back_only: bool = False) -> int:
         written += 1
         emit("frame", index=frame.index, scene_frame=frame.scene_frame, path=str(path))
     keeper.finished()
-    emit("done", frames_written=written, seconds=round(time.monotonic() - started, 3), cancelled=False)
-    return EXIT_OK
+    return _done(emit, started, written)
 
 
 def run(job_dir: Path, emit: Emitter, back_only: bool = False) -> int:
