@@ -111,7 +111,13 @@ def main() -> int:
     test.set_defaults(func=run_tests)
     setup = sub.add_parser("setup", help="only create or update .venv")
     setup.set_defaults(func=lambda a: (ensure_environment(), 0)[1])
-    args = parser.parse_args()
+    # argparse's REMAINDER does not take arguments that start with '-' (such as `-k cameras`) right after the
+    # subcommand; the test command passes whatever argparse leaves to pytest
+    args, extra = parser.parse_known_args()
+    if extra and args.command != "test":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.pytest_args = extra + args.pytest_args
     return args.func(args)
 
 
