@@ -16,6 +16,7 @@ from pathlib import Path
 import bpy
 
 from .core import preflight
+from .reference_check import NOT_IN_BLENDER
 
 IMAGE_NAME = "Portrait3D Back View"
 CONDITION_FILE = "back_cond.png"  # in the job's conditions folder
@@ -95,6 +96,9 @@ def use_photo(s, path: str | os.PathLike) -> Path:
         preflight.check_image(p, "back photo")
     except preflight.PreflightError as exc:
         raise BackViewError(str(exc)) from None
+    kind = (preflight.image_header(p) or ("",))[0]
+    if kind in NOT_IN_BLENDER:  # Blender projects the back photo onto the proxy head itself
+        raise BackViewError(f"Blender cannot read the {kind} photo {p.name}: save it as JPEG or PNG and pick that.")
     s.back_view, s.back_origin, s.back_accepted, s.back_key = str(p), 'PHOTO', True, ""
     load_image(p)
     return p

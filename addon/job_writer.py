@@ -353,6 +353,11 @@ class JobPreparation:
         self._proxy_seed = s.proxy_seed
         self._proxy_views = s.use_proxy_views and not back_only  # 360: proxies project the back view too
         self._use_prep = s.use_reference_prep
+        if (self._proxy_views and not self._use_prep and not self.reference.blender_reads
+                and self._source != 'IMAGE_FOLDER'):
+            raise JobSetupError(f"3D-Aware Noise projects the photo in Blender, which cannot read "
+                                f"{self.reference.path.name}: turn Prepare Reference on (it gives Blender a PNG "
+                                "of the face crop), or save the photo as JPEG.")
         self._worker_python = None if worker_python is None else str(worker_python)
         self._settings = jobspec.GenerationSettings(steps=s.steps, guidance=s.guidance, eta=s.eta, seed=s.seed,
                                                     size=size, scheduler=SCHEDULER_IDS.get(s.scheduler, "ddim"))

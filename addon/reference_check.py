@@ -17,6 +17,7 @@ from .core import preflight
 
 MIN_SIDE = 64
 HUGE_SIDE = 4096
+NOT_IN_BLENDER = ("HEIF", "AVIF")  # formats the worker decodes (pi-heif, Pillow) and Blender does not
 
 
 class ReferenceImageError(ValueError):
@@ -30,6 +31,7 @@ class ReferenceInfo:
     height: int
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    blender_reads: bool = True  # False for HEIF/AVIF: only the worker decodes them
 
 
 def check_reference(path: str | os.PathLike, *, prepared: bool = False) -> ReferenceInfo:
@@ -45,7 +47,14 @@ def check_reference(path: str | os.PathLike, *, prepared: bool = False) -> Refer
         raise ReferenceImageError(f"The reference portrait {p} is a folder, not an image file.")
 
     header = preflight.image_header(p)  # (format, width, height) without decoding the pixels
-    if header is not None and header[1] is not None and max(header[1:]) > HUGE_SIDE:
+    if header is not None and header[0] in NOT_IN_BLENDER:
+        if header[1] is None:
+            raise ReferenceImageError(f"The size of the {header[0]} photo {p.name} cannot be read (the file may be "
+                                      "damaged). Save it as JPEG and pick that.")
+        info = ReferenceInfo(p, header[1], header[2], blender_reads=False)
+        info.notes.append(f"{header[0]} photo: the worker decodes it; Blender cannot show it, so Prepare Reference "
+                          "hands Blender a PNG of the face crop.")
+    elif header is not None and header[1] is not None and max(header[1:]) > HUGE_SIDE:
         # Decoding an 8k photo in Blender only to read its size costs seconds and hundreds of MB.
         info = ReferenceInfo(p, header[1], header[2])
     else:

@@ -306,3 +306,33 @@ def test_cli_reports_the_pose_and_no_prepare_turns_it_off(prep_scene, tmp_path, 
     assert "--from-photo-view needs the prepared reference" in capsys.readouterr().out
     assert prep_scene.portrait3d.use_reference_prep is False
     assert "--no-prepare" in job_runner.cli_parser().format_help()
+
+
+HEIC_PHOTO = Path(__file__).resolve().parents[1] / "tests" / "data" / "phone_photo.heic"
+
+
+def test_heic_phone_photo_goes_through_generate(prep_scene):
+    """An iPhone's HEIC: Blender cannot read it, so only the header is checked here; the worker Python prepares
+    it, the proxy views project the PNG crop; with preparation off, 3D-aware noise refuses before any work."""
+    from addon import back_view
+    from addon.reference_check import check_reference
+
+    s = prep_scene.portrait3d
+    s.reference_image = str(HEIC_PHOTO)
+    info = check_reference(s.reference_image, prepared=True)
+    assert (info.width, info.height, info.blender_reads) == (300, 400, False)
+    assert not any(im.filepath == str(HEIC_PHOTO) for im in bpy.data.images)
+    s.use_proxy_views = True
+    prepared = job_writer.prepare_job(bpy.context)
+    data = json.loads((prepared.job_dir / "job.json").read_text())
+    assert data["references"] == [str(HEIC_PHOTO.resolve())]
+    assert abs(data["reference_prep"]["yaw"]) < 5 and abs(data["reference_prep"]["roll"]) < 3
+    assert all((prepared.job_dir / f["proxy"]).is_file() for f in data["frames"])
+    assert any("HEIF photo: the worker decodes it" in n for n in prepared.notes)
+    s.use_reference_prep = False
+    with pytest.raises(job_writer.JobSetupError, match="Blender, which cannot read phone_photo.heic: turn Prepare"):
+        job_writer.prepare_job(bpy.context)
+    s.use_proxy_views = False  # without 3D-aware noise the worker centre-crops the HEIC itself
+    job_writer.prepare_job(bpy.context)
+    with pytest.raises(back_view.BackViewError, match="Blender cannot read the HEIF photo phone_photo.heic"):
+        back_view.use_photo(s, HEIC_PHOTO)

@@ -2,7 +2,8 @@
 
 Rules applied by :func:`load_rgb`, so every input reaches the model the same way:
 
-- EXIF orientation is applied (phone photos are often stored sideways).
+- EXIF orientation is applied (phone photos are often stored sideways). HEIC/HEIF photos (the iPhone's
+  default) are decoded by pi-heif, which applies their rotation itself; AVIF by Pillow.
 - Transparency is composited over WHITE: a portrait cut out of its background is almost
   always shown on white (studio shots, matting tools, stock renders), and a black fill would
   put a dark halo around the hair after VAE encoding.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import io
 import math
+from functools import lru_cache
 import os
 import warnings
 from pathlib import Path
@@ -25,6 +27,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .preflight import image_header
 from .protocol import write_atomic
 
 MIN_SIDE = 64
@@ -36,11 +39,25 @@ class ImageError(ValueError):
     """An image that cannot be used; the message names the file and the problem."""
 
 
+@lru_cache(maxsize=1)
+def heif_decoder() -> bool:
+    """Teach Pillow to open HEIC/HEIF files (pi-heif, a worker requirement); False when it is not installed."""
+    try:
+        import pi_heif
+    except ImportError:
+        return False
+    pi_heif.register_heif_opener()
+    return True
+
+
 def _open(path: Path, size: int | None) -> Image.Image:
     if not path.exists():
         raise ImageError(f"image not found: {path}")
     if not path.is_file():
         raise ImageError(f"not a file: {path}")
+    if not heif_decoder() and _is_heif(path):
+        raise ImageError(f"{path} is a HEIC/HEIF photo and this worker Python has no HEIF decoder; install it with "
+                         "`python -m pip install pi-heif` (Set Up Worker does), or save the photo as JPEG")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -59,6 +76,11 @@ def _open(path: Path, size: int | None) -> Image.Image:
     except OSError as exc:
         raise ImageError(f"cannot read image {path}: {_reason(exc)}") from None
     return im
+
+
+def _is_heif(path: Path) -> bool:
+    head = image_header(path)
+    return head is not None and head[0] == "HEIF"
 
 
 def _reason(exc: OSError) -> str:

@@ -335,12 +335,15 @@ def check_family(info: ModelInfo, back: str | None, references: int = 1) -> list
 def image_header(path: str | os.PathLike) -> tuple[str, int | None, int | None] | None:
     """(format, width, height) from the file header, without decoding pixels; None when not an image we read.
 
-    Formats: PNG, JPEG, GIF, BMP, WebP (sizes read) and TIFF (size not read). These are the ones Pillow in
-    the worker decodes; Blender reads more (EXR, HDR), which the worker could not.
+    Formats: PNG, JPEG, GIF, BMP, WebP, HEIF (HEIC) and AVIF (sizes read) and TIFF (size not read). These are
+    the ones the worker decodes (HEIF with pi-heif); Blender reads more (EXR, HDR), which the worker could not,
+    and fewer (no HEIF, no AVIF).
     """
     try:
         with open(path, "rb") as f:
             head = f.read(32)
+            if head[4:8] == b"ftyp":
+                return _heif_header(f, head)
             if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
                 w, h = struct.unpack(">II", head[16:24])
                 return "PNG", w, h
@@ -392,6 +395,37 @@ def image_header(path: str | os.PathLike) -> tuple[str, int | None, int | None] 
         return None
 
 
+_HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"}
+_AVIF_BRANDS = {b"avif", b"avis"}
+
+
+def _heif_header(f, head: bytes) -> tuple[str, int | None, int | None] | None:
+    """An ISO-BMFF file (``ftyp`` box first): ("HEIF" | "AVIF", width, height) as displayed, or None for
+    other brands (MP4, QuickTime). The size is the largest ``ispe`` (image spatial extent) property: the
+    primary image's, since tiles and thumbnails are smaller; a 90/270-degree ``irot`` swaps it."""
+    box = struct.unpack(">I", head[:4])[0]
+    f.seek(8)
+    brands_data = f.read(max(0, min(box, 4096) - 8))
+    brands = {brands_data[i:i + 4] for i in range(0, len(brands_data) - 3, 4)} - {b"\0\0\0\0"}
+    kind = "AVIF" if brands & _AVIF_BRANDS else "HEIF" if brands & _HEIF_BRANDS else None
+    if kind is None:
+        return None
+    f.seek(0)
+    data = f.read(1 << 20)  # the meta box comes first in phone photos; its properties are a few KB
+    sizes = []
+    at = data.find(b"ispe")
+    while at >= 4 and at + 16 <= len(data):
+        sizes.append(struct.unpack(">II", data[at + 8:at + 16]))
+        at = data.find(b"ispe", at + 4)
+    if not sizes:
+        return kind, None, None
+    w, h = max(sizes, key=lambda s: s[0] * s[1])
+    at = data.find(b"irot")
+    if at >= 4 and at + 5 <= len(data) and data[at + 4] & 1:
+        w, h = h, w
+    return kind, w, h
+
+
 def check_image(path: str | os.PathLike, what: str, min_side: int = 64) -> None:
     """A header check (no decoding): exists, is a file, a format the worker reads, big enough."""
     p = Path(path)
@@ -402,7 +436,7 @@ def check_image(path: str | os.PathLike, what: str, min_side: int = 64) -> None:
     head = image_header(p)
     if head is None:
         raise PreflightError(f"The {what} {clip(p)} is not an image the worker can read.",
-                             "Use a PNG or JPEG image (WebP, BMP, GIF and TIFF work too).")
+                             "Use a PNG or JPEG image (HEIC, WebP, AVIF, BMP, GIF and TIFF work too).")
     fmt, w, h = head
     if w is not None and h is not None and min(w, h) < min_side:
         raise PreflightError(f"The {what} {p.name} is only {w}x{h} px.",

@@ -191,6 +191,53 @@ def test_exif_rotated_copy_gives_the_same_crop(tmp_path):
     assert abs(a["yaw"] - b["yaw"]) < 1.5 and abs(a["roll"] - b["roll"]) < 1.0
 
 
+HEIC_PHOTO = ROOT / "tests" / "data" / "phone_photo.heic"  # made by scripts/make_heic_fixture.py
+
+
+def test_heic_phone_photo_is_upright_and_framed_where_the_head_is():
+    """An iPhone-style HEIC stored sideways: decoded upright (pi-heif applies the HEIF rotation) and the head
+    found where the fixture script put its frontal render (so the crop is that square, framing corrected)."""
+    from scripts.make_heic_fixture import CANVAS, PLACED_X, PLACED_Y, SIZE
+
+    from dp3d_core.preflight import image_header
+    assert image_header(HEIC_PHOTO) == ("HEIF", *CANVAS)
+    assert load_full_rgb(HEIC_PHOTO).shape == (CANVAS[1], CANVAS[0], 3)
+    result = prepare(HEIC_PHOTO)
+    placed = face_pose.PoseFit(0.0, 0.0, 0.0, (PLACED_X, PLACED_Y, SIZE), 0.0)
+    np.testing.assert_allclose(result["crop"], face_pose.framed_crop(placed), atol=0.03 * SIZE)
+    assert abs(result["yaw"]) < 5 and abs(result["pitch"]) < 5 and abs(result["roll"]) < 3, result
+
+
+def test_avif_stored_sideways_gives_the_same_crop_as_png(tmp_path):
+    upright = Image.open(sample("0000167")).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "photo.avif"
+    upright.transpose(Image.Transpose.ROTATE_90).save(path, quality=90, exif=exif.tobytes())
+    np.testing.assert_allclose(prepare(path)["crop"], prepared(str(sample("0000167")))["crop"], atol=0.01 * 512)
+
+
+def test_heic_without_a_decoder_says_what_to_install(monkeypatch):
+    from dp3d_core import images
+    monkeypatch.setattr(images, "heif_decoder", lambda: False)
+    with pytest.raises(ImageError, match="HEIC/HEIF photo .* no HEIF decoder.*pip install pi-heif"):
+        load_full_rgb(HEIC_PHOTO)
+
+
+def test_header_tells_heif_avif_and_video_apart(tmp_path):
+    from dp3d_core.preflight import image_header
+
+    def ftyp(*brands: bytes) -> bytes:
+        body = b"ftyp" + brands[0] + b"\0\0\0\0" + b"".join(brands[1:])
+        return (len(body) + 4).to_bytes(4, "big") + body
+
+    for name, data, expected in [("clip.mp4", ftyp(b"isom", b"isom", b"mp41"), None),
+                                 ("a.heic", ftyp(b"heic", b"mif1", b"heic"), ("HEIF", None, None)),
+                                 ("a.avif", ftyp(b"avif", b"mif1", b"avif"), ("AVIF", None, None))]:
+        (tmp_path / name).write_bytes(data + bytes(64))
+        assert image_header(tmp_path / name) == expected, name
+
+
 @pytest.mark.parametrize("mode", ["L", "CMYK", "I;16", "P", "RGBA"])
 def test_other_image_modes_are_prepared_like_rgb(mode, tmp_path):
     rgb = Image.open(sample("0000167")).convert("RGB")
