@@ -304,3 +304,18 @@ def test_second_generate_while_one_runs(ready):
     assert status.state == "cancelled" and time.monotonic() - started < 10
     assert not job_runner.is_running()
     assert not bpy.context.window_manager.portrait3d_progress.running
+
+
+def test_a_reference_the_worker_would_refuse_as_too_big_is_refused_here(tmp_path, empty_scene):
+    """Only the header is read: a 200 MP PNG (say) is refused before any work, in one sentence."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", 16320, 12240, 8, 2, 0, 0, 0)
+    path = tmp_path / "200mp.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr +
+                     struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)))
+    with pytest.raises(reference_check.ReferenceImageError, match="200mp.png is 16320x12240 px, more pixels than "
+                                                                  "the worker decodes safely as PNG"):
+        reference_check.check_reference(path)
+    assert not bpy.data.images

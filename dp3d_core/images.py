@@ -12,7 +12,9 @@ Rules applied by :func:`load_rgb`, so every input reaches the model the same way
 - A non-square image is centre-cropped to a square, then resized (never stretched): the
   model was trained on square, face-centred crops.
 - Downscaling uses a Lanczos filter (JPEGs are first decoded at a reduced scale when far
-  bigger than needed). Pillow's decompression-bomb limit refuses absurd sizes with a clear error.
+  bigger than needed). A whole photo over PHOTO_MAX_PIXELS is read at a reduced scale
+  (:func:`load_photo`). Pillow's decompression-bomb limit refuses absurd sizes with a clear error; a JPEG
+  that fits it once reduced is read reduced instead.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import math
 from functools import lru_cache
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -50,37 +53,77 @@ def heif_decoder() -> bool:
     return True
 
 
-def _open(path: Path, size: int | None) -> Image.Image:
+def _open(path: Path, size: int | None, max_pixels: int | None = None) -> tuple[Image.Image, int, tuple[int, int]]:
+    """The image, upright; its reduction (1, 2, 4 or 8: photo pixels per pixel of the returned image); the
+    upright photo's own size (width, height).
+
+    ``size``: a JPEG far bigger than a ``size`` square is decoded at a reduced scale (its centre square is all
+    that is used). ``max_pixels``: an image with more pixels is reduced by a power of two until it fits (a JPEG
+    while decoding, cheaply; other formats after decoding). A JPEG is never refused by Pillow's
+    decompression-bomb limit when the reduced decode fits: a 200 MP phone photo is an ordinary input."""
     if not path.exists():
         raise ImageError(f"image not found: {path}")
     if not path.is_file():
         raise ImageError(f"not a file: {path}")
-    if not heif_decoder() and _is_heif(path):
+    head = image_header(path)
+    if not heif_decoder() and head is not None and head[0] == "HEIF":
         raise ImageError(f"{path} is a HEIC/HEIF photo and this worker Python has no HEIF decoder; install it with "
                          "`python -m pip install pi-heif` (Set Up Worker does), or save the photo as JPEG")
+    jpeg_pixels = head[1] * head[2] if head is not None and head[0] == "JPEG" else 0
+    reduce = 1
+    if max_pixels is not None and jpeg_pixels > max_pixels:
+        reduce = _power_of_two_reduction(jpeg_pixels, max_pixels)
+    limit = Image.MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)
+            if limit and reduce > 1 and reduce <= 8 and jpeg_pixels / reduce ** 2 <= limit:
+                Image.MAX_IMAGE_PIXELS = None  # decoded at 1/reduce scale: the bomb check is on the reduced size
+            try:
+                im = Image.open(path)
+            finally:
+                Image.MAX_IMAGE_PIXELS = limit
             w, h = im.size
             if min(w, h) < MIN_SIDE:
                 raise ImageError(f"{path} is {w}x{h} px; it needs at least {MIN_SIDE} px on the shorter side")
-            if size is not None and im.format == "JPEG" and min(w, h) >= 2 * size:
+            if reduce > 1 and im.format == "JPEG":
+                im.draft("RGB", ((w + reduce - 1) // reduce, (h + reduce - 1) // reduce))
+                reduce = 1 << round(math.log2(w / im.size[0]))  # the scale the decoder chose
+            elif size is not None and im.format == "JPEG" and min(w, h) >= 2 * size:
                 # decode at 1/2, 1/4 or 1/8 scale, still at least `size` on the short side
                 im.draft("RGB", (size * w // min(w, h), size * h // min(w, h)))
+            turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations that swap width and height
             ImageOps.exif_transpose(im, in_place=True)
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"{path} is far too large to load safely ({exc}); downscale it first") from None
+            if max_pixels is not None and im.format != "JPEG" and w * h > max_pixels:
+                reduce = _power_of_two_reduction(w * h, max_pixels)
+                im = _reducible(im).reduce(reduce)
+    except Image.DecompressionBombError:
+        raise ImageError(f"{path.name} has more pixels than this tool decodes safely "
+                         f"({2 * (limit or 0) // 1_000_000} million); save a smaller copy of the photo "
+                         "(about 4000 px on the long side is plenty)") from None
     except UnidentifiedImageError:
         raise ImageError(f"not an image (or a format Pillow cannot read): {path}") from None
     except OSError as exc:
         raise ImageError(f"cannot read image {path}: {_reason(exc)}") from None
+    return im, reduce, ((h, w) if turned else (w, h))
+
+
+def _reducible(im: Image.Image) -> Image.Image:
+    """``im`` in a mode Image.reduce takes, keeping what :func:`_float_rgb` reads (alpha, 16-bit range)."""
+    if im.mode in _SIXTEEN_BIT:
+        return im.convert("I")
+    if im.mode == "P" or (im.mode in ("RGB", "L") and "transparency" in im.info):
+        return im.convert("RGBA")
+    if im.mode not in ("L", "LA", "RGB", "RGBA", "I", "F"):
+        return im.convert("RGBA" if im.mode in _ALPHA_MODES else "RGB")
     return im
 
 
-def _is_heif(path: Path) -> bool:
-    head = image_header(path)
-    return head is not None and head[0] == "HEIF"
+def _power_of_two_reduction(pixels: int, max_pixels: int) -> int:
+    reduce = 1
+    while pixels / reduce ** 2 > max_pixels:
+        reduce *= 2
+    return reduce
 
 
 def _reason(exc: OSError) -> str:
@@ -109,11 +152,12 @@ def load_rgb(path: str | os.PathLike, size: int | None = None, crop: Sequence[fl
     """
     path = Path(path)
     if crop is not None:
-        square = crop_square(load_full_rgb(path), crop)
+        photo = load_photo(path)
+        square = crop_square(photo.rgb, [float(v) / photo.scale for v in crop])
         if size is None or square.shape[0] == size:
             return square
         return np.stack([_resize_float(square[..., c], size) for c in range(3)], axis=2).clip(0.0, 1.0)
-    im = _open(path, size)
+    im, _, _ = _open(path, size)
     w, h = im.size
     try:
         im = im.crop(_centre_square(w, h))
@@ -122,10 +166,24 @@ def load_rgb(path: str | os.PathLike, size: int | None = None, crop: Sequence[fl
     return _float_rgb(path, im, size)
 
 
-def load_full_rgb(path: str | os.PathLike) -> np.ndarray:
-    """The whole image, upright and composited like :func:`load_rgb`, as float32 ``[H, W, 3]`` in [0, 1]."""
+PHOTO_MAX_PIXELS = 16_000_000  # a bigger photo is read at 1/2, 1/4 or 1/8 scale by load_photo
+
+
+@dataclass(frozen=True)
+class Photo:
+    rgb: np.ndarray  # float32 [H, W, 3] in [0, 1], upright and composited like load_rgb
+    scale: int  # photo pixels per pixel of ``rgb`` (1, or 2, 4, 8 for a photo over PHOTO_MAX_PIXELS)
+    size: tuple[int, int]  # the upright photo's own (width, height)
+
+
+def load_photo(path: str | os.PathLike) -> Photo:
+    """The whole photo, for finding the face and cutting its crop. A photo of more than
+    :data:`PHOTO_MAX_PIXELS` (a 48 or 200 MP phone shot) is read at a reduced scale: crops are asked for in the
+    photo's own pixels and divided by ``scale``, and a face in such a photo still has far more pixels than the
+    model's output size."""
     path = Path(path)
-    return _float_rgb(path, _open(path, None), None)
+    im, scale, size = _open(path, None, PHOTO_MAX_PIXELS)
+    return Photo(_float_rgb(path, im, None), scale, size)
 
 
 def crop_square(image: np.ndarray, crop: Sequence[float]) -> np.ndarray:

@@ -426,8 +426,23 @@ def _heif_header(f, head: bytes) -> tuple[str, int | None, int | None] | None:
     return kind, w, h
 
 
+# Pillow's decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS). The worker reads a bigger JPEG at a reduced
+# scale (dp3d_core.images); it refuses any other format this big.
+MAX_DECODE_PIXELS = 178_956_970
+
+
+def too_many_pixels(path: str | os.PathLike) -> PreflightError | None:
+    """The error for an image the worker would refuse as too big (not a JPEG, over MAX_DECODE_PIXELS), else None."""
+    head = image_header(path)
+    if head is None or head[0] == "JPEG" or head[1] is None or head[1] * head[2] <= MAX_DECODE_PIXELS:
+        return None
+    return PreflightError(f"{Path(path).name} is {head[1]}x{head[2]} px, more pixels than the worker decodes "
+                          f"safely as {head[0]} ({MAX_DECODE_PIXELS // 1_000_000} million).",
+                          "Save it as JPEG (read at a reduced scale) or save a smaller copy.")
+
+
 def check_image(path: str | os.PathLike, what: str, min_side: int = 64) -> None:
-    """A header check (no decoding): exists, is a file, a format the worker reads, big enough."""
+    """A header check (no decoding): exists, is a file, a format the worker reads, big enough, not too big."""
     p = Path(path)
     if not p.exists():
         raise PreflightError(f"{what.capitalize()} not found: {clip(p)}.", "Pick an existing PNG or JPEG image.")
@@ -441,6 +456,9 @@ def check_image(path: str | os.PathLike, what: str, min_side: int = 64) -> None:
     if w is not None and h is not None and min(w, h) < min_side:
         raise PreflightError(f"The {what} {p.name} is only {w}x{h} px.",
                              f"Use an image at least {min_side} px on its shorter side.")
+    huge = too_many_pixels(p)
+    if huge is not None:
+        raise huge
 
 
 # ---------------------------------------------------------------- disk and memory

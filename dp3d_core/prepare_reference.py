@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from . import face_landmarks, face_pose
-from .images import ImageError, crop_square, load_full_rgb, save_png
+from .images import ImageError, crop_square, load_photo, save_png
 
 EXIT_BAD_INPUT = 2
 EXIT_NO_MODELS = 3
@@ -67,7 +67,8 @@ def prepare(image: str | Path, out: str | Path | None = None, *, size: int = 512
         raise PrepareError(f"--scale must be between 0.2 and 5, got {scale}")
     if not all(math.isfinite(v) and abs(v) <= 1.0 for v in (offset_x, offset_y)):
         raise PrepareError(f"--offset-x and --offset-y must be between -1 and 1, got {offset_x}, {offset_y}")
-    rgb = load_full_rgb(path)
+    photo = load_photo(path)  # a huge photo comes at 1/2, 1/4 or 1/8 scale: everything below is in its pixels
+    rgb = photo.rgb
     small, factor = _detect_image(rgb)
     found = face_landmarks.find_faces(small)
     # A detection the face mesh does not confirm is counted only when nothing else is found (a strongly turned
@@ -85,7 +86,7 @@ def prepare(image: str | Path, out: str | Path | None = None, *, size: int = 512
     if len(faces) > 1:
         warnings.append(f"{len(faces)} faces found in {path.name}; using the largest. Crop the photo to one "
                         "person to choose another.")
-    side = crop[2] - crop[0]
+    side = (crop[2] - crop[0]) * photo.scale
     if side < SMALL_FACE_PX:
         warnings.append(f"The face is small: its crop is {side:.0f} px, upscaled to the output size. A closer or "
                         "sharper photo gives more detail.")
@@ -95,17 +96,17 @@ def prepare(image: str | Path, out: str | Path | None = None, *, size: int = 512
     if face.mesh_score < face_landmarks.MESH_MIN_FLAG:
         warnings.append("The face landmarks are uncertain (a strongly turned, hidden or unusual face): check the "
                         "crop and the pose, and nudge the crop if needed.")
-    h, w = rgb.shape[:2]
     if out is not None:
         save_png(_resized(crop_square(rgb, crop), size), out)
+    k = photo.scale
     return {
-        "crop": [round(v, 3) for v in crop],
+        "crop": [round(v * k, 3) for v in crop],
         "yaw": round(face_pose.subject_yaw(fit.yaw), 3), "pitch": round(fit.pitch, 3), "roll": round(fit.roll, 3),
         "label": [round(v, 7) for v in face_pose.label_for_crop(fit, crop)],
         "faces": len(faces),
         "warnings": warnings,
-        "image_size": [w, h],
-        "face_box": [round(float(v) * factor, 2) for v in face.box],
+        "image_size": list(photo.size),
+        "face_box": [round(float(v) * factor * k, 2) for v in face.box],
         "fit_rms": round(fit.rms, 5),
     }
 

@@ -160,7 +160,7 @@ def test_truncated_image(tmp_path: Path) -> None:
 def test_decompression_bomb_clear_error(tmp_path: Path, monkeypatch) -> None:
     Image.new("RGB", (200, 200)).save(tmp_path / "b.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)   # 200*200 > 2 * limit -> Pillow refuses
-    with pytest.raises(ImageError, match="too large"):
+    with pytest.raises(ImageError, match="more pixels than this tool decodes safely"):
         load_rgb(tmp_path / "b.png", 64)
 
 
@@ -173,3 +173,31 @@ def test_save_png_round_trip_atomic(tmp_path: Path) -> None:
     assert encode_png(a).startswith(b"\x89PNG")
     with pytest.raises(ImageError, match="shape"):
         encode_png(np.zeros((4, 4, 5)))
+
+
+def test_preflight_refuses_only_what_the_worker_would(tmp_path: Path) -> None:
+    """A PNG over the decompression-bomb limit is refused from its header, before any work; a JPEG of the same
+    size is not (the worker reads it at a reduced scale)."""
+    import struct
+    import zlib
+
+    from dp3d_core import preflight
+
+    def header_only_png(w: int, h: int) -> bytes:
+        ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+        return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+
+    (tmp_path / "huge.png").write_bytes(header_only_png(16320, 12240))
+    with pytest.raises(preflight.PreflightError, match="huge.png is 16320x12240 px, more pixels than the worker "
+                                                       "decodes safely as PNG .178 million.. Save it as JPEG"):
+        preflight.check_image(tmp_path / "huge.png", "reference portrait")
+    (tmp_path / "fine.png").write_bytes(header_only_png(12000, 12000))
+    preflight.check_image(tmp_path / "fine.png", "reference portrait")
+    jpeg = tmp_path / "huge.jpg"
+    Image.new("RGB", (64, 64)).save(jpeg)
+    data = bytearray(jpeg.read_bytes())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", 12240, 16320)  # the frame header's height and width
+    jpeg.write_bytes(bytes(data))
+    assert preflight.image_header(jpeg) == ("JPEG", 16320, 12240)
+    preflight.check_image(jpeg, "reference portrait")

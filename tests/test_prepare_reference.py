@@ -19,7 +19,7 @@ from PIL import Image
 
 from dp3d_core import cameras, face_pose
 from dp3d_core import job as jobspec
-from dp3d_core.images import ImageError, crop_square, load_full_rgb, load_rgb
+from dp3d_core.images import ImageError, crop_square, load_photo, load_rgb
 from dp3d_core.prepare_reference import PrepareError, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,7 +201,7 @@ def test_heic_phone_photo_is_upright_and_framed_where_the_head_is():
 
     from dp3d_core.preflight import image_header
     assert image_header(HEIC_PHOTO) == ("HEIF", *CANVAS)
-    assert load_full_rgb(HEIC_PHOTO).shape == (CANVAS[1], CANVAS[0], 3)
+    assert load_photo(HEIC_PHOTO).rgb.shape == (CANVAS[1], CANVAS[0], 3)
     result = prepare(HEIC_PHOTO)
     placed = face_pose.PoseFit(0.0, 0.0, 0.0, (PLACED_X, PLACED_Y, SIZE), 0.0)
     np.testing.assert_allclose(result["crop"], face_pose.framed_crop(placed), atol=0.03 * SIZE)
@@ -221,7 +221,39 @@ def test_heic_without_a_decoder_says_what_to_install(monkeypatch):
     from dp3d_core import images
     monkeypatch.setattr(images, "heif_decoder", lambda: False)
     with pytest.raises(ImageError, match="HEIC/HEIF photo .* no HEIF decoder.*pip install pi-heif"):
-        load_full_rgb(HEIC_PHOTO)
+        load_photo(HEIC_PHOTO)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_a_huge_photo_is_read_at_a_reduced_scale_in_its_own_pixels(fmt, tmp_path, monkeypatch):
+    """A 200 MP phone photo, scaled down here: with the limits shrunk by the same factor, the photo is over
+    Pillow's decompression-bomb limit (a JPEG is decoded at 1/4 scale instead of refused; a PNG is refused in
+    one sentence) and over PHOTO_MAX_PIXELS (prepared at reduced scale, crop and sizes in the photo's pixels)."""
+    from dp3d_core import images
+    canvas = Image.new("RGB", (1224, 1632), (90, 100, 110))
+    canvas.paste(Image.open(sample("0000167")).convert("RGB").resize((520, 520)), (352, 370))
+    path = tmp_path / f"phone.{fmt.lower()}"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways too
+    canvas.transpose(Image.Transpose.ROTATE_90).save(path, format=fmt, exif=exif.tobytes(), quality=95)
+    full = prepare(path)
+    monkeypatch.setattr(images, "PHOTO_MAX_PIXELS", 160_000)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 900_000)  # refused above 1.8 MP; the photo has 2.0 MP
+    if fmt == "PNG":
+        with pytest.raises(ImageError, match="more pixels than this tool decodes safely .1 million.; save a "
+                                             "smaller copy"):
+            load_photo(path)
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2_000_000)  # a PNG within the limit is reduced after decoding
+    photo = load_photo(path)
+    assert photo.scale == 4 and photo.size == (1224, 1632) and photo.rgb.shape == (408, 306, 3)
+    reduced = prepare(path)
+    assert reduced["image_size"] == [1224, 1632]
+    np.testing.assert_allclose(reduced["crop"], full["crop"], atol=0.02 * (full["crop"][2] - full["crop"][0]))
+    assert abs(reduced["yaw"] - full["yaw"]) < 2 and abs(reduced["pitch"] - full["pitch"]) < 3
+    # The worker cuts the same square, given in the photo's own pixels.
+    a = load_rgb(path, 64, crop=full["crop"])
+    monkeypatch.undo()
+    assert np.abs(a - load_rgb(path, 64, crop=full["crop"])).mean() < 0.02
 
 
 def test_header_tells_heif_avif_and_video_apart(tmp_path):
@@ -256,7 +288,7 @@ def test_other_image_modes_are_prepared_like_rgb(mode, tmp_path):
     result = prepare(path)
     np.testing.assert_allclose(result["crop"], prepared(str(sample("0000167")))["crop"], atol=0.03 * 512)
     if mode == "RGBA":
-        assert load_full_rgb(path)[10, 10] == pytest.approx([1.0, 1.0, 1.0])
+        assert load_photo(path).rgb[10, 10] == pytest.approx([1.0, 1.0, 1.0])
 
 
 # ---------------------------------------------------------------- bad input
@@ -344,8 +376,7 @@ def test_worker_loads_the_prepared_crop(tmp_path):
     crop = prepared(str(path))["crop"]
     a = load_rgb(path, 64, crop=crop)
     assert a.shape == (64, 64, 3)
-    full = load_full_rgb(path)
-    ref = crop_square(full, crop)
+    ref = crop_square(load_photo(path).rgb, crop)
     small = np.asarray(Image.fromarray((ref * 255 + 0.5).astype(np.uint8)).resize((64, 64), Image.LANCZOS)) / 255.0
     assert np.abs(a - small).mean() < 0.02
     assert np.abs(a - load_rgb(path, 64)).mean() > 0.02  # not the centre square
