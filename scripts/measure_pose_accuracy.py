@@ -8,6 +8,11 @@ yaw is the render camera's; the reported, subject's yaw is compared after conver
 bpy module and the face models (the project's venv has both). With ``--cache`` the renders are kept in FOLDER
 and reused (a render is made only when its file is missing), so a change to the face models' use or the fit is
 measured on the same images in a few seconds.
+
+``--official``: no ground truth, a consistency check on real-looking faces instead. The shared fixtures hold
+four identities seen by the same 16 cameras (the official condition images and the three samples' 3D-aware
+proxy views, all EG3D renders); the pose found for one camera should not depend on whose face it shows. Prints
+the spread (max - min over the four identities) of the found yaw and pitch per camera.
 """
 from __future__ import annotations
 
@@ -30,7 +35,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[11, 12, 13])
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--cache", help="keep the renders here and reuse them")
+    parser.add_argument("--official", action="store_true", help="consistency on the official fixtures instead")
     args = parser.parse_args(argv)
+    if args.official:
+        return official_consistency()
     from dp3d_core.face_pose import camera_yaw
     from dp3d_core.prepare_reference import prepare
     from scripts.make_face_landmarks_3d import render_views
@@ -68,6 +76,24 @@ def main(argv=None) -> int:
         e = np.nanmax(np.abs(a[m][:, 3:5]), axis=1)
         print(f"{name}: {np.sum(np.isnan(e))} failed of {len(e)}; max(|yaw err|, |pitch err|) median "
               f"{np.nanmedian(e):.1f}, 90th percentile {np.nanpercentile(e, 90):.1f}, worst {np.nanmax(e):.1f}")
+    return 0
+
+
+def official_consistency() -> int:
+    from dp3d_core.face_pose import camera_yaw
+    from dp3d_core.prepare_reference import prepare
+
+    samples = ROOT.parent / "shared" / "fixtures" / "official_samples"
+    folders = [samples / "camera_conditions"] + sorted((samples / "proxy_views").iterdir())
+    found = np.array([[(camera_yaw(r["yaw"]), r["pitch"]) for r in map(prepare, sorted(f.glob("*.png")))]
+                      for f in folders])  # (identity, camera, yaw/pitch)
+    spread = found.max(axis=0) - found.min(axis=0)
+    print("camera  " + " ".join(f"{i:>5d}" for i in range(found.shape[1])))
+    print("yaw     " + " ".join(f"{v:5.1f}" for v in found.mean(axis=0)[:, 0]) + "   (mean found camera yaw)")
+    print("pitch   " + " ".join(f"{v:5.1f}" for v in found.mean(axis=0)[:, 1]) + "   (mean found pitch)")
+    for k, name in enumerate(("yaw", "pitch")):
+        print(f"{name} spread over {len(folders)} identities: " + " ".join(f"{v:5.1f}" for v in spread[:, k]) +
+              f"   median {np.median(spread[:, k]):.1f}, worst {spread[:, k].max():.1f}")
     return 0
 
 
