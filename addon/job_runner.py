@@ -513,7 +513,8 @@ def run_turntable_job(out_dir: str | os.PathLike, *, frames: int = 16, reference
                       steps: int | None = None, seed: int | None = None, conditions: str = "procedural",
                       device: str | None = None, memory: str | None = None, compile: bool | None = None,
                       proxy_views: bool | None = None, prepare: bool | None = None,
-                      from_photo_view: bool = False, generate: bool = True, previews: bool = True,
+                      from_photo_view: bool = False, photo_pose: tuple[float, float] | None = None,
+                      generate: bool = True, previews: bool = True,
                       preview_sheet: str | os.PathLike | None = None,
                       import_as: tuple[str, ...] = ("CARD",), log: Callable[[str], None] | None = None,
                       full_turn: bool | None = None, back_image: str | os.PathLike | None = None,
@@ -527,6 +528,7 @@ def run_turntable_job(out_dir: str | os.PathLike, *, frames: int = 16, reference
     Writes ``dataset.json`` and ``scene.blend`` into ``out_dir`` (with ``generate``, only once every pre-work
     check has passed: a job that fails them writes nothing there). Blocks until the worker ends.
     ``preview_sheet``: a PNG path refreshed with a contact sheet of the worker's latest previews.
+    ``photo_pose``: (subject yaw, camera pitch) in degrees, set by hand instead of the pose found in the photo.
     """
     context = context or bpy.context
     log = log or (lambda _msg: None)
@@ -616,6 +618,15 @@ def run_turntable_job(out_dir: str | os.PathLike, *, frames: int = 16, reference
             raise JobRunError(str(exc)) from None
     if from_photo_view and not settings.use_reference_prep:
         raise JobRunError("--from-photo-view needs the prepared reference: drop --no-prepare.")
+    if photo_pose is not None:
+        if not settings.use_reference_prep:
+            raise JobRunError("--photo-pose sets the prepared reference's pose: drop --no-prepare.")
+        yaw, pitch = (float(v) for v in photo_pose)
+        if not (abs(yaw) <= 90.0 and abs(pitch) <= 60.0):
+            raise JobRunError(f"--photo-pose takes a yaw within ±90 and a pitch within ±60 degrees, got {yaw} "
+                              f"{pitch}.")
+        settings.prep_set_pose = True
+        settings.prep_yaw, settings.prep_pitch = math.radians(yaw), math.radians(pitch)
     prep = None
     if from_photo_view and settings.reference_image:  # else Generate prepares it, after its cheaper checks
         log("preparing the reference (face, crop, photo camera)...")
@@ -715,6 +726,9 @@ def cli_parser() -> argparse.ArgumentParser:
     parser.add_argument("--from-photo-view", action="store_true",
                         help="start the turntable at the photo's own view (its found yaw and pitch; --pitch is "
                              "ignored)")
+    parser.add_argument("--photo-pose", type=float, nargs=2, metavar=("YAW", "PITCH"),
+                        help="set the photo's pose by hand instead of the found one: the subject's yaw (> 0 turned "
+                             "to its own left) and the camera's pitch (> 0 taken from above), in degrees")
     parser.add_argument("--compile", action="store_true", default=None,
                         help="torch.compile the networks (minutes at the first step, faster after)")
     parser.add_argument("--yaw-range", type=float, default=45.0, help="sweep -DEG..+DEG (default 45)")
@@ -751,6 +765,7 @@ def cli_main(argv: list[str]) -> int:
                                    seed=args.seed, conditions=args.conditions, device=args.device,
                                    memory=args.memory, compile=args.compile, proxy_views=args.proxy_views,
                                    prepare=args.prepare, from_photo_view=args.from_photo_view,
+                                   photo_pose=args.photo_pose,
                                    generate=not args.poses_only, preview_sheet=args.preview_sheet,
                                    full_turn=args.full_turn, back_image=args.back_image, back_seed=args.back_seed,
                                    log=lambda m: print(f"portrait3d: {m}", flush=True))

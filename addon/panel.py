@@ -50,6 +50,11 @@ class PORTRAIT3D_PT_reference(_Portrait3DPanel, bpy.types.Panel):
         col.prop(s, "prep_scale")
         col.prop(s, "prep_offset_x")
         col.prop(s, "prep_offset_y")
+        col = layout.column(align=True)
+        col.prop(s, "prep_set_pose")
+        if s.prep_set_pose:
+            col.prop(s, "prep_yaw")
+            col.prop(s, "prep_pitch")
         if s.prep_error:
             layout.label(text=s.prep_error, icon='ERROR')
         result = reference_prep.stored(s, fresh=False)
@@ -62,7 +67,7 @@ class PORTRAIT3D_PT_reference(_Portrait3DPanel, bpy.types.Panel):
             layout.template_icon(icon_value=image.preview.icon_id, scale=6.0)
         layout.label(text=result.summary(), icon='CAMERA_DATA')
         if reference_prep.stored(s) is None:
-            layout.label(text="Photo or nudge changed: prepare again", icon='INFO')
+            layout.label(text="Photo, nudge or pose changed: prepare again", icon='INFO')
         for w in result.warnings:
             layout.label(text=w, icon='ERROR')
 

@@ -63,6 +63,18 @@ def _prep_inputs_changed(self, context) -> None:
     inputs_changed(self, context)
 
 
+def _set_pose_toggled(self, context) -> None:
+    """Turning *Set Pose by Hand* on starts from the pose found in the photo (when one is stored)."""
+    from .reference_prep import stored
+
+    if self.prep_set_pose:
+        found = stored(self, fresh=False)
+        if found is not None:
+            self["prep_yaw"] = math.radians(found.found_yaw)  # item access: no update (and no preparation) yet
+            self["prep_pitch"] = math.radians(found.found_pitch)
+    _prep_inputs_changed(self, context)
+
+
 def _custom_size_set(self, _context) -> None:
     """Typing a size (or a script setting one) means a custom size."""
     if self.size_mode != 'CUSTOM':
@@ -156,6 +168,19 @@ class PORTRAIT3D_PG_settings(bpy.types.PropertyGroup):
         name="Crop Offset Y", default=0.0, min=-0.5, max=0.5, step=1, subtype='FACTOR',
         update=_prep_inputs_changed,
         description="Move the found crop down (a fraction of its side)")
+    prep_set_pose: BoolProperty(
+        name="Set Pose by Hand", default=False, update=_set_pose_toggled,
+        description="Use the yaw and pitch below instead of the ones found in the photo (pitch is the least "
+                    "certain). The crop, roll, 3D-aware noise and Start at the Photo's View follow")
+    prep_yaw: FloatProperty(
+        name="Yaw", default=0.0, min=-math.radians(90.0), max=math.radians(90.0), subtype='ANGLE',
+        update=_prep_inputs_changed,
+        description="How far the subject is turned: positive when turned to its own left (the nose points to the "
+                    "photo's right)")
+    prep_pitch: FloatProperty(
+        name="Pitch", default=0.0, min=-math.radians(60.0), max=math.radians(60.0), subtype='ANGLE',
+        update=_prep_inputs_changed,
+        description="Where the photo's camera was: positive when the photo was taken from above the head")
     prep_result: StringProperty(name="Prepared Reference", default="", options={'HIDDEN'},
                                 description="The last preparation's result (JSON)")
     prep_key: StringProperty(name="Prepared Inputs", default="", options={'HIDDEN'},

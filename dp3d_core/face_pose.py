@@ -201,12 +201,14 @@ def keypoint_yaw(keypoints: np.ndarray, model: LandmarkModel | None = None) -> f
 
 
 def fit_pose(landmarks: np.ndarray, model: LandmarkModel | None = None,
-             keypoints: np.ndarray | None = None) -> PoseFit:
+             keypoints: np.ndarray | None = None, yaw: float | None = None,
+             pitch: float | None = None) -> PoseFit:
     """Fit the EG3D camera (yaw, pitch, roll) and the EG3D-framed crop to face-mesh ``landmarks`` (468 x >= 2,
     photo pixels). Robust to the landmarks the mesh model guesses on the hidden side of a turned face
     (iteratively reweighted, Cauchy weights). With the detector's 6 ``keypoints`` (same pixels), a face whose
     keypoints say it is turned further than :data:`KEYPOINT_YAW` and further than the mesh says (the same way)
-    gets the keypoints' yaw, and pitch, roll and crop are refitted to the landmarks with that yaw held."""
+    gets the keypoints' yaw, and pitch, roll and crop are refitted to the landmarks with that yaw held.
+    ``yaw`` / ``pitch`` (the camera's, degrees): set by hand; the rest is refitted with them held."""
     model = model or landmark_model()
     lm = np.asarray(landmarks, float)
     if lm.ndim != 2 or lm.shape[0] <= int(model.indices.max()) or lm.shape[1] < 2:
@@ -222,7 +224,14 @@ def fit_pose(landmarks: np.ndarray, model: LandmarkModel | None = None,
     ones = np.ones(len(pts3))
     theta = min((_solve(t, pts3, pts2, ones, iterations=15) for t in starts), key=lambda r: r[1])[0]
     theta, rms = _robust_fit(theta, pts3, pts2)
-    if keypoints is not None and model.keypoints is not None:
+    if yaw is not None or pitch is not None:
+        theta = theta.copy()
+        held = [k for k, v in ((0, yaw), (1, pitch)) if v is not None]
+        for k, v in ((0, yaw), (1, pitch)):
+            if v is not None:
+                theta[k] = float(v)
+        theta, rms = _robust_fit(theta, pts3, pts2, free=tuple(k for k in range(6) if k not in held))
+    elif keypoints is not None and model.keypoints is not None:
         yaw_k = keypoint_yaw(keypoints, model)
         yaw_m = (theta[0] + 180.0) % 360.0 - 180.0
         if abs(yaw_k) > KEYPOINT_YAW and abs(yaw_k) > abs(yaw_m) and yaw_k * yaw_m > 0:

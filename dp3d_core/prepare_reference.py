@@ -1,7 +1,7 @@
 """Prepare a reference photo: find the face, frame it like the training data, estimate the photo's camera.
 
     python -m dp3d_core.prepare_reference IMAGE [--out CROP.png] [--size 512] [--scale 1] [--offset-x 0]
-                                                [--offset-y 0]
+                                                [--offset-y 0] [--yaw DEG] [--pitch DEG]
 
 Prints one JSON object on stdout:
 
@@ -14,10 +14,14 @@ Prints one JSON object on stdout:
 - ``label``: the 25-float EG3D camera label of the photo's camera for that crop;
 - ``faces``: how many faces were found; ``warnings``: a list of sentences;
 - ``image_size`` [w, h], ``face_box`` [x0, y0, x1, y1] and ``fit_rms`` (landmark residual, fraction of the
-  crop) for the curious.
+  crop) for the curious;
+- ``found_yaw``, ``found_pitch``: the pose found in the photo (equal to ``yaw``, ``pitch`` unless set by hand).
 
 ``--out`` writes the crop (``--size`` pixels, composited like the worker does) atomically. ``--scale`` and
 ``--offset-x/-y`` (fractions of the crop side, x right, y down) nudge the found crop; the label follows.
+``--yaw`` / ``--pitch`` set the pose by hand (the found pitch is the least certain angle, see
+docs/REFERENCE_PREP.md; the one not given stays as found); roll and crop are refitted to the landmarks with the
+pose held, and the label follows.
 Exit 0 on success; 2 with one sentence on stderr when the input cannot be used (not an image, no face);
 3 when the face models are not installed. The original file is only read.
 """
@@ -39,6 +43,7 @@ EXIT_NO_MODELS = 3
 DETECT_MAX_SIDE = 1280  # the detector sees at most this; landmarks are mapped back to full resolution
 SMALL_FACE_PX = 256  # a crop smaller than this is upscaled more than 2x for a 512 px job
 WIDE_YAW = 60.0
+MAX_SET_YAW, MAX_SET_PITCH = 90.0, 60.0  # a pose set by hand (--yaw, --pitch)
 
 
 class PrepareError(ValueError):
@@ -59,14 +64,20 @@ def _detect_image(rgb: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def prepare(image: str | Path, out: str | Path | None = None, *, size: int = 512, scale: float = 1.0,
-            offset_x: float = 0.0, offset_y: float = 0.0) -> dict:
+            offset_x: float = 0.0, offset_y: float = 0.0, yaw: float | None = None,
+            pitch: float | None = None) -> dict:
     """Prepare ``image``; returns the JSON object described in the module notes (PrepareError, ImageError or
-    face_landmarks.FaceModelError otherwise)."""
+    face_landmarks.FaceModelError otherwise). ``yaw`` (the subject's) and ``pitch``: the pose set by hand."""
     path = Path(image)
     if not (math.isfinite(scale) and 0.2 <= scale <= 5.0):
         raise PrepareError(f"--scale must be between 0.2 and 5, got {scale}")
     if not all(math.isfinite(v) and abs(v) <= 1.0 for v in (offset_x, offset_y)):
         raise PrepareError(f"--offset-x and --offset-y must be between -1 and 1, got {offset_x}, {offset_y}")
+    if yaw is not None and not (math.isfinite(yaw) and abs(yaw) <= MAX_SET_YAW):
+        raise PrepareError(f"--yaw must be between -{MAX_SET_YAW:.0f} and {MAX_SET_YAW:.0f} degrees, got {yaw}")
+    if pitch is not None and not (math.isfinite(pitch) and abs(pitch) <= MAX_SET_PITCH):
+        raise PrepareError(f"--pitch must be between -{MAX_SET_PITCH:.0f} and {MAX_SET_PITCH:.0f} degrees, "
+                           f"got {pitch}")
     photo = load_photo(path)  # a huge photo comes at 1/2, 1/4 or 1/8 scale: everything below is in its pixels
     rgb = photo.rgb
     small, factor = _detect_image(rgb)
@@ -80,7 +91,11 @@ def prepare(image: str | Path, out: str | Path | None = None, *, size: int = 512
     face = faces[0]
     landmarks = face.landmarks.copy()
     landmarks[:, :2] *= factor
-    fit = face_pose.fit_pose(landmarks, keypoints=face.keypoints * factor)
+    found = face_pose.fit_pose(landmarks, keypoints=face.keypoints * factor)
+    fit = found
+    if yaw is not None or pitch is not None:  # the one not given stays as found
+        fit = face_pose.fit_pose(landmarks, yaw=found.yaw if yaw is None else face_pose.camera_yaw(yaw),
+                                 pitch=found.pitch if pitch is None else pitch)
     crop = face_pose.nudge_crop(face_pose.framed_crop(fit), scale, offset_x, offset_y)
     warnings: list[str] = []
     if len(faces) > 1:
@@ -108,6 +123,7 @@ def prepare(image: str | Path, out: str | Path | None = None, *, size: int = 512
         "image_size": list(photo.size),
         "face_box": [round(float(v) * factor * k, 2) for v in face.box],
         "fit_rms": round(fit.rms, 5),
+        "found_yaw": round(face_pose.subject_yaw(found.yaw), 3), "found_pitch": round(found.pitch, 3),
     }
 
 
@@ -129,13 +145,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="scale the found crop about its centre")
     parser.add_argument("--offset-x", type=float, default=0.0, help="move the crop right by this part of its side")
     parser.add_argument("--offset-y", type=float, default=0.0, help="move the crop down by this part of its side")
+    parser.add_argument("--yaw", type=float, help="set the subject's yaw by hand (degrees, > 0 turned to its own "
+                                                  "left) instead of the found one; crop and roll follow")
+    parser.add_argument("--pitch", type=float, help="set the camera's pitch by hand (degrees, > 0 photo taken from "
+                                                    "above) instead of the found one; crop and roll follow")
     args = parser.parse_args(argv)
     if not 16 <= args.size <= 4096:
         print(f"prepare_reference: error: --size must be between 16 and 4096, got {args.size}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
         result = prepare(args.image, args.out, size=args.size, scale=args.scale, offset_x=args.offset_x,
-                         offset_y=args.offset_y)
+                         offset_y=args.offset_y, yaw=args.yaw, pitch=args.pitch)
     except (PrepareError, ImageError, face_pose.PoseFitError) as exc:
         print(f"prepare_reference: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -122,6 +122,25 @@ def test_label_is_the_pose_and_the_crop():
     assert abs(k[0, 2] - 0.5) < 0.1 and abs(k[1, 2] - 0.5) < 0.1
 
 
+def test_pose_set_by_hand_is_held_and_the_label_follows():
+    found = prepared(str(sample("0000167")))
+    assert (found["found_yaw"], found["found_pitch"]) == (found["yaw"], found["pitch"])
+    result = prepare(sample("0000167"), yaw=12.0, pitch=-20.0)
+    assert (result["yaw"], result["pitch"]) == (12.0, -20.0)
+    assert (result["found_yaw"], result["found_pitch"]) == (found["yaw"], found["pitch"])
+    c2w, _ = cameras.from_label(result["label"])
+    yaw, pitch = cameras.yaw_pitch_from_cam2world(c2w)
+    assert yaw == pytest.approx(-12.0, abs=1e-3) and pitch == pytest.approx(-20.0, abs=1e-3)
+    assert face_pose.roll_from_cam2world(c2w) == pytest.approx(result["roll"], abs=1e-3)
+    side = found["crop"][2] - found["crop"][0]
+    np.testing.assert_allclose(result["crop"], found["crop"], atol=0.15 * side)  # refitted, still on the face
+    assert result["crop"] != found["crop"]
+    only_pitch = prepare(sample("0000167"), pitch=-20.0)
+    assert (only_pitch["yaw"], only_pitch["pitch"]) == (found["yaw"], -20.0)  # the other angle stays as found
+    with pytest.raises(PrepareError, match="--pitch must be between -60 and 60 degrees"):
+        prepare(sample("0000167"), pitch=75.0)
+
+
 def test_nudged_crop_keeps_the_camera_and_moves_the_principal_point(tmp_path):
     path = sample("0000270")
     base = prepared(str(path))
