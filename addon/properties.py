@@ -70,8 +70,9 @@ def _set_pose_toggled(self, context) -> None:
     if self.prep_set_pose:
         found = stored(self, fresh=False)
         if found is not None:
-            self["prep_yaw"] = math.radians(found.found_yaw)  # item access: no update (and no preparation) yet
-            self["prep_pitch"] = math.radians(found.found_pitch)
+            # item access: no update (and no preparation) yet, so no clamping either: clamp here
+            self["prep_yaw"] = math.radians(max(-90.0, min(90.0, found.found_yaw)))
+            self["prep_pitch"] = math.radians(max(-60.0, min(60.0, found.found_pitch)))
     _prep_inputs_changed(self, context)
 
 
