@@ -55,8 +55,8 @@ def check_reference(path: str | os.PathLike, *, prepared: bool = False) -> Refer
             raise ReferenceImageError(f"The size of the {header[0]} photo {p.name} cannot be read (the file may be "
                                       "damaged). Save it as JPEG and pick that.")
         info = ReferenceInfo(p, header[1], header[2], blender_reads=False)
-        info.notes.append(f"{header[0]} photo: the worker decodes it; Blender cannot show it, so Prepare Reference "
-                          "hands Blender a PNG of the face crop.")
+        info.notes.append(f"{header[0]} photo: the worker decodes it; Blender cannot show it" +
+                          (", so Prepare Reference hands Blender a PNG of the face crop." if prepared else "."))
     elif header is not None and header[1] is not None and max(header[1:]) > HUGE_SIDE:
         # Decoding an 8k photo in Blender only to read its size costs seconds and hundreds of MB.
         info = ReferenceInfo(p, header[1], header[2])
