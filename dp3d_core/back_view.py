@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .job import Job, file_digest, model_identity
 from .preflight import BACK_HEAD_FOLDER
-from .protocol import write_atomic
+from .protocol import remove_stale_temp_files, write_atomic
 
 BACK_DIR = "back"
 
@@ -61,7 +61,8 @@ def is_valid(png: Path, key: str) -> bool:
 
 def write(png: Path, data: bytes, key: str) -> Path:
     """Write the back view PNG, then its record (each atomically): a kill between the two leaves a PNG without
-    a matching record, which the next run makes again."""
+    a matching record, which the next run makes again (and the temporary files of such a kill are removed)."""
+    remove_stale_temp_files(png.parent, [png.name, _record_path(png).name])
     _record_path(png).unlink(missing_ok=True)
     write_atomic(png, data)
     record = {"key": key, "sha256": hashlib.sha256(data).hexdigest()}

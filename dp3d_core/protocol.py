@@ -23,6 +23,7 @@ Event kinds and their fields:
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -194,6 +195,15 @@ def _test_pause(path: Path) -> None:
         needle, _, seconds = spec.rpartition(":")
         if needle and needle in path.as_posix():
             time.sleep(float(seconds))
+
+
+def remove_stale_temp_files(folder: Path, names: Iterable[str]) -> None:
+    """The temporary files :func:`write_atomic` left for ``names`` in ``folder`` when a worker was killed mid-write
+    (never complete files, so safe to delete)."""
+    if folder.is_dir():
+        for name in names:
+            for tmp in folder.glob(f".{glob.escape(name)}.*.tmp"):
+                tmp.unlink(missing_ok=True)
 
 
 def write_atomic(path: str | os.PathLike, data: bytes, durable: bool = True) -> Path:

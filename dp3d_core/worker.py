@@ -43,7 +43,6 @@ says otherwise, so spinning threads do not fight the other programs of a busy ma
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import os
 import sys
@@ -278,14 +277,6 @@ def warn_memory(job: Job, device: Any, warn: Callable[[str], None]) -> None:
         warn(message)
 
 
-def _remove_stale_temp_files(out_dir: Path, names: list[str]) -> None:
-    """Temp files of a worker that was killed mid-write (never complete frames, so safe to delete)."""
-    if out_dir.is_dir():
-        for name in names + [protocol.MANIFEST_FILE]:
-            for tmp in out_dir.glob(f".{glob.escape(name)}.*.tmp"):
-                tmp.unlink(missing_ok=True)
-
-
 class StateKeeper:
     """Denoising checkpoints and live previews of one run (see dp3d_core.denoise_state, dp3d_core.live_preview).
 
@@ -451,7 +442,7 @@ def run_job(job_dir: Path, emit: Emitter, back_only: bool = False) -> int:
                           "choose a DiffPortrait360 model folder, or run the job without --back-only")
     assert not dp360 or job.back is not None  # preflight refused a DiffPortrait360 job without a back view
     digest = job_hash(job)
-    _remove_stale_temp_files(out_dir, names)
+    protocol.remove_stale_temp_files(out_dir, names + [protocol.MANIFEST_FILE])
     done = protocol.frames_done(out_dir, names, digest)
     emit("started", job_hash=digest, frames_total=len(frames), frames_done=len(done))
     if len(done) == len(frames) and not back_only:
