@@ -35,3 +35,14 @@ def components():
 @pytest.fixture(scope="module")
 def denoiser(components):
     return make_denoiser(components)
+
+
+@pytest.fixture(scope="module")
+def model360(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random DiffPortrait360 model folder (view model, back-head model in back_head/), 64 px jobs."""
+    from dp3d_core.preflight import BACK_HEAD_FOLDER
+    from dp3d_core.tiny import make_tiny_360_model_folders
+
+    views, back = make_tiny_360_model_folders(tmp_path_factory.mktemp("tiny360") / "dp360", seed=0, sample_size=8)
+    assert back == views / BACK_HEAD_FOLDER
+    return views

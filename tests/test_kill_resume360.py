@@ -13,23 +13,15 @@ import signal
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from dp3d_core import protocol
 from dp3d_core.denoise_state import STATE_DIR
-from dp3d_core.tiny import make_tiny_360_model_folders
 from tests.test_kill_resume import Worker
 from tests.test_worker360 import FRAMES, frame_pixels, make_job
 
 STEPS = 3
 BACK = Path("back") / "back_seed2.png"
-
-
-@pytest.fixture(scope="module")
-def model360(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    views, _ = make_tiny_360_model_folders(tmp_path_factory.mktemp("tiny360") / "dp360", seed=0, sample_size=8)
-    return views
 
 
 def killed_at(job_dir: Path, pause: str) -> Worker:

@@ -94,15 +94,6 @@ def test_back_view_validation(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- model folder and preflight (no torch work)
 
 @pytest.fixture(scope="module")
-def model360(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from dp3d_core.tiny import make_tiny_360_model_folders
-
-    views, back = make_tiny_360_model_folders(tmp_path_factory.mktemp("tiny360") / "dp360", seed=0, sample_size=8)
-    assert back == views / preflight.BACK_HEAD_FOLDER
-    return views
-
-
-@pytest.fixture(scope="module")
 def model360_without_back_head(model360: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path(shutil.copytree(model360, tmp_path_factory.mktemp("nohead") / "dp360",
                                 ignore=shutil.ignore_patterns(preflight.BACK_HEAD_FOLDER)))
