@@ -356,8 +356,8 @@ class JobPreparation:
         if (self._proxy_views and not self._use_prep and not self.reference.blender_reads
                 and self._source != 'IMAGE_FOLDER'):
             raise JobSetupError(f"3D-Aware Noise projects the photo in Blender, which cannot read "
-                                f"{self.reference.path.name}: turn Prepare Reference on (it gives Blender a PNG "
-                                "of the face crop), or save the photo as JPEG.")
+                                f"{self.reference.path.name}: turn Prepare Reference on (on the command line: drop "
+                                "--no-prepare; it gives Blender a PNG of the face crop), or save the photo as JPEG.")
         self._worker_python = None if worker_python is None else str(worker_python)
         self._settings = jobspec.GenerationSettings(steps=s.steps, guidance=s.guidance, eta=s.eta, seed=s.seed,
                                                     size=size, scheduler=SCHEDULER_IDS.get(s.scheduler, "ddim"))

@@ -103,8 +103,8 @@ def prepare(image: str | Path, out: str | Path | None = None, *, size: int = 512
                         "person to choose another.")
     side = (crop[2] - crop[0]) * photo.scale
     if side < SMALL_FACE_PX:
-        warnings.append(f"The face is small: its crop is {side:.0f} px, upscaled to the output size. A closer or "
-                        "sharper photo gives more detail.")
+        warnings.append(f"The face is small: its crop is {side:.0f} px, so frames larger than that are upscaled "
+                        "from it. A closer or sharper photo gives more detail.")
     if abs(fit.yaw) > WIDE_YAW:
         warnings.append(f"The face is turned {abs(fit.yaw):.0f} degrees from the camera (more than {WIDE_YAW:.0f}); "
                         "the model was trained on faces within about 60 degrees of frontal: expect a weaker result.")
