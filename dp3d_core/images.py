@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import io
 import math
-from functools import lru_cache
 import os
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
