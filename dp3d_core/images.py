@@ -4,6 +4,8 @@ Rules applied by :func:`load_rgb`, so every input reaches the model the same way
 
 - EXIF orientation is applied (phone photos are often stored sideways). HEIC/HEIF photos (the iPhone's
   default) are decoded by pi-heif, which applies their rotation itself; AVIF by Pillow.
+- Colours tagged with a profile (an iPhone's Display P3, a camera's Adobe RGB) are converted to
+  sRGB; untagged images are taken as sRGB.
 - Transparency is composited over WHITE: a portrait cut out of its background is almost
   always shown on white (studio shots, matting tools, stock renders), and a black fill would
   put a dark halo around the hair after VAE encoding.
@@ -217,8 +219,29 @@ def crop_square(image: np.ndarray, crop: Sequence[float]) -> np.ndarray:
     return np.clip(out, 0.0, 1.0)
 
 
+def _to_srgb(im: Image.Image, icc: bytes | None) -> Image.Image:
+    """An RGB/RGBA ``im`` tagged with the colour profile ``icc`` (an iPhone's Display P3, a camera's Adobe RGB)
+    converted to sRGB, the colours the model was trained on; untagged images are taken as sRGB already. A profile
+    that cannot be read leaves the pixels as they are."""
+    if not icc or im.mode not in ("RGB", "RGBA"):
+        return im
+    from PIL import ImageCms
+
+    try:
+        rgb = im.convert("RGB") if im.mode == "RGBA" else im
+        out = ImageCms.profileToProfile(rgb, ImageCms.ImageCmsProfile(io.BytesIO(icc)), ImageCms.createProfile("sRGB"),
+                                        renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC, outputMode="RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        return im
+    if im.mode == "RGBA":
+        out.putalpha(im.getchannel("A"))
+    return out
+
+
 def _float_rgb(path: Path, im: Image.Image, size: int | None) -> np.ndarray:
-    """``im`` converted to float32 RGB in [0, 1]; a square image is resized to ``size`` when given."""
+    """``im`` converted to float32 RGB in [0, 1] (sRGB, see :func:`_to_srgb`); a square image is resized to
+    ``size`` when given."""
+    icc = im.info.get("icc_profile") if im.mode in ("RGB", "RGBA") else None  # gray/CMYK profiles: not handled
     try:
         im.load()
         out_size = size if size is not None else im.size[0]
@@ -240,6 +263,7 @@ def _float_rgb(path: Path, im: Image.Image, size: int | None) -> np.ndarray:
             im = im.convert("RGBA")
         elif im.mode != "RGB":
             im = im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+        im = _to_srgb(im, icc)
         if resize:
             im = im.resize((out_size, out_size), Image.LANCZOS, reducing_gap=3.0)
         a = np.asarray(im).astype(np.float32) / 255.0

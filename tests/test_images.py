@@ -185,7 +185,8 @@ def test_preflight_refuses_only_what_the_worker_would(tmp_path: Path) -> None:
 
     def header_only_png(w: int, h: int) -> bytes:
         ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-        return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+        crc = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+        return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + crc
 
     (tmp_path / "huge.png").write_bytes(header_only_png(16320, 12240))
     with pytest.raises(preflight.PreflightError, match="huge.png is 16320x12240 px, more pixels than the worker "
@@ -201,3 +202,39 @@ def test_preflight_refuses_only_what_the_worker_would(tmp_path: Path) -> None:
     jpeg.write_bytes(bytes(data))
     assert preflight.image_header(jpeg) == ("JPEG", 16320, 12240)
     preflight.check_image(jpeg, "reference portrait")
+
+
+def test_a_display_p3_photo_is_converted_to_srgb(tmp_path: Path) -> None:
+    """An iPhone photo is Display P3: its pixel values mean other colours than sRGB's. Blender's own P3 profile
+    (shipped in the bpy package) tags a copy converted to P3; it loads as the sRGB original, not as its raw values."""
+    import bpy
+    from PIL import ImageCms
+
+    icc_dir = Path(bpy.utils.resource_path("LOCAL")) / "datafiles" / "colormanagement" / "icc"
+    p3_file = icc_dir / "srgb_p3d65_display.icc"
+    assert p3_file.is_file(), p3_file
+    rng = np.random.default_rng(5)
+    srgb = np.zeros((96, 96, 3), np.uint8)
+    srgb[:48] = (220, 40, 30)  # saturated red and green: where P3 and sRGB values differ most
+    srgb[48:] = (40, 190, 60)
+    srgb[::7] = rng.integers(0, 256, (len(srgb[::7]), 96, 3))
+    p3 = ImageCms.ImageCmsProfile(str(p3_file))
+    tagged = ImageCms.profileToProfile(Image.fromarray(srgb), ImageCms.createProfile("sRGB"), p3,
+                                       renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC, outputMode="RGB")
+    raw = np.asarray(tagged).astype(np.float32) / 255
+    flat = np.ones(96, bool)
+    flat[::7] = False  # JPEG blurs the noise rows; compare the flat colours there
+    for fmt in ("PNG", "JPEG"):
+        path = tmp_path / f"p3.{fmt.lower()}"
+        tagged.save(path, format=fmt, icc_profile=p3.tobytes(), quality=100, subsampling=0)
+        rows = slice(None) if fmt == "PNG" else flat
+        loaded = load_rgb(path)
+        assert np.abs(loaded - srgb / 255)[rows].mean() < 2.5 / 255, fmt
+        assert np.abs(loaded - raw)[rows].max() > 10 / 255, fmt  # the raw P3 values are not what comes out
+    rgba = tagged.convert("RGBA")
+    rgba.putalpha(255)
+    rgba.save(tmp_path / "p3a.png", icc_profile=p3.tobytes())
+    assert np.abs(load_rgb(tmp_path / "p3a.png") - srgb / 255).mean() < 2.5 / 255
+    broken = tmp_path / "broken_profile.png"
+    Image.fromarray(srgb).save(broken, icc_profile=b"not a colour profile")
+    assert np.abs(load_rgb(broken) - srgb / 255).max() < 1e-6  # an unreadable profile leaves the pixels alone
