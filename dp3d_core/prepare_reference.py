@@ -53,8 +53,7 @@ class PrepareError(ValueError):
 # A photo whose face is on its side or upside down (stored turned, its orientation tag lost) fools the detector's
 # keypoints, and the face mesh then finds a confident but wrong face. Measured (detector scores): the three official
 # samples turned by 90, 180 or 270 degrees score 0.54-0.65 as they are and 0.90-0.92 turned upright; upright
-# renders of the proxy head at yaw up to 60 and pitch up to 30 scored at most 0.11 higher turned by 90 degrees, and
-# the face mesh did not confirm those (mesh score 0.06 or less where the margin was over 0.05).
+# renders of the proxy head at yaw up to 60 and pitch up to 30 scored at most 0.11 higher turned by 90 degrees.
 SIDEWAYS_MARGIN = 0.15
 SIDEWAYS_MESH = 0.9
 _TURNS = {1: "90° counter-clockwise", 2: "180°", 3: "90° clockwise"}  # np.rot90 turns that make the face upright
