@@ -93,10 +93,9 @@ def use_photo(s, path: str | os.PathLike) -> Path:
     """The artist's own back photo (checked now); BackViewError when it cannot be read."""
     p = Path(bpy.path.abspath(str(path))).expanduser().resolve()
     try:
-        preflight.check_image(p, "back photo")
+        kind = preflight.check_image(p, "back photo")[0]
     except preflight.PreflightError as exc:
         raise BackViewError(str(exc)) from None
-    kind = (preflight.image_header(p) or ("",))[0]
     if kind in NOT_IN_BLENDER:  # Blender projects the back photo onto the proxy head itself
         raise BackViewError(f"Blender cannot read the {kind} photo {p.name}: save it as JPEG or PNG and pick that.")
     s.back_view, s.back_origin, s.back_accepted, s.back_key = str(p), 'PHOTO', True, ""

@@ -47,7 +47,7 @@ def check_reference(path: str | os.PathLike, *, prepared: bool = False) -> Refer
         raise ReferenceImageError(f"The reference portrait {p} is a folder, not an image file.")
 
     header = preflight.image_header(p)  # (format, width, height) without decoding the pixels
-    huge = preflight.too_many_pixels(p)
+    huge = preflight.too_many_pixels(p, header)
     if huge is not None:
         raise ReferenceImageError(str(huge))
     if header is not None and header[0] in NOT_IN_BLENDER:

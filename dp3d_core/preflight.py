@@ -431,9 +431,10 @@ def _heif_header(f, head: bytes) -> tuple[str, int | None, int | None] | None:
 MAX_DECODE_PIXELS = 178_956_970
 
 
-def too_many_pixels(path: str | os.PathLike) -> PreflightError | None:
-    """The error for an image the worker would refuse as too big (not a JPEG, over MAX_DECODE_PIXELS), else None."""
-    head = image_header(path)
+def too_many_pixels(path: str | os.PathLike, head: tuple[str, int | None, int | None] | None
+                    ) -> PreflightError | None:
+    """The error for an image the worker would refuse as too big (not a JPEG, over MAX_DECODE_PIXELS), else None;
+    ``head``: the image's :func:`image_header`."""
     if head is None or head[0] == "JPEG" or head[1] is None or head[1] * head[2] <= MAX_DECODE_PIXELS:
         return None
     return PreflightError(f"{Path(path).name} is {head[1]}x{head[2]} px, more pixels than the worker decodes "
@@ -441,8 +442,9 @@ def too_many_pixels(path: str | os.PathLike) -> PreflightError | None:
                           "Save it as JPEG (read at a reduced scale) or save a smaller copy.")
 
 
-def check_image(path: str | os.PathLike, what: str, min_side: int = 64) -> None:
-    """A header check (no decoding): exists, is a file, a format the worker reads, big enough, not too big."""
+def check_image(path: str | os.PathLike, what: str, min_side: int = 64) -> tuple[str, int | None, int | None]:
+    """A header check (no decoding): exists, is a file, a format the worker reads, big enough, not too big.
+    Returns the :func:`image_header`."""
     p = Path(path)
     if not p.exists():
         raise PreflightError(f"{what.capitalize()} not found: {clip(p)}.", "Pick an existing PNG or JPEG image.")
@@ -456,9 +458,10 @@ def check_image(path: str | os.PathLike, what: str, min_side: int = 64) -> None:
     if w is not None and h is not None and min(w, h) < min_side:
         raise PreflightError(f"The {what} {p.name} is only {w}x{h} px.",
                              f"Use an image at least {min_side} px on its shorter side.")
-    huge = too_many_pixels(p)
+    huge = too_many_pixels(p, head)
     if huge is not None:
         raise huge
+    return head
 
 
 # ---------------------------------------------------------------- disk and memory
