@@ -88,12 +88,15 @@ def _open(path: Path, size: int | None, max_pixels: int | None = None) -> tuple[
             w, h = im.size
             if min(w, h) < MIN_SIDE:
                 raise ImageError(f"{path} is {w}x{h} px; it needs at least {MIN_SIDE} px on the shorter side")
-            if reduce > 1 and im.format == "JPEG":
-                im.draft("RGB", ((w + reduce - 1) // reduce, (h + reduce - 1) // reduce))
+            far_bigger = size is not None and min(w, h) >= 2 * size
+            if im.format == "JPEG" and (reduce > 1 or far_bigger):
+                # decode at 1/2, 1/4 or 1/8 scale: at least `reduce`, and further while still at least `size` on
+                # the short side (the centre square is all that is used then)
+                target = ((w + reduce - 1) // reduce, (h + reduce - 1) // reduce)
+                if far_bigger and size * w // min(w, h) < target[0]:
+                    target = (size * w // min(w, h), size * h // min(w, h))
+                im.draft("RGB", target)
                 reduce = 1 << round(math.log2(w / im.size[0]))  # the scale the decoder chose
-            elif size is not None and im.format == "JPEG" and min(w, h) >= 2 * size:
-                # decode at 1/2, 1/4 or 1/8 scale, still at least `size` on the short side
-                im.draft("RGB", (size * w // min(w, h), size * h // min(w, h)))
             turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations that swap width and height
             ImageOps.exif_transpose(im, in_place=True)
             if max_pixels is not None and im.format != "JPEG" and w * h > max_pixels:
@@ -159,7 +162,7 @@ def load_rgb(path: str | os.PathLike, size: int | None = None, crop: Sequence[fl
         if size is None or square.shape[0] == size:
             return square
         return np.stack([_resize_float(square[..., c], size) for c in range(3)], axis=2).clip(0.0, 1.0)
-    im, _, _ = _open(path, size)
+    im, _, _ = _open(path, size, PHOTO_MAX_PIXELS)  # a huge JPEG is read reduced here too, as the preflight promises
     w, h = im.size
     try:
         im = im.crop(_centre_square(w, h))
