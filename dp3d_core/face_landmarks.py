@@ -266,12 +266,16 @@ def _mesh_pass(pil: Image.Image, face: Face, centre: np.ndarray, side: float, an
     face.mesh_score = float(1.0 / (1.0 + math.exp(-float(np.ravel(flag)[0]))))
 
 
-def find_faces(image: np.ndarray) -> list[Face]:
-    """Faces (largest first) with landmarks, in an HxWx3 uint8 photo. Tries the short-range detector, then the
-    full-range one (small faces). A face whose ``mesh_score`` is under :data:`MESH_MIN_FLAG` is kept: the mesh
+def detect_faces(image: np.ndarray) -> list[Face]:
+    """Detections (no landmarks yet) in an HxWx3 uint8 photo: the short-range detector, then the full-range one
+    (small faces) when it finds nothing."""
+    return detect(image, SHORT_RANGE) or detect(image, FULL_RANGE)
+
+
+def find_faces(image: np.ndarray, faces: list[Face] | None = None) -> list[Face]:
+    """Faces (largest first) with landmarks, in an HxWx3 uint8 photo; ``faces``: its :func:`detect_faces`, when
+    the caller has them already. A face whose ``mesh_score`` is under :data:`MESH_MIN_FLAG` is kept: the mesh
     model is unsure of it (a strongly turned or partly hidden face), which the caller reports."""
-    faces = detect(image, SHORT_RANGE)
-    if not faces:
-        faces = detect(image, FULL_RANGE)
+    faces = detect_faces(image) if faces is None else faces
     pil = Image.fromarray(image)
     return sorted((face_mesh(pil, f) for f in faces), key=lambda f: -f.size)

@@ -59,17 +59,16 @@ SIDEWAYS_MESH = 0.9
 _TURNS = {1: "90° counter-clockwise", 2: "180°", 3: "90° clockwise"}  # np.rot90 turns that make the face upright
 
 
-def _refuse_a_face_on_its_side(small: np.ndarray, path: Path) -> None:
-    """PrepareError when the face in ``small`` (the detector's copy) is clearly upright only once the photo is
-    turned by 90, 180 or 270 degrees: the crop and pose would be wrong, so the artist is told which way to turn it."""
-    def best(image: np.ndarray) -> float:
-        found = face_landmarks.detect(image, face_landmarks.SHORT_RANGE) or \
-            face_landmarks.detect(image, face_landmarks.FULL_RANGE)
+def _refuse_a_face_on_its_side(small: np.ndarray, detected: list[face_landmarks.Face], path: Path) -> None:
+    """PrepareError when the face in ``small`` (the detector's copy; ``detected``: its detections) is clearly
+    upright only once the photo is turned by 90, 180 or 270 degrees: the crop and pose would be wrong, so the artist
+    is told which way to turn it."""
+    def best(found: list[face_landmarks.Face]) -> float:
         return max((f.score for f in found), default=0.0)
 
-    upright = best(small)
+    upright = best(detected)
     turned = {k: np.ascontiguousarray(np.rot90(small, k)) for k in _TURNS}
-    score, k = max((best(image), k) for k, image in turned.items())
+    score, k = max((best(face_landmarks.detect_faces(image)), k) for k, image in turned.items())
     if score < upright + SIDEWAYS_MARGIN:
         return
     faces = face_landmarks.find_faces(turned[k])
@@ -110,8 +109,9 @@ def prepare(image: str | Path, out: str | Path | None = None, *, size: int = 512
     photo = load_photo(path)  # a huge photo comes at 1/2, 1/4 or 1/8 scale: everything below is in its pixels
     rgb = photo.rgb
     small, factor = _detect_image(rgb)
-    _refuse_a_face_on_its_side(small, path)
-    found = face_landmarks.find_faces(small)
+    detected = face_landmarks.detect_faces(small)
+    _refuse_a_face_on_its_side(small, detected, path)
+    found = face_landmarks.find_faces(small, detected)
     # A detection the face mesh does not confirm is counted only when nothing else is found (a strongly turned
     # face), so a face-like pattern in the background does not make a "several faces" warning.
     faces = [f for f in found if f.mesh_score >= face_landmarks.MESH_MIN_FLAG] or found
