@@ -21,7 +21,7 @@ import bpy
 from bpy.app.handlers import persistent
 
 from . import back_view, frame_import, job_writer, preferences, reference_prep, rig
-from .core import failures, job as jobspec, preflight
+from .core import face_pose, failures, job as jobspec, preflight
 from .poses import DATASET_FILE, FramePose, PoseError, scene_poses, write_dataset
 from .preview_display import PreviewDisplay, preview_files
 from .previews import PreviewError, make_contact_sheet, make_movie, make_previews
@@ -622,9 +622,9 @@ def run_turntable_job(out_dir: str | os.PathLike, *, frames: int = 16, reference
         if not settings.use_reference_prep:
             raise JobRunError("--photo-pose sets the prepared reference's pose: drop --no-prepare.")
         yaw, pitch = (float(v) for v in photo_pose)
-        if not (abs(yaw) <= 90.0 and abs(pitch) <= 60.0):
-            raise JobRunError(f"--photo-pose takes a yaw within ±90 and a pitch within ±60 degrees, got {yaw} "
-                              f"{pitch}.")
+        if not (abs(yaw) <= face_pose.SET_YAW_LIMIT and abs(pitch) <= face_pose.SET_PITCH_LIMIT):
+            raise JobRunError(f"--photo-pose takes a yaw within ±{face_pose.SET_YAW_LIMIT:.0f} and a pitch within "
+                              f"±{face_pose.SET_PITCH_LIMIT:.0f} degrees, got {yaw} {pitch}.")
         settings.prep_set_pose = True
         settings.prep_yaw, settings.prep_pitch = math.radians(yaw), math.radians(pitch)
     prep = None

@@ -13,6 +13,8 @@ from bpy.props import (
     StringProperty,
 )
 
+from .core import face_pose
+
 SCHEDULERS = (
     ("DDIM", "DDIM", "Denoising diffusion implicit models (the paper's sampler)"),
     ("DPMPP_2M", "DPM++ 2M", "DPM-Solver++ second order multistep"),
@@ -71,8 +73,9 @@ def _set_pose_toggled(self, context) -> None:
         found = stored(self, fresh=False)
         if found is not None:
             # item access: no update (and no preparation) yet, so no clamping either: clamp here
-            self["prep_yaw"] = math.radians(max(-90.0, min(90.0, found.found_yaw)))
-            self["prep_pitch"] = math.radians(max(-60.0, min(60.0, found.found_pitch)))
+            for name, value, limit in (("prep_yaw", found.found_yaw, face_pose.SET_YAW_LIMIT),
+                                       ("prep_pitch", found.found_pitch, face_pose.SET_PITCH_LIMIT)):
+                self[name] = math.radians(max(-limit, min(limit, value)))
     _prep_inputs_changed(self, context)
 
 
@@ -174,12 +177,14 @@ class PORTRAIT3D_PG_settings(bpy.types.PropertyGroup):
         description="Use the yaw and pitch below instead of the ones found in the photo (pitch is the least "
                     "certain). The crop, roll, 3D-aware noise and Start at the Photo's View follow")
     prep_yaw: FloatProperty(
-        name="Yaw", default=0.0, min=-math.radians(90.0), max=math.radians(90.0), subtype='ANGLE',
+        name="Yaw", default=0.0, min=-math.radians(face_pose.SET_YAW_LIMIT),
+        max=math.radians(face_pose.SET_YAW_LIMIT), subtype='ANGLE',
         update=_prep_inputs_changed,
         description="How far the subject is turned: positive when turned to its own left (the nose points to the "
                     "photo's right)")
     prep_pitch: FloatProperty(
-        name="Pitch", default=0.0, min=-math.radians(60.0), max=math.radians(60.0), subtype='ANGLE',
+        name="Pitch", default=0.0, min=-math.radians(face_pose.SET_PITCH_LIMIT),
+        max=math.radians(face_pose.SET_PITCH_LIMIT), subtype='ANGLE',
         update=_prep_inputs_changed,
         description="Where the photo's camera was: positive when the photo was taken from above the head")
     prep_result: StringProperty(name="Prepared Reference", default="", options={'HIDDEN'},

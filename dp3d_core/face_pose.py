@@ -52,6 +52,10 @@ class LandmarkModel:
 # 43. Only when the mesh sees the face turned the same way: the keypoints never flip the side.
 KEYPOINT_YAW = 45.0
 
+# The range of a pose set by hand (degrees: the subject's yaw, the camera's pitch), in prepare_reference, the add-on's
+# Set Pose by Hand fields and the command line's --photo-pose.
+SET_YAW_LIMIT, SET_PITCH_LIMIT = 90.0, 60.0
+
 
 @lru_cache(maxsize=1)
 def landmark_model(path: str | None = None) -> LandmarkModel:
@@ -224,12 +228,10 @@ def fit_pose(landmarks: np.ndarray, model: LandmarkModel | None = None,
     ones = np.ones(len(pts3))
     theta = min((_solve(t, pts3, pts2, ones, iterations=15) for t in starts), key=lambda r: r[1])[0]
     theta, rms = _robust_fit(theta, pts3, pts2)
-    if yaw is not None or pitch is not None:
+    held = {k: float(v) for k, v in ((0, yaw), (1, pitch)) if v is not None}  # parameter number: value set by hand
+    if held:
         theta = theta.copy()
-        held = [k for k, v in ((0, yaw), (1, pitch)) if v is not None]
-        for k, v in ((0, yaw), (1, pitch)):
-            if v is not None:
-                theta[k] = float(v)
+        theta[list(held)] = list(held.values())
         theta, rms = _robust_fit(theta, pts3, pts2, free=tuple(k for k in range(6) if k not in held))
     elif keypoints is not None and model.keypoints is not None:
         yaw_k = keypoint_yaw(keypoints, model)

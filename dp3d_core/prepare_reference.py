@@ -43,7 +43,6 @@ EXIT_NO_MODELS = 3
 DETECT_MAX_SIDE = 1280  # the detector sees at most this; landmarks are mapped back to full resolution
 SMALL_FACE_PX = 256  # a crop smaller than this is upscaled more than 2x for a 512 px job
 WIDE_YAW = 60.0
-MAX_SET_YAW, MAX_SET_PITCH = 90.0, 60.0  # a pose set by hand (--yaw, --pitch)
 
 
 class PrepareError(ValueError):
@@ -101,11 +100,9 @@ def prepare(image: str | Path, out: str | Path | None = None, *, size: int = 512
         raise PrepareError(f"--scale must be between 0.2 and 5, got {scale}")
     if not all(math.isfinite(v) and abs(v) <= 1.0 for v in (offset_x, offset_y)):
         raise PrepareError(f"--offset-x and --offset-y must be between -1 and 1, got {offset_x}, {offset_y}")
-    if yaw is not None and not (math.isfinite(yaw) and abs(yaw) <= MAX_SET_YAW):
-        raise PrepareError(f"--yaw must be between -{MAX_SET_YAW:.0f} and {MAX_SET_YAW:.0f} degrees, got {yaw}")
-    if pitch is not None and not (math.isfinite(pitch) and abs(pitch) <= MAX_SET_PITCH):
-        raise PrepareError(f"--pitch must be between -{MAX_SET_PITCH:.0f} and {MAX_SET_PITCH:.0f} degrees, "
-                           f"got {pitch}")
+    for name, value, limit in (("yaw", yaw, face_pose.SET_YAW_LIMIT), ("pitch", pitch, face_pose.SET_PITCH_LIMIT)):
+        if value is not None and not (math.isfinite(value) and abs(value) <= limit):
+            raise PrepareError(f"--{name} must be between -{limit:.0f} and {limit:.0f} degrees, got {value}")
     photo = load_photo(path)  # a huge photo comes at 1/2, 1/4 or 1/8 scale: everything below is in its pixels
     rgb = photo.rgb
     small, factor = _detect_image(rgb)
