@@ -74,7 +74,7 @@ def _refuse_a_face_on_its_side(small: np.ndarray, detected: list[face_landmarks.
     if faces and faces[0].mesh_score >= SIDEWAYS_MESH:
         raise PrepareError(f"The face in {path} is on its side or upside down (the photo may have lost its "
                            f"orientation tag): rotate the photo {_TURNS[k]} so the face is upright and pick it "
-                           "again, or turn reference preparation off.")
+                           "again.")
 
 
 def _detect_image(rgb: np.ndarray) -> tuple[np.ndarray, float]:
@@ -114,7 +114,7 @@ def prepare(image: str | Path, out: str | Path | None = None, *, size: int = 512
     faces = [f for f in found if f.mesh_score >= face_landmarks.MESH_MIN_FLAG] or found
     if not faces:
         raise PrepareError(f"No face found in {path}. Use a photo where the face is visible, lit and not too "
-                           "small, or turn reference preparation off to use the centre square as it is.")
+                           "small.")
     face = faces[0]
     landmarks = face.landmarks.copy()
     landmarks[:, :2] *= factor
